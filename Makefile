@@ -1,0 +1,59 @@
+# lipforcing: every target runs from a fresh checkout; the first one creates .venv.
+# Config overrides for any job target: make distill ARGS="profile=tiny dmd.steps=10"
+
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+ARGS ?=
+PYTEST_ARGS ?=
+
+export RAY_USAGE_STATS_ENABLED ?= 0
+export DS_ACCELERATOR ?= cpu
+export GLOO_SOCKET_IFNAME ?= lo
+export PYTHONUNBUFFERED := 1
+
+.PHONY: help setup demo data syncnet distill eval bench ui lint test clean
+
+help: ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+setup: $(STAMP) ## create .venv and install the project (idempotent)
+
+demo: $(STAMP) ## the whole pipeline on the embedded default (sample data, tiny profile, CPU)
+	$(PY) -m pipelines.demo $(ARGS)
+
+data: $(STAMP) ## shard raw videos into aligned WebDataset shards (ARGS="input=... output=...")
+	$(PY) -m pipelines.data $(ARGS)
+
+syncnet: $(STAMP) ## train the SyncNet used by the data filter, the reward and the metrics
+	$(PY) -m pipelines.syncnet $(ARGS)
+
+distill: $(STAMP) ## teacher -> student -> DMD on Ray Train + DeepSpeed, tracked in MLflow
+	$(PY) -m pipelines.distill $(ARGS)
+
+eval: $(STAMP) ## streaming inference + metrics for a trained student
+	$(PY) -m pipelines.evaluate $(ARGS)
+
+bench: $(STAMP) ## benchmarks; results go to benchmarks/RESULTS.md
+	$(PY) -m benchmarks $(ARGS)
+
+ui: $(STAMP) ## open the MLflow UI on 127.0.0.1 for the local store
+	$(PY) -m pipelines.ui $(ARGS)
+
+lint: $(STAMP) ## ruff
+	$(VENV)/bin/ruff check .
+
+test: $(STAMP) ## the whole test suite (real Ray, DeepSpeed, MLflow, S3 API, codecs)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean: ## remove outputs and caches (keeps .venv)
+	rm -rf outputs .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +

@@ -1,0 +1,53 @@
+"""The shape every command-line job shares: resolve the config, then run here or on the cluster.
+
+    python -m pipelines.data profile=tiny input=s3://bucket/raw output=s3://bucket/shards
+
+Arguments are dot-list overrides; `config=path.yaml` adds a YAML file (merged before the
+overrides). The profile (`profile=tiny|1.3b|14b`) selects `pipelines/configs/<profile>.yaml`,
+whose sections apply to every job that has them. The config is validated before any work, and
+the same argument list is what a cluster submission runs.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from lipforcing.config import ConfigError, load_config
+from pipelines.ray_cluster import should_submit, submit_job
+
+T = TypeVar("T")
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+PROFILES = ("tiny", "1.3b", "14b")
+DEFAULT_PROFILE = "tiny"
+
+
+def resolve_config(schema: type[T], argv: Sequence[str]) -> T:
+    """Schema defaults <- profile YAML <- `config=` files <- overrides."""
+    overrides = [a for a in argv if not a.startswith("config=")]
+    files = [a.split("=", 1)[1] for a in argv if a.startswith("config=")]
+    profile = DEFAULT_PROFILE
+    for item in overrides:
+        if item.startswith("profile="):
+            profile = item.split("=", 1)[1]
+    if profile not in PROFILES:
+        raise ConfigError(f"config key 'profile' is {profile!r}; allowed values: {', '.join(PROFILES)}")
+    defaults: Any = schema.for_profile(profile) if hasattr(schema, "for_profile") else schema()
+    return load_config(defaults, files=files, overrides=overrides, lenient_files=[CONFIG_DIR / f"{profile}.yaml"])
+
+
+def run_job(module: str, schema: type[T], main: Callable[[T], Any], argv: Sequence[str] | None = None) -> int:
+    """Entry point of `python -m <module>`: validate, then submit to `RAY_ADDRESS` or run locally."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        config = resolve_config(schema, argv)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    if should_submit():
+        forward = bool(getattr(getattr(config, "cluster", None), "forward_credentials", False))
+        return submit_job(module, argv, forward_credentials=forward)
+    result = main(config)
+    return result if isinstance(result, int) else 0

@@ -1,0 +1,119 @@
+"""Where a job runs: a local Ray started by the job, or a Ray cluster reached through the Jobs API.
+
+- `RAY_ADDRESS` unset: `init_ray` starts a local Ray on 127.0.0.1 sized to the machine.
+- `RAY_ADDRESS=http://head:8265` (the dashboard / Jobs API address, as for `ray job submit`):
+  the command line submits itself as a Ray job with a runtime env (the working tree, the storage
+  and MLflow variables) and streams the job's logs; inside that job `init_ray` joins the cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import ray
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# A local single-node Ray: loopback only, no usage reporting, gloo over lo.
+LOCAL_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "GLOO_SOCKET_IFNAME": "lo",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "DS_ACCELERATOR": "cpu",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+# Variables a submitted job needs to reach the same storage and tracking server. Credentials are
+# forwarded only when the job config allows it (clusters usually carry their own).
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_PROFILE",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "MLFLOW_EXPERIMENT_NAME",
+)
+FORWARDED_SECRETS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
+SUBMITTED_FLAG = "LIPFORCING_SUBMITTED"
+UPLOAD_EXCLUDES = [".venv/", ".git/", "outputs/", "**/__pycache__/", ".pytest_cache/", ".ruff_cache/"]
+
+
+def in_submitted_job() -> bool:
+    return os.environ.get(SUBMITTED_FLAG) == "1"
+
+
+def should_submit() -> bool:
+    """True on a user's machine pointed at a cluster; False inside the submitted job itself."""
+    return bool(os.environ.get("RAY_ADDRESS")) and not in_submitted_job()
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster this job runs on, or start a local Ray sized to the machine."""
+    if ray.is_initialized():
+        return
+    if in_submitted_job():
+        ray.init(log_to_driver=True)
+        return
+    for key, value in LOCAL_ENV.items():
+        os.environ.setdefault(key, value)
+    ray.init(
+        num_cpus=num_cpus or os.cpu_count(),
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        logging_level="WARNING",
+        configure_logging=True,
+    )
+
+
+def submit_job(
+    module: str,
+    argv: list[str],
+    address: str | None = None,
+    forward_credentials: bool = False,
+    extra_env: dict[str, str] | None = None,
+    wait: bool = True,
+) -> int:
+    """Submit `python -m module argv...` to the cluster's Jobs API; stream logs; return its exit code."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    address = address or os.environ["RAY_ADDRESS"]
+    names = FORWARDED_ENV + (FORWARDED_SECRETS if forward_credentials else ())
+    env_vars = {name: os.environ[name] for name in names if name in os.environ}
+    env_vars.update(extra_env or {})
+    env_vars[SUBMITTED_FLAG] = "1"
+    client = JobSubmissionClient(address)
+    job_id = client.submit_job(
+        entrypoint=shlex.join(["python", "-m", module, *argv]),
+        submission_id=f"lipforcing-{module.rsplit('.', 1)[-1]}-{uuid.uuid4().hex[:8]}",
+        runtime_env={"working_dir": str(REPO_ROOT), "excludes": UPLOAD_EXCLUDES, "env_vars": env_vars},
+    )
+    print(f"submitted Ray job {job_id} to {address}", flush=True)
+    if not wait:
+        return 0
+    asyncio.run(_stream_logs(client, job_id))
+    terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    while (status := client.get_job_status(job_id)) not in terminal:
+        time.sleep(0.5)
+    print(f"Ray job {job_id}: {status.value}", flush=True)
+    return 0 if status == JobStatus.SUCCEEDED else 1
+
+
+async def _stream_logs(client, job_id: str) -> None:
+    async for lines in client.tail_job_logs(job_id):
+        sys.stdout.write(lines)
+        sys.stdout.flush()

@@ -1,0 +1,87 @@
+"""MLflow tracking: one place that picks the store, opens runs and logs configs.
+
+`MLFLOW_TRACKING_URI` unset -> a SQLite store at `outputs/mlflow.db` with artifacts under
+`outputs/mlartifacts` (what `make ui` opens); set -> that server. One parent run per job, nested
+runs per stage. Keys that look like credentials are never logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from lipforcing.config import config_hash, flatten, to_dict, to_yaml
+
+EXPERIMENT = "lipforcing"
+DEFAULT_ROOT = Path("outputs")
+_SECRET = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key|private)", re.IGNORECASE)
+_MAX_PARAM_CHARS = 6000
+
+
+def default_tracking_uri(root: Path = DEFAULT_ROOT) -> str:
+    return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def setup_tracking(root: Path = DEFAULT_ROOT, experiment: str = EXPERIMENT) -> str:
+    """Point MLflow at the configured store and make sure the experiment exists; returns its id."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        root.mkdir(parents=True, exist_ok=True)
+        uri = default_tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    artifact_location = None
+    if uri.startswith("sqlite:///") and not os.environ.get("MLFLOW_TRACKING_URI"):
+        artifact_location = (root / "mlartifacts").resolve().as_uri()
+    return mlflow.create_experiment(experiment, artifact_location=artifact_location)
+
+
+@contextlib.contextmanager
+def start_run(
+    name: str,
+    config: Any | None = None,
+    parent_run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    experiment: str = EXPERIMENT,
+    root: Path = DEFAULT_ROOT,
+) -> Iterator[mlflow.ActiveRun]:
+    """Open a run (nested under `parent_run_id` when given) and log `config` into it."""
+    experiment_id = setup_tracking(root, experiment)
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    with mlflow.start_run(run_name=name, experiment_id=experiment_id, tags=all_tags, nested=parent_run_id is not None) as run:
+        if config is not None:
+            log_config(config)
+        yield run
+
+
+def log_config(config: Any, hash_exclude: tuple[str, ...] = ()) -> str:
+    """Log a resolved config as params, a `config.yaml` artifact and a `config_hash` tag."""
+    digest = config_hash(config, exclude=hash_exclude)
+    mlflow.log_params(safe_params(to_dict(config)))
+    mlflow.set_tag("config_hash", digest)
+    mlflow.log_text(to_yaml(config), "config.yaml")
+    return digest
+
+
+def safe_params(values: Mapping[str, Any]) -> dict[str, str]:
+    """Flattened params with credential-like keys dropped and long values cut to MLflow's limit."""
+    params = {}
+    for key, value in flatten(values).items():
+        if _SECRET.search(key):
+            continue
+        params[key] = str(value)[:_MAX_PARAM_CHARS]
+    return params
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
