@@ -96,6 +96,7 @@ def submit_job(
     env_vars = {name: os.environ[name] for name in names if name in os.environ}
     env_vars.update(extra_env or {})
     env_vars[SUBMITTED_FLAG] = "1"
+    _use_token_auth_when_available()
     client = JobSubmissionClient(address)
     job_id = client.submit_job(
         entrypoint=shlex.join(["python", "-m", module, *argv]),
@@ -111,6 +112,19 @@ def submit_job(
         time.sleep(0.5)
     print(f"Ray job {job_id}: {status.value}", flush=True)
     return 0 if status == JobStatus.SUCCEEDED else 1
+
+
+def _use_token_auth_when_available() -> None:
+    """Ray 2.60 clusters require a token by default, but a client only sends one in token mode.
+
+    Switch the client to token mode when a token exists (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token) and RAY_AUTH_MODE is unset, as `ray.init` does for local clusters.
+    """
+    from ray._private.authentication.authentication_token_setup import (
+        maybe_enable_token_auth_if_token_available,
+    )
+
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 async def _stream_logs(client, job_id: str) -> None:

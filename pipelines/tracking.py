@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import yaml
 
-from lipforcing.config import config_hash, flatten, to_dict, to_yaml
+from lipforcing.config import config_hash, flatten, to_dict
 
 EXPERIMENT = "lipforcing"
 DEFAULT_ROOT = Path("outputs")
@@ -67,10 +68,19 @@ def start_run(
 def log_config(config: Any, hash_exclude: tuple[str, ...] = ()) -> str:
     """Log a resolved config as params, a `config.yaml` artifact and a `config_hash` tag."""
     digest = config_hash(config, exclude=hash_exclude)
-    mlflow.log_params(safe_params(to_dict(config)))
+    values = to_dict(config)
+    mlflow.log_params(safe_params(values))
     mlflow.set_tag("config_hash", digest)
-    mlflow.log_text(to_yaml(config), "config.yaml")
+    mlflow.log_text(yaml.safe_dump(redact(values), sort_keys=False), "config.yaml")
     return digest
+
+
+def redact(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy with credential-like values replaced, for artifacts a team shares."""
+    return {
+        key: redact(value) if isinstance(value, Mapping) else ("***" if _SECRET.search(key) else value)
+        for key, value in values.items()
+    }
 
 
 def safe_params(values: Mapping[str, Any]) -> dict[str, str]:

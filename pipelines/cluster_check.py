@@ -1,0 +1,58 @@
+"""`python -m pipelines.cluster_check`: prove a Ray cluster runs our code before a long job does.
+
+Runs one task per node that imports the project and reports the node's resources; exits 1 when
+the cluster has fewer nodes or CPUs than `expect_nodes` / `expect_cpus`. With `RAY_ADDRESS` set it
+is submitted through the Jobs API like every other job, so it also checks the runtime env.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from dataclasses import dataclass
+
+import ray
+
+from pipelines.jobs import run_job
+from pipelines.ray_cluster import in_submitted_job, init_ray
+
+
+@dataclass
+class ClusterCheckConfig:
+    profile: str = "tiny"
+    expect_nodes: int = 1
+    expect_cpus: float = 1.0
+
+
+@ray.remote(num_cpus=0)
+def _node_report() -> dict:
+    import lipforcing  # noqa: F401  (the project must import on every node)
+
+    return {"host": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id()}
+
+
+def check(config: ClusterCheckConfig) -> int:
+    init_ray()
+    resources = ray.cluster_resources()
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    reports = ray.get(
+        [
+            _node_report.options(
+                scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
+                    node_id=n["NodeID"], soft=False
+                )
+            ).remote()
+            for n in nodes
+        ]
+    )
+    print(f"submitted job: {in_submitted_job()}")
+    print(f"nodes alive: {len(nodes)}  cpus: {resources.get('CPU', 0)}  gpus: {resources.get('GPU', 0)}")
+    for report in reports:
+        print(f"  node {report['node_id'][:12]} on {report['host']}: imports ok")
+    ok = len(nodes) >= config.expect_nodes and resources.get("CPU", 0) >= config.expect_cpus
+    print("cluster check: " + ("ok" if ok else f"FAILED (expected >= {config.expect_nodes} nodes, >= {config.expect_cpus} CPUs)"))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(run_job("pipelines.cluster_check", ClusterCheckConfig, check))

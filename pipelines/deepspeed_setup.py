@@ -1,0 +1,59 @@
+"""DeepSpeed configuration from a `TrainerConfig`: the one place its JSON schema is spelled out."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipelines.trainer import TrainerConfig
+
+# DeepSpeed's scheduler types for our schedule names (all start with a linear warmup).
+_SCHEDULERS = {"constant": "WarmupLR", "cosine": "WarmupCosineLR", "linear": "WarmupDecayLR"}
+
+
+def deepspeed_config(config: TrainerConfig, world_size: int, lr: float) -> dict[str, Any]:
+    """ZeRO stage, precision, AdamW (decoupled weight decay), clipping and the LR schedule."""
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": config.batch_size,
+        "gradient_accumulation_steps": config.grad_accum,
+        "train_batch_size": config.batch_size * config.grad_accum * world_size,
+        "gradient_clipping": config.grad_clip,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        # DeepSpeed's AdamW on torch's kernel: no JIT compile, works on CPU and GPU.
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": lr,
+                "betas": list(config.betas),
+                "eps": 1e-8,
+                "weight_decay": config.weight_decay,
+                "torch_adam": True,
+                "adam_w_mode": True,
+            },
+        },
+        "scheduler": _scheduler(config, lr),
+        "zero_optimization": {"stage": config.zero_stage},
+        "bf16": {"enabled": config.precision == "bf16"},
+        "fp16": {"enabled": False},
+    }
+    if config.zero_stage == 3:
+        ds["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": True})
+    return ds
+
+
+def _scheduler(config: TrainerConfig, lr: float) -> dict[str, Any]:
+    warmup = max(config.warmup_steps, 0)
+    params: dict[str, Any] = {"warmup_num_steps": max(warmup, 1), "warmup_type": "linear"}
+    if config.schedule == "constant":
+        params.update({"warmup_min_lr": 0.0 if warmup else lr, "warmup_max_lr": lr})
+    elif config.schedule == "linear":
+        params.update({"warmup_min_lr": 0.0, "warmup_max_lr": lr, "total_num_steps": max(config.steps, warmup + 1)})
+    else:
+        params = {
+            "total_num_steps": max(config.steps, warmup + 1),
+            "warmup_num_steps": max(warmup, 1),
+            "warmup_min_ratio": 0.0,
+            "cos_min_ratio": 0.0,
+        }
+    return {"type": _SCHEDULERS[config.schedule], "params": params}

@@ -1,0 +1,331 @@
+"""The one training loop every stage uses: Ray Train `TorchTrainer` workers, DeepSpeed engines.
+
+A stage (teacher LoRA, student Diffusion Forcing, DMD, SyncNet) subclasses `Stage` and says
+which networks it trains, where its batches come from and what one iteration does. Everything
+else lives here once: DeepSpeed setup (ZeRO stage, precision, AdamW, clipping, warmup), gradient
+accumulation, checkpoints written by the engines and reported to Ray storage (local or s3://),
+resume after a worker failure or a rerun, and MLflow logging from rank 0.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pipelines.deepspeed_setup import deepspeed_config
+
+
+@dataclass
+class TrainerConfig:
+    """How a stage trains; every stage section of a job config embeds one."""
+
+    steps: int = 10
+    batch_size: int = 1  # per worker, per micro step
+    grad_accum: int = 1
+    lr: float = 1e-5
+    warmup_steps: int = 0
+    schedule: str = field(default="constant", metadata={"choices": ("constant", "cosine", "linear")})
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 10.0
+    zero_stage: int = field(default=2, metadata={"choices": (0, 1, 2, 3)})
+    precision: str = field(default="fp32", metadata={"choices": ("fp32", "bf16")})
+    activation_checkpointing: bool = False
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    checkpoint_every: int = 5
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    max_failures: int = 2
+    seed: int = 0
+
+
+@dataclass
+class WorkerContext:
+    """What a stage sees of the distributed run it executes in."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    config: Any  # the whole job config, so stages read their own section
+    trainer: TrainerConfig
+    run_id: str | None
+    tracking_uri: str | None
+
+
+class Stage(abc.ABC):
+    """One training stage. Instances are built on every worker from the job config."""
+
+    name: str = "stage"
+
+    def __init__(self, context: WorkerContext):
+        self.context = context
+
+    @abc.abstractmethod
+    def networks(self) -> dict[str, torch.nn.Module]:
+        """The trainable networks by name; each gets a DeepSpeed engine and an optimizer."""
+
+    def trainable_parameters(self, name: str, module: torch.nn.Module) -> list[torch.nn.Parameter]:
+        return [p for p in module.parameters() if p.requires_grad]
+
+    def learning_rate(self, name: str) -> float:
+        return self.context.trainer.lr
+
+    @abc.abstractmethod
+    def batches(self) -> Iterator[Any]:
+        """An endless iterator of this rank's micro batches."""
+
+    @abc.abstractmethod
+    def step(self, engines: dict[str, Any], batch: Any, iteration: int) -> dict[str, float]:
+        """One iteration: forward, `engine.backward(loss)`, `engine.step()` for the networks it updates."""
+
+    def state(self) -> dict[str, Any]:
+        """Extra state saved in checkpoints (EMA weights, counters)."""
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore what `state` returned."""
+        return None
+
+    def finish(self, engines: dict[str, Any], output_dir: str) -> dict[str, float]:
+        """After the last iteration, on every rank: export results into `output_dir` (rank 0 writes)."""
+        return {}
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """The function each Ray Train worker runs."""
+    import deepspeed
+    import ray.train
+
+    stage_class: type[Stage] = loop_config["stage_class"]
+    trainer_config: TrainerConfig = loop_config["trainer"]
+    train_context = ray.train.get_context()
+    rank, world = train_context.get_world_rank(), train_context.get_world_size()
+    device = _device(trainer_config, train_context.get_local_rank())
+    torch.manual_seed(trainer_config.seed + rank)
+    context = WorkerContext(
+        rank=rank,
+        world_size=world,
+        local_rank=train_context.get_local_rank(),
+        device=device,
+        config=loop_config["config"],
+        trainer=trainer_config,
+        run_id=loop_config.get("run_id"),
+        tracking_uri=loop_config.get("tracking_uri"),
+    )
+    stage = stage_class(context)
+    engines = {}
+    for name, module in stage.networks().items():
+        if trainer_config.activation_checkpointing:
+            _checkpoint_blocks(module)
+        ds_config = deepspeed_config(trainer_config, world, lr=stage.learning_rate(name))
+        engine, *_ = deepspeed.initialize(
+            model=module.to(device),
+            model_parameters=stage.trainable_parameters(name, module),
+            config=ds_config,
+            dist_init_required=False,
+        )
+        engines[name] = engine
+
+    start = _restore(engines, stage)
+    logger = _RankZeroLogger(context) if rank == 0 else None
+    batches = stage.batches()
+    window = _Throughput()
+    for iteration in range(start, trainer_config.steps):
+        waited = time.perf_counter()
+        batch = next(batches)
+        loaded = time.perf_counter()
+        metrics = stage.step(engines, batch, iteration)
+        done = time.perf_counter()
+        window.add(loaded - waited, done - waited, trainer_config.batch_size * world)
+        number = iteration + 1
+        if logger and number % trainer_config.log_every == 0:
+            logger.log({**metrics, **_engine_metrics(engines), **window.metrics(), **_memory(device)}, number)
+        if number % trainer_config.checkpoint_every == 0 or number == trainer_config.steps:
+            _save_and_report(engines, stage, number, metrics)
+    with tempfile.TemporaryDirectory() as output_dir:
+        final = stage.finish(engines, output_dir)
+        if logger:
+            logger.log(final, trainer_config.steps)
+            logger.upload(output_dir)
+
+
+def _device(config: TrainerConfig, local_rank: int) -> torch.device:
+    if config.use_gpu and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _checkpoint_blocks(module: torch.nn.Module) -> None:
+    """Recompute each transformer block in backward instead of keeping its activations."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    blocks = {type(b) for m in module.modules() if isinstance(getattr(m, "blocks", None), torch.nn.ModuleList) for b in m.blocks}
+    if blocks:
+        apply_activation_checkpointing(module, check_fn=lambda m: type(m) in blocks)
+
+
+CHECKPOINT_TAG = "state"
+
+
+def _save_and_report(engines: dict[str, Any], stage: Stage, iteration: int, metrics: dict[str, float]) -> None:
+    """Every rank writes its engine shards; Ray merges the ranks' files into one checkpoint."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as directory:
+        for name, engine in engines.items():
+            client_state = {"iteration": iteration, "stage": stage.state()} if name == next(iter(engines)) else {}
+            engine.save_checkpoint(os.path.join(directory, name), tag=CHECKPOINT_TAG, client_state=client_state)
+        checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report({"iteration": iteration, **metrics}, checkpoint=checkpoint)
+
+
+def _restore(engines: dict[str, Any], stage: Stage) -> int:
+    """Load the latest reported checkpoint, if any; returns the iteration to continue from."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    iteration = 0
+    with checkpoint.as_directory() as directory:
+        for index, (name, engine) in enumerate(engines.items()):
+            _, client_state = engine.load_checkpoint(os.path.join(directory, name), tag=CHECKPOINT_TAG)
+            if index == 0:
+                iteration = int(client_state["iteration"])
+                stage.load_state(client_state.get("stage", {}))
+    print(f"[{stage.name}] resumed from iteration {iteration}", flush=True)
+    return iteration
+
+
+def _engine_metrics(engines: dict[str, Any]) -> dict[str, float]:
+    metrics = {}
+    for name, engine in engines.items():
+        metrics[f"lr/{name}"] = float(engine.get_lr()[0])
+        norm = engine.get_global_grad_norm()
+        if norm is not None:
+            metrics[f"grad_norm/{name}"] = float(norm)
+    return metrics
+
+
+def _memory(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {"memory_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+    import psutil
+
+    return {"memory_gb": psutil.Process().memory_info().rss / 2**30}
+
+
+class _Throughput:
+    """Samples per second, step time and the share of it spent waiting for data, since the last read."""
+
+    def __init__(self):
+        self.wait = self.total = 0.0
+        self.samples = 0
+
+    def add(self, wait: float, total: float, samples: int) -> None:
+        self.wait += wait
+        self.total += total
+        self.samples += samples
+
+    def metrics(self) -> dict[str, float]:
+        steps_time = max(self.total, 1e-9)
+        result = {"samples_per_s": self.samples / steps_time, "data_stall_fraction": self.wait / steps_time}
+        self.wait = self.total = 0.0
+        self.samples = 0
+        return result
+
+
+class _RankZeroLogger:
+    """Rank 0 writes metrics and artifacts into the stage's MLflow run opened by the driver."""
+
+    def __init__(self, context: WorkerContext):
+        self.run_id = context.run_id
+        self.step_started = time.perf_counter()
+        self.client = None
+        if self.run_id:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=context.tracking_uri)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if not metrics:
+            return
+        print(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())), flush=True)
+        if self.client:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def upload(self, directory: str) -> None:
+        if self.client and os.listdir(directory):
+            self.client.log_artifacts(self.run_id, directory)
+
+
+def fit(
+    stage_class: type[Stage],
+    config: Any,
+    trainer: TrainerConfig,
+    run_name: str,
+    storage_path: str,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+) -> Any:
+    """Run `stage_class` on Ray Train workers; returns Ray's `Result`.
+
+    A rerun with the same `run_name` and `storage_path` continues from the latest checkpoint, and a
+    worker that dies is restarted (up to `max_failures`) from that checkpoint.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    storage_path, filesystem = _ray_storage(storage_path)
+    backend = "nccl" if trainer.use_gpu else "gloo"
+    run = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "stage_class": stage_class,
+            "config": config,
+            "trainer": trainer,
+            "run_id": run_id,
+            "tracking_uri": tracking_uri,
+        },
+        torch_config=TorchConfig(backend=backend),
+        scaling_config=ScalingConfig(
+            num_workers=trainer.num_workers,
+            use_gpu=trainer.use_gpu,
+            resources_per_worker={"CPU": trainer.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=trainer.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=trainer.keep_checkpoints),
+        ),
+    )
+    return run.fit()
+
+
+def _ray_storage(url: str) -> tuple[str, Any]:
+    """Ray Train storage for a URL: local paths as they are, object stores through fsspec."""
+    from lipforcing.storage import filesystem, is_local
+
+    if is_local(url):
+        return os.path.abspath(url), None
+    import pyarrow.fs
+
+    fs, path = filesystem(url)
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
