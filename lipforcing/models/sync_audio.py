@@ -1,0 +1,71 @@
+"""Audio features for the SyncNets, at 100 feature frames per second (4 per video frame at 25 fps).
+
+`syncnet_mfcc` reproduces the MFCCs the public syncnet_v2 weights were trained on
+(python_speech_features defaults: 25 ms frames, 10 ms step, 0.97 pre-emphasis, 26 mel filters,
+512-point FFT, 13 cepstra, lifter 22, c0 replaced by log frame energy), so those weights see the
+inputs they expect. `log_mel` feeds our trainable SyncNet.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.fft import dct
+
+SAMPLE_RATE = 16000
+FEATURES_PER_SECOND = 100
+
+
+def syncnet_mfcc(audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """MFCC [13, frames] of mono float audio, python_speech_features-compatible."""
+    frame_len, step, nfft, filters, cepstra = int(0.025 * sample_rate), int(0.01 * sample_rate), 512, 26, 13
+    signal = np.append(audio[:1], audio[1:] - 0.97 * audio[:-1]).astype(np.float64)
+    count = 1 + int(np.ceil((max(len(signal), frame_len) - frame_len) / step))
+    padded = np.concatenate([signal, np.zeros((count - 1) * step + frame_len - len(signal))])
+    index = np.arange(frame_len)[None, :] + step * np.arange(count)[:, None]
+    frames = padded[index]
+    power = np.abs(np.fft.rfft(frames, nfft)) ** 2 / nfft
+    energy = np.where(power.sum(1) == 0, np.finfo(float).eps, power.sum(1))
+    features = power @ _mel_filterbank(filters, nfft, sample_rate).T
+    features = np.where(features == 0, np.finfo(float).eps, features)
+    ceps = dct(np.log(features), type=2, axis=1, norm="ortho")[:, :cepstra]
+    lift = 1 + (22 / 2.0) * np.sin(np.pi * np.arange(cepstra) / 22)
+    ceps = ceps * lift
+    ceps[:, 0] = np.log(energy)
+    return ceps.T.astype(np.float32)
+
+
+def log_mel(
+    audio: np.ndarray | torch.Tensor, mel_bins: int = 40, sample_rate: int = SAMPLE_RATE
+) -> torch.Tensor:
+    """Log-mel spectrogram [mel_bins, frames] at 100 frames/s, centred windows (frame i ~ i*10 ms)."""
+    waveform = torch.as_tensor(audio, dtype=torch.float32)
+    step, window = sample_rate // FEATURES_PER_SECOND, int(0.025 * sample_rate)
+    spectrum = torch.stft(
+        waveform, n_fft=512, hop_length=step, win_length=window, window=torch.hann_window(window),
+        center=True, return_complex=True,
+    )  # fmt: skip
+    power = spectrum.abs() ** 2  # [257, frames]
+    bank = torch.from_numpy(_mel_filterbank(mel_bins, 512, sample_rate)).float()
+    return torch.log(bank @ power + 1e-6)[:, : len(waveform) // step]
+
+
+def _mel_filterbank(count: int, nfft: int, sample_rate: int) -> np.ndarray:
+    """Triangular filters [count, nfft//2+1] evenly spaced on the mel scale (HTK formula)."""
+
+    def to_mel(hz):
+        return 2595 * np.log10(1 + hz / 700.0)
+
+    def to_hz(mel):
+        return 700 * (10 ** (mel / 2595.0) - 1)
+
+    edges = to_hz(np.linspace(to_mel(0), to_mel(sample_rate / 2), count + 2))
+    bins = np.floor((nfft + 1) * edges / sample_rate).astype(int)
+    bank = np.zeros((count, nfft // 2 + 1))
+    for j in range(count):
+        left, centre, right = bins[j], bins[j + 1], bins[j + 2]
+        for i in range(left, centre):
+            bank[j, i] = (i - left) / max(centre - left, 1)
+        for i in range(centre, right):
+            bank[j, i] = (right - i) / max(right - centre, 1)
+    return bank
