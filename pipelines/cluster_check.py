@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 
 from pipelines.jobs import run_job
-from pipelines.ray_cluster import in_submitted_job, init_ray
+from pipelines.ray_cluster import ClusterConfig, in_submitted_job, init_ray
 
 
 @dataclass
@@ -22,6 +22,7 @@ class ClusterCheckConfig:
     profile: str = "tiny"
     expect_nodes: int = 1
     expect_cpus: float = 1.0
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 @ray.remote(num_cpus=0)

@@ -95,3 +95,36 @@ def safe_params(values: Mapping[str, Any]) -> dict[str, str]:
 
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def register_artifact(name: str, run_id: str, artifact_path: str, alias: str | None = None) -> int:
+    """Register a run's artifact (a checkpoint file or folder) as a new version of model `name`.
+
+    Returns the version number; `alias` (e.g. "champion") is moved to it.
+    """
+    client = mlflow.tracking.MlflowClient()
+    try:
+        client.create_registered_model(name)
+    except mlflow.exceptions.MlflowException as err:
+        if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
+            raise
+    source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    version = client.create_model_version(name, source=source, run_id=run_id)
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
+    return int(version.version)
+
+
+def fetch_registered(uri: str, destination: str | Path) -> str:
+    """Download the files behind `models:/name@alias` (or `models:/name/version`); returns the local path."""
+    if not uri.startswith("models:/"):
+        raise ValueError(f"not a registered-model URI: {uri!r} (expected models:/<name>@<alias> or models:/<name>/<version>)")
+    client = mlflow.tracking.MlflowClient()
+    reference = uri.removeprefix("models:/")
+    if "@" in reference:
+        name, alias = reference.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias)
+    else:
+        name, number = reference.rsplit("/", 1)
+        version = client.get_model_version(name, number)
+    return mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(destination))

@@ -76,6 +76,9 @@ class StableSyncNet(nn.Module):
         cosine = (self.embed_video(video_windows) * self.embed_audio(audio_windows)).sum(-1)
         return self.logit_scale * cosine
 
+    def forward(self, video_windows: torch.Tensor, audio_windows: torch.Tensor) -> torch.Tensor:
+        return self.sync_logits(video_windows, audio_windows)
+
 
 def _conv_encoder(in_channels: int, channels: list[int], embed_dim: int) -> nn.Sequential:
     layers: list[nn.Module] = []

@@ -1,0 +1,180 @@
+"""`make syncnet`: train our SyncNet on aligned shards and register it in MLflow as `syncnet`.
+
+Pairs are 50/50: a video window with its own audio (label 1) or with audio from the same clip
+shifted by at least one window (label 0); the loss is BCE on the scaled cosine similarity.
+Validation reports pair accuracy and the offset-recovery rate: held-out clips get their audio
+shifted by known amounts and the SyncNet must find each shift within +-1 frame.
+The data job's sync filter, the DMD reward and the metrics read `models:/syncnet@champion`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lipforcing import storage
+from lipforcing.data.shards import Clip, decode_clip, shard_urls, stream_samples, worker_reader
+from lipforcing.models.syncnet import StableSyncNet, SyncNetConfig, save_syncnet, score_clip
+from pipelines.jobs import run_job
+from pipelines.ray_cluster import ClusterConfig
+from pipelines.trainer import Stage, TrainerConfig, fit
+
+REGISTERED_NAME = "syncnet"
+ALIAS = "champion"
+SHIFTS_TESTED = (-8, -4, 0, 4, 8)  # frames; validation's planted offsets
+
+
+@dataclass
+class SyncNetJobConfig:
+    profile: str = "tiny"
+    data: str = "outputs/data"  # the data job's output (its shards/ folder is read)
+    output: str = "outputs/syncnet"  # the trained checkpoint goes to <output>/syncnet.pt
+    run_name: str = "syncnet"  # Ray Train run name: a rerun with the same name resumes
+    syncnet: SyncNetConfig = field(default_factory=SyncNetConfig)
+    train: TrainerConfig = field(
+        default_factory=lambda: TrainerConfig(steps=300, batch_size=32, lr=1e-3, zero_stage=2, checkpoint_every=100)
+    )
+    pairs_per_clip: int = 32  # pairs drawn from one decoded clip before the next is decoded
+    val_fraction: float = 0.2  # share of clips (by key hash) held out for validation
+    seed: int = 0
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+def is_validation(key: str, fraction: float) -> bool:
+    """Deterministic hold-out by key, the same on every rank and every run."""
+    return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+
+
+def clip_pairs(model: StableSyncNet, clip: Clip, count: int, rng: random.Random) -> Iterator[tuple]:
+    """(video window, audio window, label) triples; negatives shift the audio by >= one window."""
+    video, audio = model.video_windows(torch.from_numpy(clip.frames)), model.audio_windows(clip.audio)
+    windows = min(len(video), len(audio))
+    if windows < 2 * model.window + 1:
+        return
+    for _ in range(count):
+        i = rng.randrange(windows)
+        if rng.random() < 0.5:
+            yield video[i], audio[i], 1.0
+            continue
+        j = rng.choice([j for j in range(windows) if abs(j - i) >= model.window])
+        yield video[i], audio[j], 0.0
+
+
+class PairStream(torch.utils.data.IterableDataset):
+    """Endless batches of pairs for one rank (each dataloader worker reads its own share)."""
+
+    def __init__(self, config: SyncNetJobConfig, rank: int, world_size: int, train: bool = True):
+        self.config, self.rank, self.world_size = config, rank, world_size
+        self.windowing = StableSyncNet(config.syncnet)  # only its (parameter-free) window functions are used
+        self.train = train
+
+    def __iter__(self):
+        reader = worker_reader(self.rank, self.world_size)
+        rng = random.Random(self.config.seed * 1000 + reader.index)
+        urls = shard_urls(self.config.data)
+        pending: list[tuple] = []
+        batch = self.config.train.batch_size
+        for sample in stream_samples(urls, reader, seed=self.config.seed):
+            if is_validation(sample["__key__"], self.config.val_fraction) == self.train:
+                continue
+            pending.extend(clip_pairs(self.windowing, decode_clip(sample), self.config.pairs_per_clip, rng))
+            rng.shuffle(pending)
+            while len(pending) >= batch:
+                chunk, pending = pending[:batch], pending[batch:]
+                video, sound, label = zip(*chunk)
+                yield torch.stack(video), torch.stack(sound), torch.tensor(label)
+
+
+class SyncNetStage(Stage):
+    name = "syncnet"
+
+    def networks(self):
+        torch.manual_seed(self.context.config.seed)
+        return {"syncnet": StableSyncNet(self.context.config.syncnet)}
+
+    def batches(self):
+        dataset = PairStream(self.context.config, self.context.rank, self.context.world_size)
+        return iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=0))
+
+    def step(self, engines, batch, iteration):
+        video, sound, label = (t.to(self.context.device) for t in batch)
+        engine = engines["syncnet"]
+        logits = engine(video, sound)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), label.float())
+        engine.backward(loss)
+        engine.step()
+        accuracy = ((logits > 0).float() == label).float().mean()
+        return {"loss": loss.item(), "train_accuracy": accuracy.item()}
+
+    def finish(self, engines, output_dir):
+        if self.context.rank != 0:
+            return {}
+        model: StableSyncNet = engines["syncnet"].module
+        model.eval()
+        metrics = validate(model, self.context.config)
+        save_syncnet(model, storage.join(output_dir, "syncnet.pt"))
+        save_syncnet(model, storage.join(self.context.config.output, "syncnet.pt"))
+        return metrics
+
+
+@torch.no_grad()
+def validate(model: StableSyncNet, config: SyncNetJobConfig) -> dict[str, float]:
+    """Pair accuracy and offset recovery on held-out clips (all clips when none is held out)."""
+    from lipforcing.data.shards import Reader, epoch_samples
+
+    samples = list(epoch_samples(shard_urls(config.data), Reader(), seed=config.seed, epoch=0))
+    held_out = [s for s in samples if is_validation(s["__key__"], config.val_fraction)]
+    clips = [decode_clip(s) for s in (held_out or samples)]
+    rng = random.Random(config.seed)
+    correct = total = recovered = trials = 0
+    for clip in clips:
+        pairs = list(clip_pairs(model, clip, 64, rng))
+        if pairs:
+            video, sound, label = (torch.stack([torch.as_tensor(p[k]) for p in pairs]) for k in range(3))
+            correct += int(((model.sync_logits(video, sound) > 0).float() == label).sum())
+            total += len(pairs)
+        frame_samples = clip.sample_rate // 25
+        for shift in SHIFTS_TESTED:
+            shifted = np.roll(clip.audio, shift * frame_samples)  # audio delayed by `shift` frames
+            found = score_clip(model, torch.from_numpy(clip.frames), shifted).offset
+            recovered += int(abs(found - (-shift)) <= 1)
+            trials += 1
+    return {
+        "val_accuracy": correct / max(total, 1),
+        "offset_recovery_rate": recovered / max(trials, 1),
+        "val_clips": float(len(clips)),
+        "val_is_train": float(not held_out),
+    }
+
+
+def main(config: SyncNetJobConfig) -> int:
+    from pipelines import tracking
+    from pipelines.ray_cluster import init_ray
+
+    init_ray()
+    with tracking.start_run("syncnet", config=config, tags={"job": "syncnet"}) as run:
+        result = fit(
+            SyncNetStage,
+            config,
+            config.train,
+            run_name=config.run_name,
+            storage_path=storage.join(config.output, "ray"),
+            run_id=run.info.run_id,
+            tracking_uri=tracking.mlflow.get_tracking_uri(),
+        )
+        if result.error is not None:
+            raise result.error
+        version = tracking.register_artifact(REGISTERED_NAME, run.info.run_id, "syncnet.pt", alias=ALIAS)
+        print(f"registered models:/{REGISTERED_NAME}@{ALIAS} (version {version})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_job("pipelines.syncnet", SyncNetJobConfig, main))
