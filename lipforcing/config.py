@@ -47,7 +47,9 @@ def load_config(
         base = _merge(base, _as_dict(source), _describe(source))
     if overrides:
         _reject_malformed(overrides)
-        base = _merge(base, OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides))), "overrides")
+        # `key=` means an empty value (an unset path), not OmegaConf's None
+        dotlist = [f"{item}''" if item.endswith("=") else item for item in overrides]
+        base = _merge(base, OmegaConf.to_container(OmegaConf.from_dotlist(dotlist)), "overrides")
     try:
         instance = OmegaConf.to_object(base)
     except OmegaConfBaseException as err:

@@ -66,6 +66,10 @@ def test_choices_are_enforced_with_allowed_values():
         load_config(Job, overrides=["optim.zero_stage=4"])
 
 
+def test_empty_override_is_an_empty_string():
+    assert load_config(Job, overrides=["output="]).output == ""
+
+
 def test_malformed_override():
     with pytest.raises(ConfigError, match="key=value"):
         load_config(Job, overrides=["steps"])

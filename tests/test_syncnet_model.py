@@ -58,7 +58,7 @@ def test_our_checkpoint_round_trip(tmp_path):
     config = SyncNetConfig(frames=5, size=32, channels=[8, 16], embed_dim=32)
     model = StableSyncNet(config).eval()
     save_syncnet(model, str(tmp_path / "syncnet.pt"))
-    loaded = load_syncnet(SyncNetConfig(frames=5, size=32, channels=[8, 16], embed_dim=32, weights=str(tmp_path / "syncnet.pt")))
+    loaded = load_syncnet(SyncNetConfig(weights=str(tmp_path / "syncnet.pt")))  # architecture from the file
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, loaded.state_dict()[name])
 

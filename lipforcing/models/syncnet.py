@@ -152,18 +152,22 @@ def build_syncnet(config: SyncNetConfig) -> SyncModel:
 
 
 def load_syncnet(config: SyncNetConfig, key: str = "syncnet.weights") -> SyncModel:
-    """Build the configured SyncNet and load `config.weights` (syncnet_v2.model or our checkpoint).
-
-    `key` is the config key that names the weights, for the error when they are missing.
+    """Load the SyncNet at `config.weights`: syncnet_v2.model, or our checkpoint (which carries its own
+    architecture config, so a reader needs only the path). `key` names the config key for errors.
     """
     if not config.weights:
         raise FileNotFoundError(f"no SyncNet weights: set config key '{key}' to a syncnet_v2.model or a trained checkpoint")
     if not storage.exists(config.weights):
         raise FileNotFoundError(f"SyncNet weights not found at {config.weights!r} (config key '{key}')")
-    model = build_syncnet(config)
-    with storage.filesystem(config.weights)[0].open(storage.filesystem(config.weights)[1], "rb") as handle:
+    fs, path = storage.filesystem(config.weights)
+    with fs.open(path, "rb") as handle:
         state = torch.load(handle, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
+    if "config" in state:
+        saved = {**state["config"], "weights": config.weights}
+        model = StableSyncNet(SyncNetConfig(**saved))
+        state = state["state_dict"]
+    else:
+        model = build_syncnet(config)
     if isinstance(model, SyncNetV2):
         # Checkpoints saved before BatchNorm counted its batches lack num_batches_tracked.
         for name, buffer in model.state_dict().items():

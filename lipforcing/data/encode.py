@@ -1,0 +1,61 @@
+"""From pixel windows to what the DiT trains on: clean latents and the lip-sync `Condition`.
+
+One encoder serves training on the fly and the `encode` job that caches latents: the Wan VAE
+(clean and mouth-masked video, reference frame and sequence), wav2vec2 audio features packed per
+latent frame, the fixed text embedding and the mouth mask at latent size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lipforcing.data.windows import WindowConfig, lower_face_mask
+from lipforcing.models.audio import AudioEncoder, build_audio_encoder, pack_audio
+from lipforcing.models.conditioning import Condition
+from lipforcing.models.config import ModelConfig
+from lipforcing.models.text import text_embeddings
+from lipforcing.models.vae import WanVAE, build_vae, mask_to_latent
+
+
+@dataclass
+class EncodedBatch:
+    x0: Tensor  # [B, 16, F, h, w] clean latents
+    cond: Condition
+    negative_text: Tensor  # [text_len, text_dim] for the CFG null branch
+    audio: Tensor  # [B, samples] the raw 16 kHz slice (SyncNet reward, sample videos)
+
+
+class LatentEncoder:
+    """Frozen encoders, built once per worker."""
+
+    def __init__(self, model: ModelConfig, window: WindowConfig, device: torch.device | str = "cpu"):
+        self.model, self.window, self.device = model, window, torch.device(device)
+        self.vae: WanVAE = build_vae(model, model.vae_weights).to(self.device)
+        self.audio_encoder: AudioEncoder = build_audio_encoder(model, model.audio_encoder_weights).to(self.device)
+        positive, negative = text_embeddings(model)
+        self.text, self.negative_text = positive.to(self.device), negative.to(self.device)
+        self.pixel_mask = lower_face_mask(window.size, window.mask_box).to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> EncodedBatch:
+        video = batch["video"].to(self.device)  # [B, T, 3, S, S] in [0, 1]
+        b, frames = video.shape[:2]
+        x0 = self.vae.encode(video)
+        masked = self.vae.encode_masked(video, self.pixel_mask.unsqueeze(1))
+        reference = self.vae.encode(batch["reference"].to(self.device))
+        sequence = batch.get("reference_sequence")
+        reference_sequence = None if sequence is None else self.vae.encode(sequence.to(self.device))
+        audio = batch["audio"].to(self.device)
+        packed = pack_audio(self.audio_encoder(audio, frames), self.model.audio_frames_per_latent)
+        cond = Condition(
+            reference=reference,
+            mask=mask_to_latent(self.pixel_mask).expand(b, -1, -1, -1, -1),
+            masked_video=masked,
+            audio=packed,
+            text=self.text.expand(b, -1, -1),
+            reference_sequence=reference_sequence,
+        )
+        return EncodedBatch(x0=x0, cond=cond, negative_text=self.negative_text, audio=audio)

@@ -1,0 +1,101 @@
+"""`make distill`: teacher -> student -> DMD on Ray Train + DeepSpeed, one MLflow parent run.
+
+Each stage is a nested MLflow run (`teacher`, `student`, `dmd`) and a Ray Train run named
+`<run_name>-<stage>` whose checkpoints live under `<output>/ray`; rerunning after a crash continues
+each stage from its latest checkpoint, and a stage whose weights already exist in `<output>/<stage>/`
+is skipped unless `force=true`. The DMD stage registers the student as `lipforcing-student`.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+
+import mlflow
+
+from lipforcing import storage
+from lipforcing.config import ConfigError, to_yaml
+from pipelines import tracking
+from pipelines.distill_config import STAGES, DistillConfig
+from pipelines.jobs import run_job
+from pipelines.ray_cluster import init_ray
+from pipelines.stages.common import WEIGHTS_FILE, stage_weights
+from pipelines.trainer import TrainerConfig, fit
+
+TRAINED = ("teacher_base", "teacher", "student", "dmd")
+
+
+def validate(config: DistillConfig) -> None:
+    unknown = [s for s in config.stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"config key 'stages' has {unknown}; allowed values: {', '.join(STAGES)}")
+    if config.dmd.train.zero_stage > 2:
+        raise ConfigError("config key 'dmd.train.zero_stage' is 3; allowed values: 0, 1, 2 (the rollout runs module methods)")
+
+
+def resolve_syncnet(config: DistillConfig, scratch: str) -> None:
+    """Turn `models:/syncnet@champion` into a file the workers can read (they have no MLflow)."""
+    if config.dmd.syncnet.startswith("models:/"):
+        config.dmd.syncnet = tracking.fetch_registered(config.dmd.syncnet, scratch)
+
+
+def run_stage(stage_class, config: DistillConfig, trainer: TrainerConfig, name: str, parent_id: str) -> None:
+    run_name = f"{config.run_name}-{name}"
+    storage_path = storage.join(config.output, "ray")
+    with tracking.start_run(name, parent_run_id=parent_id, tags={"stage": name, "ray_run": run_name}) as run:
+        mlflow.log_params({f"train.{k}": v for k, v in tracking.safe_params(trainer.__dict__).items()})
+        result = fit(stage_class, config, trainer, run_name, storage_path, run.info.run_id, mlflow.get_tracking_uri())
+        if result.error is not None:
+            raise result.error
+
+
+def distill(config: DistillConfig) -> int:
+    from pipelines.stages.dmd import DistributionMatching
+    from pipelines.stages.student import StudentDiffusionForcing
+    from pipelines.stages.teacher import TeacherBase, TeacherLora
+
+    validate(config)
+    init_ray()
+    storage.write_text(storage.join(config.output, "config.yaml"), to_yaml(config))
+    scratch = tempfile.mkdtemp(prefix="lipforcing-distill-")
+    with tracking.start_run("distill", config=config, tags={"job": "distill"}) as parent:
+        parent_id = parent.info.run_id
+        for stage in config.stages:
+            done = storage.exists(stage_weights(config.output, stage))
+            if stage == "teacher" and config.teacher.weights:
+                print(f"[distill] teacher: using {config.teacher.weights}")
+                continue
+            if done and not config.force:
+                print(f"[distill] {stage}: output exists at {stage_weights(config.output, stage)}, skipped (force=true reruns)")
+                with tracking.start_run(stage, parent_run_id=parent_id, tags={"stage": stage, "skipped": "true"}):
+                    pass
+                continue
+            if stage == "teacher":
+                if config.teacher.base_steps > 0:
+                    base = TrainerConfig(**{**config.teacher.base.__dict__, "steps": config.teacher.base_steps})
+                    mlflow.log_param("teacher.base_init", "random init, trained in full before LoRA (no pretrained base)")
+                    run_stage(TeacherBase, config, base, "teacher_base", parent_id)
+                run_stage(TeacherLora, config, config.teacher.train, "teacher", parent_id)
+            elif stage == "student":
+                run_stage(StudentDiffusionForcing, config, config.student.train, "student", parent_id)
+            else:
+                resolve_syncnet(config, scratch)
+                run_stage(DistributionMatching, config, config.dmd.train, "dmd", parent_id)
+                register_student(config, parent_id)
+    return 0
+
+
+def register_student(config: DistillConfig, parent_id: str) -> None:
+    """Register the DMD run's exported student as `lipforcing-student` under `dmd.registered_alias`."""
+    runs = mlflow.search_runs(
+        experiment_names=[tracking.EXPERIMENT],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and tags.stage = 'dmd'",
+        output_format="list",
+    )
+    name, alias = config.dmd.registered_name, config.dmd.registered_alias
+    version = tracking.register_artifact(name, runs[0].info.run_id, WEIGHTS_FILE, alias=alias)
+    print(f"[distill] registered models:/{name}@{alias} (version {version})")
+
+
+if __name__ == "__main__":
+    sys.exit(run_job("pipelines.distill", DistillConfig, distill))

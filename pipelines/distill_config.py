@@ -1,0 +1,75 @@
+"""The `make distill` configuration: data windows, the model profile and one section per stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lipforcing.data.windows import WindowConfig
+from lipforcing.models.config import ModelConfig, model_config
+from pipelines.ray_cluster import ClusterConfig
+from pipelines.trainer import TrainerConfig
+
+STAGES = ("teacher", "student", "dmd")
+
+
+@dataclass
+class TeacherConfig:
+    """LoRA finetune of the bidirectional DiT on V2V inpainting (flow matching, audio dropout)."""
+
+    weights: str = ""  # an existing merged teacher (Wan layout): the stage is skipped
+    # Full training from random init before the LoRA step: only for profiles with no pretrained
+    # base (tiny). 0 means the base comes from model.dit_weights.
+    base_steps: int = 0
+    base: TrainerConfig = field(default_factory=lambda: TrainerConfig(steps=0, lr=1e-4))
+    train: TrainerConfig = field(default_factory=lambda: TrainerConfig(steps=5000, lr=1e-5, warmup_steps=1000))
+    audio_dropout: float = 0.1  # share of samples trained on the null condition (for CFG)
+
+
+@dataclass
+class StudentConfig:
+    """Diffusion Forcing pretraining of the causal student from the teacher's weights."""
+
+    train: TrainerConfig = field(default_factory=lambda: TrainerConfig(steps=5000, lr=1e-5, warmup_steps=1000))
+
+
+@dataclass
+class DMDConfig:
+    """Self Forcing rollout + Sync-Window DMD + SyncNet reward."""
+
+    train: TrainerConfig = field(
+        default_factory=lambda: TrainerConfig(steps=600, lr=2e-6, betas=[0.0, 0.999], checkpoint_every=50)
+    )
+    fake_score_lr: float = 2e-6
+    student_every: int = 5  # fake score every iteration, student every 5th (the 5:1 ratio)
+    guidance_scale: float = 4.5
+    window_steps: list[int] = field(default_factory=lambda: [20, 40])  # teacher ODE steps that get CFG
+    timestep_range: list[int] = field(default_factory=lambda: [20, 980])  # DMD re-noising index of 1000
+    reward_beta: float = 2.0
+    reward_weighting: str = field(default="per_sample", metadata={"choices": ("per_sample", "self_normalised")})
+    # SyncNet for the reward: models:/name@alias, a path/URL, or "" to train without the reward
+    syncnet: str = "models:/syncnet@champion"
+    ema_decay: float = 0.99
+    registered_name: str = "lipforcing-student"
+    registered_alias: str = "candidate"  # promote to @champion after comparing runs in MLflow
+
+
+@dataclass
+class DistillConfig:
+    profile: str = "tiny"
+    data: str = "outputs/data"  # the data job's output (its shards/ are read)
+    output: str = "outputs/distill"  # <output>/<stage>/dit.safetensors, Ray checkpoints, samples
+    run_name: str = "distill"  # Ray Train runs are <run_name>-<stage>; a rerun resumes them
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    force: bool = False  # rerun stages whose output already exists
+    loader_workers: int = 0  # torch DataLoader processes per training worker
+    seed: int = 0
+    window: WindowConfig = field(default_factory=WindowConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    dmd: DMDConfig = field(default_factory=DMDConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    @classmethod
+    def for_profile(cls, profile: str) -> DistillConfig:
+        return cls(profile=profile, model=model_config(profile))

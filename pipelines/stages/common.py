@@ -1,0 +1,91 @@
+"""What the three distillation stages share: shard windows, on-the-fly latents, weight hand-off."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+from safetensors.torch import save_file
+
+from lipforcing import storage
+from lipforcing.data.encode import EncodedBatch, LatentEncoder
+from lipforcing.data.shards import decode_clip, shard_urls, stream_samples, worker_reader
+from lipforcing.data.windows import collate, windows
+from lipforcing.models.lora import apply_lora, export_state_dict
+from pipelines.trainer import Stage
+
+WEIGHTS_FILE = "dit.safetensors"
+
+
+def stage_weights(output: str, stage: str) -> str:
+    """Where a stage's merged (Wan-layout) weights are written: the next stage's starting point."""
+    return storage.join(output, stage, WEIGHTS_FILE)
+
+
+def local_copy(url: str, directory: str) -> str:
+    """A local path for a weights URL (downloads object-store files; local paths pass through)."""
+    if storage.is_local(url):
+        return url.removeprefix("file://")
+    path = os.path.join(directory, os.path.basename(url))
+    storage.filesystem(url)[0].get_file(storage.filesystem(url)[1], path)
+    return path
+
+
+class WindowStream(torch.utils.data.IterableDataset):
+    """Raw training windows for one rank, batched; each dataloader worker reads its own share."""
+
+    def __init__(self, config, rank: int, world_size: int, batch_size: int):
+        self.config, self.rank, self.world_size, self.batch_size = config, rank, world_size, batch_size
+
+    def __iter__(self):
+        reader = worker_reader(self.rank, self.world_size)
+        clips = (decode_clip(s) for s in stream_samples(shard_urls(self.config.data), reader, self.config.seed))
+        pending = []
+        for window in windows(clips, self.config.window, seed=self.config.seed * 1000 + reader.index):
+            pending.append(window)
+            if len(pending) == self.batch_size:
+                yield collate(pending)
+                pending = []
+
+
+class DiffusionStage(Stage):
+    """A stage that trains DiTs on encoded windows; subclasses build networks and define the step."""
+
+    def __init__(self, context):
+        super().__init__(context)
+        config = context.config
+        self.encoder = LatentEncoder(config.model, config.window, context.device)
+        self.scratch = tempfile.mkdtemp(prefix=f"lipforcing-{self.name}-")
+
+    def batches(self):
+        dataset = WindowStream(self.context.config, self.context.rank, self.context.world_size, self.context.trainer.batch_size)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.context.config.loader_workers)
+        return iter(loader)
+
+    def encode(self, batch) -> EncodedBatch:
+        return self.encoder(batch)
+
+    def weights(self, stage: str) -> str:
+        """Local path of an earlier stage's output (or the configured teacher)."""
+        config = self.context.config
+        url = config.teacher.weights if stage == "teacher" and config.teacher.weights else stage_weights(config.output, stage)
+        return local_copy(url, self.scratch)
+
+    def adapt(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The stage adapter: fresh LoRA on q,k,v,o,ffn + fully trainable audio and patch modules."""
+        cfg = self.context.config.model
+        return apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+
+    def export(self, module: torch.nn.Module, output_dir: str, stage: str | None = None) -> None:
+        """Rank 0 writes merged Wan-layout weights to the run's artifacts and to <output>/<stage>/."""
+        if self.context.rank != 0:
+            return
+        path = os.path.join(output_dir, WEIGHTS_FILE)
+        save_file({k: v.contiguous() for k, v in export_state_dict(module).items()}, path)
+        storage.upload_file(path, stage_weights(self.context.config.output, stage or self.name))
+
+
+def seeded_choice(seed: int, iteration: int, count: int) -> int:
+    """The same pick on every rank for an iteration (no broadcast needed)."""
+    return int(torch.randint(count, (1,), generator=torch.Generator().manual_seed(seed * 1_000_003 + iteration)))

@@ -1,0 +1,76 @@
+"""Stage 1: the bidirectional teacher, trained with flow matching on the V2V inpainting task.
+
+Audio dropout trains the null condition (zero audio, negative text) that classifier-free guidance
+needs. With a pretrained base (1.3b / 14b) only LoRA adapters and the audio and patch modules
+train. The tiny profile has no pretrained base, so `TeacherBase` first trains it in full from
+random init; the LoRA step then runs exactly as at scale.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lipforcing.diffusion.schedules import add_noise, sample_training_timesteps
+from lipforcing.losses.flow_matching import flow_matching_loss
+from lipforcing.models import build_teacher
+from lipforcing.models.conditioning import Condition
+from pipelines.stages.common import DiffusionStage
+
+
+def drop_audio(cond: Condition, negative_text: torch.Tensor, probability: float, generator: torch.Generator) -> Condition:
+    """Replace the condition of a random share of samples by the null condition."""
+    null = cond.null(negative_text)
+    drop = torch.rand(cond.audio.shape[0], generator=generator) < probability
+    if not drop.any():
+        return cond
+    pick = drop.to(cond.audio.device)
+    return Condition(
+        reference=cond.reference,
+        mask=cond.mask,
+        masked_video=cond.masked_video,
+        audio=torch.where(pick[:, None, None], null.audio, cond.audio),
+        text=torch.where(pick[:, None, None], null.text, cond.text),
+        reference_sequence=cond.reference_sequence,
+    )
+
+
+class TeacherBase(DiffusionStage):
+    """Full training of a randomly initialised base (only for profiles without pretrained weights)."""
+
+    name = "teacher_base"
+    network = "base"
+
+    def networks(self):
+        return {self.network: self.build()}
+
+    def build(self) -> torch.nn.Module:
+        return build_teacher(self.context.config.model, device="cpu")
+
+    def step(self, engines, batch, iteration):
+        encoded = self.encode(batch)
+        generator = torch.Generator().manual_seed(self.context.config.seed * 7919 + iteration * 31 + self.context.rank)
+        cond = drop_audio(encoded.cond, encoded.negative_text, self.context.config.teacher.audio_dropout, generator)
+        t = sample_training_timesteps((encoded.x0.shape[0],), self.context.config.model.shift, generator).to(encoded.x0.device)
+        noise = torch.randn(encoded.x0.shape, generator=generator).to(encoded.x0.device)
+        engine = engines[self.network]
+        velocity = engine(add_noise(encoded.x0, noise, t), t, cond)
+        loss = flow_matching_loss(velocity, encoded.x0, noise)
+        engine.backward(loss)
+        engine.step()
+        return {f"{self.network}_loss": loss.item()}
+
+    def finish(self, engines, output_dir):
+        self.export(engines[self.network].module, output_dir)
+        return {}
+
+
+class TeacherLora(TeacherBase):
+    """The LoRA finetune: adapters on the base (pretrained weights or the tiny base from above)."""
+
+    name = "teacher"
+    network = "teacher"
+
+    def build(self) -> torch.nn.Module:
+        config = self.context.config
+        base = self.weights("teacher_base") if config.teacher.base_steps > 0 else None
+        return self.adapt(build_teacher(config.model, device="cpu", weights=base))

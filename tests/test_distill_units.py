@@ -1,0 +1,116 @@
+"""Distillation pieces in one process: the rollout, CFG window, audio dropout, Diffusion Forcing overfit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lipforcing.config import ConfigError
+from lipforcing.diffusion.schedules import add_noise, chunk_timesteps, sync_window, sync_window_scale
+from lipforcing.losses.flow_matching import flow_matching_loss
+from lipforcing.models import build_student, model_config, random_condition
+from pipelines.distill import validate
+from pipelines.distill_config import DistillConfig
+from pipelines.jobs import resolve_config
+from pipelines.stages.dmd import dmd_timesteps, rollout
+from pipelines.stages.teacher import drop_audio
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = model_config("tiny")
+    torch.manual_seed(0)
+    return cfg, build_student(cfg)
+
+
+def test_rollout_keeps_gradients_only_at_the_exit_step(tiny):
+    cfg, student = tiny
+    cond = random_condition(cfg, 1, 9, 4, 4, torch.Generator().manual_seed(0))
+    calls = []
+    original = student.forward_chunk
+
+    def spy(x, t, c, cache, write=False):
+        calls.append((round(float(t[0]), 3), torch.is_grad_enabled(), write))
+        return original(x, t, c, cache, write)
+
+    student.forward_chunk = spy
+    try:
+        x0 = rollout(student, cond, (1, 16, 9, 4, 4), [0.999, 0.769], exit_index=1, generator=torch.Generator().manual_seed(1))
+    finally:
+        del student.forward_chunk
+    assert x0.shape == (1, 16, 9, 4, 4) and x0.requires_grad
+    per_chunk = [(0.999, False, False), (0.769, True, False), (0.0, False, True)]
+    assert calls == per_chunk * 3  # 3 chunks: no-grad step, exit step with grad, clean cache write
+
+
+def test_rollout_exit_at_first_step_skips_the_second_call(tiny):
+    cfg, student = tiny
+    cond = random_condition(cfg, 1, 6, 4, 4, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x0 = rollout(student, cond, (1, 16, 6, 4, 4), [0.999, 0.769], exit_index=0, generator=torch.Generator())
+    assert x0.shape == (1, 16, 6, 4, 4) and not x0.requires_grad
+
+
+def test_dmd_timesteps_stay_in_the_clamped_range():
+    t = dmd_timesteps(10_000, [20, 980], 5.0, torch.Generator().manual_seed(0))
+    low, high = 5 * 0.02 / (1 + 4 * 0.02), 5 * 0.98 / (1 + 4 * 0.98)
+    assert t.min() >= low - 1e-6 and t.max() <= high + 1e-6
+
+
+def test_sync_window_cfg_is_chosen_per_sample():
+    low, high = sync_window(20, 40)
+    t = torch.tensor([0.3, low, 0.7, high, 0.95])
+    assert sync_window_scale(t, 4.5, (low, high)).tolist() == [1.0, 4.5, 4.5, 4.5, 1.0]
+    share = (sync_window_scale(dmd_timesteps(20_000, [20, 980], 5.0, torch.Generator()), 4.5) > 1).float().mean()
+    assert 0.39 < share < 0.45  # steps 20..40 are u in [0.2, 0.6] of the index range [0.02, 0.98]: 0.417
+
+
+def test_audio_dropout_swaps_in_the_null_condition(tiny):
+    cfg, _ = tiny
+    cond = random_condition(cfg, 64, 3, 4, 4, torch.Generator().manual_seed(0))
+    negative = torch.full((cfg.text_len, cfg.text_dim), 7.0)
+    dropped = drop_audio(cond, negative, 0.5, torch.Generator().manual_seed(0))
+    silent = (dropped.audio.abs().sum(dim=(1, 2)) == 0)
+    assert 10 < int(silent.sum()) < 54
+    assert torch.all(dropped.text[silent] == 7.0)
+    assert torch.equal(dropped.audio[~silent], cond.audio[~silent])
+    assert torch.equal(dropped.masked_video, cond.masked_video)
+
+
+def test_diffusion_forcing_overfits_one_batch(tiny):
+    """The student stage's loss on one fixed batch must fall clearly within a few dozen steps."""
+    cfg, _ = tiny
+    torch.manual_seed(0)
+    student = build_student(cfg)
+    cond = random_condition(cfg, 2, 6, 4, 4, torch.Generator().manual_seed(3))
+    x0 = torch.randn(2, 16, 6, 4, 4, generator=torch.Generator().manual_seed(4))
+    noise = torch.randn_like(x0)
+    t = chunk_timesteps(2, 6, 3, [0.999, 0.769], torch.Generator().manual_seed(5))
+    optimizer = torch.optim.AdamW(student.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(40):
+        loss = flow_matching_loss(student(add_noise(x0, noise, t), t, cond, window_frames=7, sink_frames=1), x0, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0]
+
+
+def test_config_validation_names_keys():
+    with pytest.raises(ConfigError, match="stages"):
+        validate(resolve_config(DistillConfig, ["stages=[teacher,gan]"]))
+    with pytest.raises(ConfigError, match="dmd.train.zero_stage"):
+        validate(resolve_config(DistillConfig, ["dmd.train.zero_stage=3"]))
+    with pytest.raises(ConfigError, match="reward_weighting.*'per_sample', 'self_normalised'"):
+        resolve_config(DistillConfig, ["dmd.reward_weighting=softmax"])
+
+
+def test_profiles_carry_the_paper_recipe():
+    config = resolve_config(DistillConfig, ["profile=1.3b"])
+    assert (config.model.dim, config.model.num_layers) == (1536, 30)
+    assert (config.window.frames, config.window.size) == (81, 512)
+    assert config.student.train.steps == 5000 and config.student.train.warmup_steps == 1000
+    assert config.dmd.train.lr == 2e-6 and config.dmd.train.betas == [0.0, 0.999]
+    assert config.dmd.student_every == 5 and config.dmd.reward_beta == 2.0
+    assert resolve_config(DistillConfig, ["profile=14b"]).model.dim == 5120
