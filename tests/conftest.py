@@ -84,3 +84,32 @@ def s3_bucket(s3_server: str, request: pytest.FixtureRequest) -> str:
     client = boto3.client("s3", endpoint_url=s3_server)
     client.create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def local_ray(s3_server):
+    """One local Ray for the whole session, started after the S3 variables so workers see them."""
+    import ray
+
+    from pipelines.ray_cluster import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sample_shards(local_ray, tmp_path_factory) -> str:
+    """The generated sample run through the real data job once (tiny profile); yields its output URL.
+
+    Training tests (SyncNet, distillation, eval) read these shards, as `make demo` does.
+    """
+    from data_jobs.config import DataJobConfig
+    from data_jobs.job import run_data_job
+    from data_jobs.sample import generate_sample
+    from pipelines.jobs import resolve_config
+
+    sample_list = generate_sample(str(tmp_path_factory.mktemp("sample")), seed=0)
+    output = str(tmp_path_factory.mktemp("data"))
+    run_data_job(resolve_config(DataJobConfig, ["profile=tiny", "execution.progress=false", f"input={sample_list}", f"output={output}"]))
+    return output

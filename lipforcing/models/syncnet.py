@@ -48,7 +48,7 @@ class StableSyncNet(nn.Module):
         self.window = config.frames
         self.video_encoder = _conv_encoder(3 * config.frames, config.channels, config.embed_dim)
         self.audio_encoder = _conv_encoder(1, config.channels, config.embed_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(5.0))
+        self.logit_scale = nn.Parameter(torch.full((1,), 5.0))  # 1-d: DeepSpeed cannot broadcast 0-d params
 
     def video_windows(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 RGB frames [T, H, W, 3] -> [T-N+1, 3N, size/2, size] in [-1, 1]."""

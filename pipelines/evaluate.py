@@ -1,0 +1,484 @@
+"""`make eval`: stream a trained student over held-out clips, score it, report, log to MLflow.
+
+    python -m pipelines.evaluate data=s3://bucket/heldout student_weights=models:/lipforcing-student@candidate
+
+Per clip: the longest 4k+1-frame prefix that has audio, resized to `window.size`, with the clip's
+first frame as the reference. The condition is encoded (Wan VAE, wav2vec2, mouth mask), the student
+generates it chunk by chunk with the two-step schedule, and the stream decoder turns each chunk into
+frames as it arrives. Generated frames are compared with the source crops they replace (nothing is
+pasted back into the full frame): SSIM, PSNR, mouth-region PSNR and L1, Sync-C / Sync-D / AV offset
+(also of the source crops, the ground-truth row), FPS, TTFF and peak memory. FID / FVD run only with
+local feature-network weights; CSIM needs ArcFace, which we have no loader for, and is skipped.
+
+Timing. TTFF: a separate first-chunk pass per clip, from the start of encoding the first chunk's
+inputs (its 4n-3 frames, reference and audio) to the end of decoding its frames, as in the paper
+(there the encoder and decoder are both the VAE; here the decoder is `decoder`). FPS: frames per
+second of the streaming loop (denoise + cache write + decode) over the chunks after the first; the
+whole-clip encode is timed apart (`encode_s`) and folded into `fps_end_to_end`.
+Results go to `<output>/report.{json,md}`, `<output>/samples/*.mp4` (source | generated, with the
+clip's audio) and an MLflow run `eval` tagged with the student's registered version.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import av
+import numpy as np
+import torch
+from torch import Tensor
+
+from lipforcing import storage
+from lipforcing.config import ConfigError, to_yaml
+from lipforcing.data.encode import LatentEncoder
+from lipforcing.data.shards import Clip, Reader, decode_clip, epoch_samples, shard_urls
+from lipforcing.data.windows import FPS, WindowConfig, _frames, lower_face_mask
+from lipforcing.inference.streaming import StreamChunk, stream_generate
+from lipforcing.metrics.fid import (
+    FeatureExtractor,
+    feature_statistics,
+    frechet_distance,
+    i3d_extractor,
+    inception_extractor,
+    load_torchscript,
+)
+from lipforcing.metrics.ssim import psnr, ssim
+from lipforcing.models import build_student, build_tae
+from lipforcing.models.config import ModelConfig, model_config
+from lipforcing.models.syncnet import SyncModel, SyncNetConfig, load_syncnet, score_clip
+from pipelines.jobs import run_job
+from pipelines.ray_cluster import ClusterConfig
+
+TINY_WARNING = "tiny profile, random-init models: not a quality result"
+SAMPLE_RATE = 16_000
+FEATURE_BATCH = 32  # frames per call of the FID feature network
+
+
+@dataclass
+class EvalConfig:
+    profile: str = "tiny"
+    # `student` and `syncnet` would collide with the profile's distill sections, hence `_weights`.
+    student_weights: str = "models:/lipforcing-student@candidate"  # registered model, or dit.safetensors path/URL
+    syncnet_weights: str = "models:/syncnet@champion"  # registered model or path/URL; "" skips Sync-C / Sync-D
+    data: str = "outputs/data"  # held-out shards (the data job's output or a folder of *.tar)
+    output: str = "outputs/eval"  # report.json, report.md, samples/, config.yaml
+    clips: int = 8  # at most this many clips, in the seed's shard order
+    decoder: str = field(default="tae", metadata={"choices": ("tae", "vae")})  # streaming decoder
+    samples: int = 2  # side-by-side sample videos written and logged
+    fid_weights: str = ""  # TorchScript Inception-v3 (inception-2015-12-05.pt); "" skips FID
+    fvd_weights: str = ""  # TorchScript I3D (i3d_torchscript.pt); "" skips FVD
+    device: str = field(default="auto", metadata={"choices": ("auto", "cpu", "cuda")})
+    seed: int = 0  # shard order and the student's sampling noise
+    window: WindowConfig = field(default_factory=WindowConfig)  # size and mask_box are used
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    @classmethod
+    def for_profile(cls, profile: str) -> EvalConfig:
+        return cls(profile=profile, model=model_config(profile))
+
+
+@dataclass
+class EvalClip:
+    """One clip cut to what is evaluated: frames resized to the model's size, audio under them."""
+
+    key: str
+    video: Tensor  # [T, 3, S, S] in [0, 1], T = 4k + 1
+    audio: Tensor  # [T * 640] float32, 16 kHz
+
+
+@dataclass
+class Generation:
+    frames: Tensor  # [T, 3, S, S] in [0, 1], on the CPU
+    encode_s: float  # whole-clip condition encode
+    stream_s: float  # streaming loop: all chunks, denoise + cache write + decode
+    fps: float  # steady state: frames per second over the chunks after the first
+    chunks: int
+
+
+def validate(config: EvalConfig) -> None:
+    if config.clips < 1:
+        raise ConfigError(f"config key 'clips' is {config.clips}; allowed values: an integer >= 1")
+    if config.samples < 0:
+        raise ConfigError(f"config key 'samples' is {config.samples}; allowed values: an integer >= 0")
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config key 'device' is 'cuda' but no CUDA device is visible; allowed values: 'auto', 'cpu'")
+
+
+def eval_length(clip: Clip) -> int:
+    """Frames evaluated: the longest 4k+1 prefix that has audio under every frame (0 if none)."""
+    total = min(len(clip.frames), len(clip.audio) * FPS // clip.sample_rate)
+    return (total - 1) // 4 * 4 + 1 if total > 0 else 0
+
+
+def prepare_clip(clip: Clip, size: int, min_frames: int) -> EvalClip | str:
+    """The evaluated cut of a clip, or the reason it is skipped."""
+    if clip.sample_rate != SAMPLE_RATE:
+        return f"audio at {clip.sample_rate} Hz; the data job writes {SAMPLE_RATE} Hz"
+    frames = eval_length(clip)
+    if frames < min_frames:
+        return f"{frames} usable frames; the first chunk alone needs {min_frames}"
+    per_frame = clip.sample_rate // FPS
+    audio = torch.from_numpy(np.ascontiguousarray(clip.audio[: frames * per_frame], dtype=np.float32))
+    return EvalClip(clip.key, _frames(clip.frames[:frames], size), audio)
+
+
+def to_uint8(frames: Tensor) -> Tensor:
+    """[T, 3, H, W] in [0, 1] -> [T, H, W, 3] uint8 (what SyncNet and the video encoder read)."""
+    return (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+class Evaluator:
+    """The models of one eval, built once: encoder, student, stream decoder, optional SyncNet."""
+
+    def __init__(self, config: EvalConfig, student_path: str, syncnet_path: str, device: torch.device):
+        self.config, self.device = config, device
+        self.encoder = LatentEncoder(config.model, config.window, device)
+        self.student = build_student(config.model, device=device, weights=student_path).eval()
+        if config.decoder == "tae":
+            self.decoder = build_tae(config.model).to(device).eval().stream_decoder()
+        else:
+            self.decoder = self.encoder.vae.stream_decoder()  # the stream resets after every encode
+        self.syncnet: SyncModel | None = None
+        if syncnet_path:
+            self.syncnet = load_syncnet(SyncNetConfig(weights=syncnet_path), key="syncnet_weights").to(device)
+        self.first_chunk_frames = 4 * config.model.chunk_frames - 3
+        mouth = 1 - lower_face_mask(config.window.size, config.window.mask_box)[0, 0]
+        self.mouth = mouth.to(device)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _batch(self, clip: EvalClip, frames: int) -> dict[str, Tensor]:
+        video = clip.video[None, :frames]
+        return {"video": video, "reference": video[:, :1], "audio": clip.audio[None, : frames * (SAMPLE_RATE // FPS)]}
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(self.config.seed)
+
+    def time_to_first_frames(self, clip: EvalClip) -> float:
+        """TTFF in ms: encode the first chunk's inputs, generate the chunk, decode its frames."""
+        self._sync()
+        start = time.perf_counter()
+        encoded = self.encoder(self._batch(clip, self.first_chunk_frames))
+        stream = stream_generate(self.student, encoded.cond, self.decoder, generator=self._generator())
+        next(stream)
+        self._sync()
+        elapsed = time.perf_counter() - start
+        stream.close()
+        return 1000 * elapsed
+
+    def generate(self, clip: EvalClip) -> Generation:
+        """The whole clip, encoded once, then streamed chunk by chunk through the decoder."""
+        self._sync()
+        start = time.perf_counter()
+        encoded = self.encoder(self._batch(clip, len(clip.video)))
+        self._sync()
+        encode_s = time.perf_counter() - start
+        chunks: list[StreamChunk] = []
+        finished: list[float] = []
+        start = time.perf_counter()
+        for chunk in stream_generate(self.student, encoded.cond, self.decoder, generator=self._generator()):
+            self._sync()
+            finished.append(time.perf_counter() - start)
+            chunks.append(chunk)
+        frames = torch.cat([c.frames[0].cpu() for c in chunks])
+        counts = [c.frames.shape[1] for c in chunks]
+        if len(chunks) > 1:
+            fps = sum(counts[1:]) / (finished[-1] - finished[0])
+        else:
+            fps = counts[0] / finished[0]  # one chunk: no steady state to separate out
+        return Generation(frames, encode_s, finished[-1], fps, len(chunks))
+
+    @torch.no_grad()
+    def fidelity(self, clip: EvalClip, generated: Tensor) -> dict[str, float]:
+        source, fake = clip.video.to(self.device), generated.to(self.device)
+        mouth_error = ((fake - source).abs() * self.mouth).sum(dim=(-3, -2, -1)) / (3 * self.mouth.sum())
+        return {
+            "ssim": float(ssim(fake, source).mean()),
+            "psnr": float(psnr(fake, source).mean()),
+            "mouth_psnr": float(psnr(fake, source, mask=self.mouth).mean()),
+            "mouth_l1": float(mouth_error.mean()),
+        }
+
+    @torch.no_grad()
+    def sync(self, frames: Tensor, audio: Tensor, prefix: str = "") -> dict[str, float]:
+        result = score_clip(self.syncnet, to_uint8(frames), audio.numpy())
+        return {f"{prefix}sync_c": result.confidence, f"{prefix}sync_d": result.min_dist, f"{prefix}av_offset": float(result.offset)}
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: peak allocated since the clip started. CPU: the process's peak RSS so far (Linux KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def encode_sample(frames: np.ndarray, audio: np.ndarray, fps: int = FPS, sample_rate: int = SAMPLE_RATE) -> bytes:
+    """H.264 + AAC mp4 of RGB frames [T, H, W, 3] with their mono audio: a lip-sync sample needs sound."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        video = container.add_stream("libx264", rate=Fraction(fps))
+        video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        video.options = {"crf": "18", "preset": "veryfast"}
+        sound = container.add_stream("aac", rate=sample_rate)
+        sound.layout = "mono"
+        for frame in frames:
+            container.mux(video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(video.encode())
+        pcm = av.AudioFrame.from_ndarray(audio.astype(np.float32)[None], format="flt", layout="mono")
+        pcm.sample_rate = sample_rate
+        container.mux(sound.encode(pcm))
+        container.mux(sound.encode())
+    return buffer.getvalue()
+
+
+def registered_version(uri: str) -> str:
+    """The version number behind `models:/name@alias` or `models:/name/version`."""
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient()
+    reference = uri.removeprefix("models:/")
+    if "@" in reference:
+        return str(client.get_model_version_by_alias(*reference.split("@", 1)).version)
+    return reference.rsplit("/", 1)[1]
+
+
+def resolve_weights(uri: str, scratch: str) -> tuple[str, str]:
+    """A readable path for a registered model or a path/URL, and its version ('' when not registered)."""
+    from pipelines import tracking
+
+    if not uri.startswith("models:/"):
+        return uri, ""
+    return tracking.fetch_registered(uri, tempfile.mkdtemp(dir=scratch)), registered_version(uri)
+
+
+def feature_networks(config: EvalConfig, device: torch.device) -> tuple[dict[str, FeatureExtractor], dict[str, str]]:
+    """The Fréchet-distance extractors that have weights, and why the others are skipped."""
+    extractors: dict[str, FeatureExtractor] = {}
+    skipped = {
+        "CSIM": "needs ArcFace (InsightFace) identity embeddings; no ArcFace loader in lipforcing yet",
+    }
+    if config.fid_weights:
+        extractors["fid"] = inception_extractor(load_torchscript(config.fid_weights, "fid_weights", device))
+    else:
+        skipped["FID"] = "needs Inception-v3 weights: set fid_weights to a local inception-2015-12-05.pt (TorchScript)"
+    if config.fvd_weights:
+        extractors["fvd"] = i3d_extractor(load_torchscript(config.fvd_weights, "fvd_weights", device))
+    else:
+        skipped["FVD"] = "needs I3D weights: set fvd_weights to a local i3d_torchscript.pt (TorchScript)"
+    return extractors, skipped
+
+
+class FeatureSets:
+    """Source and generated features, accumulated clip by clip (frames for FID, clips for FVD)."""
+
+    def __init__(self, extractors: dict[str, FeatureExtractor]):
+        self.extractors = extractors
+        self.features: dict[str, dict[str, list[Tensor]]] = {name: {"real": [], "fake": []} for name in extractors}
+
+    def add(self, source: Tensor, generated: Tensor, device: torch.device) -> None:
+        for name, extract in self.extractors.items():
+            for side, frames in (("real", source), ("fake", generated)):
+                if name == "fid":
+                    batches = [frames[i : i + FEATURE_BATCH].to(device) for i in range(0, len(frames), FEATURE_BATCH)]
+                    self.features[name][side].append(torch.cat([extract(b) for b in batches]).cpu())
+                else:
+                    self.features[name][side].append(extract(frames[None].to(device)).cpu())
+
+    def distances(self) -> dict[str, float]:
+        """Each metric over the whole set (FVD needs at least two clips for a covariance)."""
+        values = {}
+        for name, sides in self.features.items():
+            real, fake = torch.cat(sides["real"]), torch.cat(sides["fake"])
+            if len(real) >= 2:
+                values[name] = frechet_distance(*feature_statistics(real), *feature_statistics(fake))
+        return values
+
+
+# (report key, column title, format) for the per-clip table
+COLUMNS = (
+    ("frames", "frames", "{:.0f}"),
+    ("ssim", "SSIM", "{:.4f}"),
+    ("psnr", "PSNR dB", "{:.2f}"),
+    ("mouth_psnr", "mouth PSNR dB", "{:.2f}"),
+    ("mouth_l1", "mouth L1", "{:.4f}"),
+    ("sync_c", "Sync-C", "{:.2f}"),
+    ("sync_d", "Sync-D", "{:.2f}"),
+    ("av_offset", "offset", "{:+.0f}"),
+    ("gt_sync_c", "GT Sync-C", "{:.2f}"),
+    ("gt_sync_d", "GT Sync-D", "{:.2f}"),
+    ("gt_av_offset", "GT offset", "{:+.0f}"),
+    ("fps", "FPS", "{:.2f}"),
+    ("ttff_ms", "TTFF ms", "{:.1f}"),
+    ("peak_memory_mb", "peak MB", "{:.0f}"),
+)
+
+
+def mean_row(rows: list[dict[str, Any]]) -> dict[str, float]:
+    keys = [k for k, value in rows[0].items() if isinstance(value, int | float)]
+    return {k: float(np.mean([row[k] for row in rows])) for k in keys}
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Lip Forcing eval: {report['student']}", ""]
+    if report["profile"] == "tiny":
+        lines += [f"**{TINY_WARNING}.**", ""]
+    elif report["random_init"]:
+        lines += [f"**random-init weights ({', '.join(report['random_init'])}): not a quality result.**", ""]
+    version = report["student_version"] or "unregistered"
+    lines += [
+        f"profile `{report['profile']}`, student version {version}, decoder `{report['decoder']}`, "
+        f"device `{report['device']}`, {report['size']} px aligned crops, reference = {report['reference']}.",
+        "",
+    ]
+    columns = [c for c in COLUMNS if c[0] in report["mean"]]
+    lines.append("| clip | " + " | ".join(title for _, title, _ in columns) + " |")
+    lines.append("|---" * (len(columns) + 1) + "|")
+    for row in [*report["clips"], {"key": "**mean**", **report["mean"]}]:
+        cells = [fmt.format(row[key]) for key, _, fmt in columns]
+        lines.append(f"| {row['key']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for name, value in report["set_metrics"].items():
+        lines.append(f"- {name.upper()} over all clips: {value:.3f}")
+    for name, reason in report["skipped_metrics"].items():
+        lines.append(f"- {name} skipped: {reason}")
+    for item in report["skipped_clips"]:
+        lines.append(f"- clip {item['key']} skipped: {item['reason']}")
+    lines += ["", "## How the numbers are measured", ""]
+    lines += [f"- {note}" for note in report["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+NOTES = (
+    "Generated frames are compared with the source crops at the model's size; nothing is pasted back.",
+    "SSIM: Gaussian window 11x11, sigma 1.5, K1 0.01, K2 0.03, mean over frames. Mouth metrics use the "
+    "lower-face box the model regenerates (window.mask_box).",
+    "Sync-C / Sync-D / offset: the configured SyncNet on the generated crops against the clip's audio; "
+    "GT columns score the source crops the same way.",
+    "TTFF: a first-chunk pass per clip, from the start of encoding the first chunk's inputs to the end of "
+    "decoding its frames (one untimed warm-up pass first).",
+    "FPS: generated frames per second of the streaming loop (two student calls, cache write, decode) over "
+    "the chunks after the first; fps_end_to_end also counts the whole-clip condition encode.",
+)
+
+
+def evaluate(config: EvalConfig) -> int:
+    import mlflow
+
+    from pipelines import tracking
+
+    validate(config)
+    use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
+    torch.manual_seed(config.seed)
+    scratch = tempfile.mkdtemp(prefix="lipforcing-eval-")
+    storage.write_text(storage.join(config.output, "config.yaml"), to_yaml(config))
+    with tracking.start_run("eval", config=config, tags={"job": "eval", "student": config.student_weights}) as run:
+        student_path, student_version = resolve_weights(config.student_weights, scratch)
+        syncnet_path, syncnet_version = resolve_weights(config.syncnet_weights, scratch) if config.syncnet_weights else ("", "")
+        mlflow.set_tags({"student_version": student_version or "unregistered", "syncnet": config.syncnet_weights or "none",
+                         "syncnet_version": syncnet_version or "unregistered", "decoder": config.decoder})
+        evaluator = Evaluator(config, student_path, syncnet_path, device)
+        extractors, skipped_metrics = feature_networks(config, device)
+        if not config.syncnet_weights:
+            skipped_metrics["Sync-C / Sync-D"] = "config key 'syncnet_weights' is empty"
+        features = FeatureSets(extractors)
+        samples_dir = os.path.join(scratch, "report", "samples")
+        os.makedirs(samples_dir)
+        rows: list[dict[str, Any]] = []
+        skipped_clips: list[dict[str, str]] = []
+        warmed = False
+        for sample in epoch_samples(shard_urls(config.data), Reader(), seed=config.seed, epoch=0):
+            if len(rows) >= config.clips:
+                break
+            prepared = prepare_clip(decode_clip(sample), config.window.size, evaluator.first_chunk_frames)
+            if isinstance(prepared, str):
+                skipped_clips.append({"key": sample["__key__"], "reason": prepared})
+                continue
+            if not warmed:
+                evaluator.time_to_first_frames(prepared)  # one-time costs stay out of the first clip's TTFF
+                warmed = True
+            reset_peak_memory(device)
+            ttff_ms = evaluator.time_to_first_frames(prepared)
+            generation = evaluator.generate(prepared)
+            frames = len(generation.frames)
+            row: dict[str, Any] = {
+                "key": prepared.key,
+                "frames": frames,
+                **evaluator.fidelity(prepared, generation.frames),
+                "fps": generation.fps,
+                "fps_end_to_end": frames / (generation.encode_s + generation.stream_s),
+                "ttff_ms": ttff_ms,
+                "encode_s": generation.encode_s,
+                "chunks": generation.chunks,
+                "peak_memory_mb": peak_memory_mb(device),
+            }
+            if evaluator.syncnet is not None:
+                row.update(evaluator.sync(generation.frames, prepared.audio))
+                row.update(evaluator.sync(prepared.video, prepared.audio, prefix="gt_"))
+            features.add(prepared.video, generation.frames, device)
+            tracking.log_metrics({f"clip/{k}": v for k, v in row.items() if k != "key"}, step=len(rows))
+            if len(rows) < config.samples:
+                side_by_side = torch.cat([prepared.video, generation.frames], dim=-1)
+                data = encode_sample(to_uint8(side_by_side).numpy(), prepared.audio.numpy())
+                with open(os.path.join(samples_dir, f"{prepared.key}.mp4"), "wb") as handle:
+                    handle.write(data)
+            rows.append(row)
+            print(f"[eval] {prepared.key}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "key"))
+        if not rows:
+            raise RuntimeError(f"no clip in {config.data!r} could be evaluated: {skipped_clips}")
+        report = {
+            "profile": config.profile,
+            "student": config.student_weights,
+            "student_version": student_version,
+            "syncnet": config.syncnet_weights,
+            "decoder": config.decoder,
+            "device": str(device),
+            "size": config.window.size,
+            "reference": "the first frame of each clip",
+            "random_init": [k for k in ("dit_weights", "vae_weights", "tae_weights", "audio_encoder_weights")
+                            if not getattr(config.model, k)],
+            "memory": "peak CUDA allocation per clip" if device.type == "cuda" else "process peak RSS (CPU), cumulative",
+            "clips": rows,
+            "mean": mean_row(rows),
+            "set_metrics": features.distances(),
+            "skipped_metrics": skipped_metrics,
+            "skipped_clips": skipped_clips,
+            "notes": list(NOTES),
+            "mlflow_run_id": run.info.run_id,
+        }
+        tracking.log_metrics({k: v for k, v in report["mean"].items() if math.isfinite(v)})
+        tracking.log_metrics(report["set_metrics"])
+        local = os.path.join(scratch, "report")
+        with open(os.path.join(local, "report.json"), "w") as handle:
+            json.dump(report, handle, indent=2)
+        with open(os.path.join(local, "report.md"), "w") as handle:
+            handle.write(render_markdown(report))
+        for root, _, files in os.walk(local):
+            for name in files:
+                path = os.path.join(root, name)
+                storage.upload_file(path, storage.join(config.output, os.path.relpath(path, local)))
+        mlflow.log_artifacts(local)
+    print(f"[eval] {len(rows)} clips; report at {storage.join(config.output, 'report.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_job("pipelines.evaluate", EvalConfig, evaluate))
