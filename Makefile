@@ -13,7 +13,7 @@ export DS_ACCELERATOR ?= cpu
 export GLOO_SOCKET_IFNAME ?= lo
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup demo data syncnet distill eval bench ui lint test clean
+.PHONY: help setup demo data syncnet encode distill eval bench ui lint test clean
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ data: $(STAMP) ## shard raw videos into aligned WebDataset shards (ARGS="input=.
 
 syncnet: $(STAMP) ## train the SyncNet used by the data filter, the reward and the metrics
 	$(PY) -m pipelines.syncnet $(ARGS)
+
+encode: $(STAMP) ## cache VAE latents + audio features of the shards for training (Ray Data)
+	$(PY) -m pipelines.encode $(ARGS)
 
 distill: $(STAMP) ## teacher -> student -> DMD on Ray Train + DeepSpeed, tracked in MLflow
 	$(PY) -m pipelines.distill $(ARGS)

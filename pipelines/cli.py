@@ -9,6 +9,7 @@ COMMANDS = {
     "demo": "pipelines.demo",
     "data": "pipelines.data",
     "syncnet": "pipelines.syncnet",
+    "encode": "pipelines.encode",
     "distill": "pipelines.distill",
     "eval": "pipelines.evaluate",
     "bench": "benchmarks",

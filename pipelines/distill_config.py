@@ -57,6 +57,7 @@ class DMDConfig:
 class DistillConfig:
     profile: str = "tiny"
     data: str = "outputs/data"  # the data job's output (its shards/ are read)
+    latents: str = ""  # a `make encode` cache to train from; empty encodes windows on the fly
     output: str = "outputs/distill"  # <output>/<stage>/dit.safetensors, Ray checkpoints, samples
     run_name: str = "distill"  # Ray Train runs are <run_name>-<stage>; a rerun resumes them
     stages: list[str] = field(default_factory=lambda: list(STAGES))

@@ -59,3 +59,35 @@ class LatentEncoder:
             reference_sequence=reference_sequence,
         )
         return EncodedBatch(x0=x0, cond=cond, negative_text=self.negative_text, audio=audio)
+
+
+CACHED_FIELDS = ("x0", "reference", "masked_video", "audio_features", "reference_sequence", "audio")
+
+
+def to_records(encoded: EncodedBatch) -> list[dict[str, Tensor]]:
+    """Per-sample tensors of an encoded batch, for the latent cache (text and mask are shared)."""
+    cond = encoded.cond
+    fields = {
+        "x0": encoded.x0,
+        "reference": cond.reference,
+        "masked_video": cond.masked_video,
+        "audio_features": cond.audio,
+        "reference_sequence": cond.reference_sequence,
+        "audio": encoded.audio,
+    }
+    return [{k: v[i].detach().cpu().clone() for k, v in fields.items() if v is not None} for i in range(len(encoded.x0))]
+
+
+def from_records(records: list[dict[str, Tensor]], text: Tensor, negative_text: Tensor, latent_mask: Tensor) -> EncodedBatch:
+    """Rebuild a training batch from cached records; `latent_mask` is [1, 1, 1, h, w]."""
+    stacked = {k: torch.stack([r[k] for r in records]) for k in CACHED_FIELDS if k in records[0]}
+    batch = len(records)
+    cond = Condition(
+        reference=stacked["reference"],
+        mask=latent_mask.expand(batch, -1, -1, -1, -1),
+        masked_video=stacked["masked_video"],
+        audio=stacked["audio_features"],
+        text=text.expand(batch, -1, -1),
+        reference_sequence=stacked.get("reference_sequence"),
+    )
+    return EncodedBatch(x0=stacked["x0"], cond=cond, negative_text=negative_text, audio=stacked["audio"])

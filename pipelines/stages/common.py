@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 
@@ -9,13 +10,15 @@ import torch
 from safetensors.torch import save_file
 
 from lipforcing import storage
-from lipforcing.data.encode import EncodedBatch, LatentEncoder
+from lipforcing.data.encode import EncodedBatch, LatentEncoder, from_records
 from lipforcing.data.shards import decode_clip, shard_urls, stream_samples, worker_reader
-from lipforcing.data.windows import collate, windows
+from lipforcing.data.windows import collate, lower_face_mask, windows
 from lipforcing.models.lora import apply_lora, export_state_dict
+from lipforcing.models.vae import mask_to_latent
 from pipelines.trainer import Stage
 
 WEIGHTS_FILE = "dit.safetensors"
+TEXT_FILE = "text.pt"  # written by `make encode` beside the latent shards
 
 
 def stage_weights(output: str, stage: str) -> str:
@@ -49,21 +52,56 @@ class WindowStream(torch.utils.data.IterableDataset):
                 pending = []
 
 
+class LatentStream(torch.utils.data.IterableDataset):
+    """Batches of cached latent records (from `make encode`) for one rank."""
+
+    def __init__(self, config, rank: int, world_size: int, batch_size: int):
+        self.config, self.rank, self.world_size, self.batch_size = config, rank, world_size, batch_size
+
+    def __iter__(self):
+        reader = worker_reader(self.rank, self.world_size)
+        pending = []
+        for sample in stream_samples(shard_urls(self.config.latents), reader, self.config.seed):
+            pending.append(torch.load(io.BytesIO(sample["pth"]), weights_only=True))
+            if len(pending) == self.batch_size:
+                yield pending
+                pending = []
+
+
 class DiffusionStage(Stage):
-    """A stage that trains DiTs on encoded windows; subclasses build networks and define the step."""
+    """A stage that trains DiTs on encoded windows; subclasses build networks and define the step.
+
+    With `latents` set it reads the `make encode` cache; otherwise it encodes windows on the fly.
+    """
 
     def __init__(self, context):
         super().__init__(context)
         config = context.config
-        self.encoder = LatentEncoder(config.model, config.window, context.device)
         self.scratch = tempfile.mkdtemp(prefix=f"lipforcing-{self.name}-")
+        if config.latents:
+            texts = torch.load(io.BytesIO(storage.read_bytes(storage.join(config.latents, TEXT_FILE))), weights_only=True)
+            self.text = texts["text"].to(context.device)
+            self.negative_text = texts["negative_text"].to(context.device)
+            self.latent_mask = mask_to_latent(lower_face_mask(config.window.size, config.window.mask_box)).to(context.device)
+        else:
+            self.encoder = LatentEncoder(config.model, config.window, context.device)
 
     def batches(self):
-        dataset = WindowStream(self.context.config, self.context.rank, self.context.world_size, self.context.trainer.batch_size)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.context.config.loader_workers)
+        config, trainer = self.context.config, self.context.trainer
+        stream = LatentStream if config.latents else WindowStream
+        dataset = stream(config, self.context.rank, self.context.world_size, trainer.batch_size)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=config.loader_workers)
         return iter(loader)
 
     def encode(self, batch) -> EncodedBatch:
+        if isinstance(batch, list):  # cached records
+            encoded = from_records(batch, self.text, self.negative_text, self.latent_mask)
+            return EncodedBatch(
+                x0=encoded.x0.to(self.context.device),
+                cond=encoded.cond.to(self.context.device),
+                negative_text=encoded.negative_text,
+                audio=encoded.audio.to(self.context.device),
+            )
         return self.encoder(batch)
 
     def weights(self, stage: str) -> str:
