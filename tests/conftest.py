@@ -113,3 +113,28 @@ def sample_shards(local_ray, tmp_path_factory) -> str:
     output = str(tmp_path_factory.mktemp("data"))
     run_data_job(resolve_config(DataJobConfig, ["profile=tiny", "execution.progress=false", f"input={sample_list}", f"output={output}"]))
     return output
+
+
+@pytest.fixture(scope="session")
+def mlflow_store(tmp_path_factory) -> Iterator[str]:
+    """A SQLite MLflow store for the session's jobs (SyncNet, distill, eval share its registry)."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        yield uri
+
+
+@pytest.fixture(scope="session")
+def trained_syncnet(sample_shards, mlflow_store, tmp_path_factory) -> str:
+    """The SyncNet job on the sample shards (registers syncnet@champion); yields the checkpoint URL."""
+    from lipforcing import storage
+    from pipelines.jobs import resolve_config
+    from pipelines.syncnet import SyncNetJobConfig
+    from pipelines.syncnet import main as train_syncnet
+
+    output = str(tmp_path_factory.mktemp("syncnet"))
+    config = resolve_config(
+        SyncNetJobConfig, [f"data={sample_shards}", f"output={output}", "train.steps=40", "train.checkpoint_every=20"]
+    )
+    assert train_syncnet(config) == 0
+    return storage.join(output, "syncnet.pt")

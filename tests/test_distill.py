@@ -9,8 +9,6 @@ from lipforcing import storage
 from pipelines.distill import distill
 from pipelines.distill_config import DistillConfig
 from pipelines.jobs import resolve_config
-from pipelines.syncnet import SyncNetJobConfig
-from pipelines.syncnet import main as train_syncnet
 
 pytestmark = pytest.mark.integration
 
@@ -19,36 +17,19 @@ def metric_history(run_id: str, key: str) -> list[float]:
     return [m.value for m in sorted(mlflow.tracking.MlflowClient().get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
-@pytest.fixture(scope="module")
-def tracked(tmp_path_factory):
-    store = tmp_path_factory.mktemp("mlflow")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
-        yield store
-
-
-@pytest.fixture(scope="module")
-def syncnet(sample_shards, tracked, tmp_path_factory):
-    """The SyncNet job on the sample shards: registers syncnet@champion for the DMD reward."""
-    output = str(tmp_path_factory.mktemp("syncnet"))
-    config = resolve_config(SyncNetJobConfig, [f"data={sample_shards}", f"output={output}", "train.steps=40", "train.checkpoint_every=20"])
-    assert train_syncnet(config) == 0
-    return output
-
-
-def test_syncnet_job_trains_registers_and_recovers_offsets(syncnet):
+def test_syncnet_job_trains_registers_and_recovers_offsets(trained_syncnet):
     run = mlflow.search_runs(experiment_names=["lipforcing"], filter_string="tags.job = 'syncnet'", output_format="list")[0]
     losses = metric_history(run.info.run_id, "loss")
     assert len(losses) == 40
     assert sum(losses[-5:]) < sum(losses[:5])
     assert run.data.metrics["offset_recovery_rate"] >= 0.6
-    assert storage.exists(storage.join(syncnet, "syncnet.pt"))
+    assert storage.exists(trained_syncnet)
     version = mlflow.tracking.MlflowClient().get_model_version_by_alias("syncnet", "champion")
     assert version.run_id == run.info.run_id
 
 
 @pytest.fixture(scope="module")
-def distilled(sample_shards, syncnet, tmp_path_factory):
+def distilled(sample_shards, trained_syncnet, tmp_path_factory):
     output = str(tmp_path_factory.mktemp("distill"))
     config = resolve_config(
         DistillConfig,

@@ -1,0 +1,130 @@
+"""The data job's typed configuration (`python -m pipelines.data key=value ...`).
+
+Sections follow the video2dataset split: what to read (`input`), what each ingest stage does
+(`ingest`, `faces`, `align`, `iqa`), how samples are stored (`write`) and how the work is
+distributed (`execution`). Keys listed in `HASH_EXCLUDE` do not change the produced data, so two
+runs that differ only there share a config hash.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipelines.ray_cluster import ClusterConfig
+
+DEFAULT_SAMPLE = "outputs/sample"
+DEFAULT_INPUT = f"{DEFAULT_SAMPLE}/list.csv"
+
+# Keys that say where data goes and how fast it is made, not what it is.
+HASH_EXCLUDE = ("output", "profile", "execution", "cluster", "score.syncnet_output")
+
+
+@dataclass
+class IngestConfig:
+    fps: float = 25.0
+    sample_rate: int = 16000
+    min_segment_s: float = 5.0
+    max_segment_s: float = 10.0
+    # PySceneDetect ContentDetector threshold (HSV content change, 0-255 scale); lower cuts more.
+    shot_threshold: float = 27.0
+    # Shot detection runs on frames downscaled to this width (it only needs coarse content).
+    shot_width: int = 96
+
+
+@dataclass
+class FacesConfig:
+    backend: str = field(default="dlib", metadata={"choices": ("dlib", "insightface")})
+    # InsightFace model-pack folder (e.g. .../buffalo_l), local or s3://; required for insightface.
+    model_pack: str = ""
+    # Detection runs on a copy whose longer side is at most this many pixels.
+    detect_size: int = 512
+    # Run the detector every `stride` frames; frames in between are tracked.
+    stride: int = 5
+    # Landmark smoothing: Gaussian sigma in frames (0 disables).
+    smooth_sigma: float = 1.5
+    # Fraction of detection frames allowed to miss the face (the gaps are interpolated).
+    max_missing: float = 0.1
+    # A second face whose box area is at least this fraction of the main face's is "comparable".
+    second_face_ratio: float = 0.5
+    # Fraction of detection frames allowed to show a comparable second face.
+    max_multi_face: float = 0.1
+    # Faces scoring below this are ignored (dlib HOG margin; insightface probability).
+    min_score: float = 0.0
+
+
+@dataclass
+class AlignConfig:
+    size: int = 512
+    # "loose": the ArcFace 5-point layout shrunk so forehead and chin fit; "arcface": the tight one.
+    template: str = field(default="loose", metadata={"choices": ("loose", "arcface")})
+
+
+@dataclass
+class IqaConfig:
+    backend: str = field(default="sharpness", metadata={"choices": ("sharpness", "hyperiqa")})
+    # HyperIQA KonIQ checkpoint (koniq_pretrained.pkl), local or s3://; required for hyperiqa.
+    weights: str = ""
+    threshold: float = 40.0
+
+
+@dataclass
+class WriteConfig:
+    shard_name: str = "lipforcing"
+    crf: int = 20
+    preset: str = "veryfast"
+    # A shard closes when either limit is reached; 0 disables that limit.
+    shard_max_samples: int = 64
+    shard_max_bytes: int = 1 << 30
+    # Consecutive inputs (sorted) processed by one task: the unit of resume.
+    inputs_per_task: int = 4
+
+
+@dataclass
+class ScoreConfig:
+    """The SyncNet pass over the aligned shards (see data_jobs/score.py)."""
+
+    enabled: bool = True
+    # SyncNet weights: models:/name@alias (MLflow registry), a path or URL (syncnet_v2.model or ours)
+    syncnet: str = "models:/syncnet@champion"
+    # No weights found: train our SyncNet on the aligned shards first (the embedded default), or fail.
+    train_if_missing: bool = False
+    syncnet_output: str = "outputs/syncnet"
+    syncnet_steps: int = 60
+    # Drop below this Sync-C. 3.0 is the syncnet_v2 scale; our SyncNet compares unit vectors, so its
+    # confidences are smaller and the tiny profile sets its own threshold.
+    min_confidence: float = 3.0
+    max_offset: int = 6  # frames; larger measured offsets are dropped, smaller ones corrected
+
+
+@dataclass
+class ExecutionConfig:
+    # Tasks in flight at once (0: one per CPU of the Ray cluster).
+    concurrency: int = 0
+    num_cpus_per_task: float = 1.0
+    # Local Ray size when the job starts one (0: every CPU of the machine).
+    local_num_cpus: int = 0
+    progress: bool = True
+
+
+@dataclass
+class DataJobConfig:
+    profile: str = "tiny"
+    input: str = DEFAULT_INPUT
+    output: str = "outputs/data"
+    seed: int = 0
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    faces: FacesConfig = field(default_factory=FacesConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    iqa: IqaConfig = field(default_factory=IqaConfig)
+    write: WriteConfig = field(default_factory=WriteConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    @classmethod
+    def for_profile(cls, profile: str) -> DataJobConfig:
+        """The tiny profile makes 256-px crops so the CPU demo trains on small frames."""
+        config = cls(profile=profile)
+        if profile == "tiny":
+            config.align.size = 256
+        return config

@@ -1,0 +1,326 @@
+"""The data job: raw videos -> aligned WebDataset shards, distributed over Ray, resumable.
+
+Work plan: inputs sorted by URL are cut into tasks of `write.inputs_per_task` consecutive files;
+task i writes `shards/<name>-<i:06d>-<part:02d>.tar` and then, last, `stats/<name>-<i:06d>.json`,
+its commit marker (video2dataset's incremental mode). Sample keys come from the source path and the
+segment's first frame. So a rerun (after a crash, a kill or on purpose) runs exactly the tasks
+without a matching commit marker, rewrites the same shard names with the same keys, and rebuilds
+the Parquet tables from the markers: no duplicates, no partial shards left visible.
+
+Stage order (a list, so the SyncNet `score` stage slots in after `iqa`):
+  per input:    probe -> resample -> shots
+  per segment:  faces -> align -> iqa -> [score] -> encode -> shard writer
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from data_jobs.align import Align
+from data_jobs.config import HASH_EXCLUDE, DataJobConfig
+from data_jobs.faces import Faces
+from data_jobs.inputs import InputItem, list_inputs
+from data_jobs.iqa import Iqa
+from data_jobs.manifest import MANIFEST_SCHEMA, REJECTS_SCHEMA, manifest_row, reject_row, write_table
+from data_jobs.media import local_path
+from data_jobs.pipeline import Sample, Stage, run_stages
+from data_jobs.probe import Probe
+from data_jobs.resample import Resample
+from data_jobs.shots import Shots
+from data_jobs.writer import Encode, ShardWriter
+from lipforcing import storage
+from lipforcing.config import ConfigError, config_hash, to_yaml
+
+
+def data_config_hash(config: DataJobConfig) -> str:
+    """Hash of what shapes the data (not where it goes or how many workers make it)."""
+    return config_hash(config, exclude=HASH_EXCLUDE)
+
+
+def input_stages(config: DataJobConfig) -> list[Stage]:
+    return [Probe(), Resample(config.ingest), Shots(config.ingest)]
+
+
+def segment_stages(config: DataJobConfig, digest: str) -> list[Stage]:
+    return [Faces(config.faces), Align(config.align), Iqa(config.iqa), Encode(config.write, digest)]
+
+
+@dataclass
+class Layout:
+    """Where everything of one output lives."""
+
+    root: str
+
+    @property
+    def shards(self) -> str:
+        return storage.join(self.root, "shards")
+
+    @property
+    def stats(self) -> str:
+        return storage.join(self.root, "stats")
+
+    def stats_url(self, task: str) -> str:
+        return storage.join(self.stats, f"{task}.json")
+
+    def file(self, name: str) -> str:
+        return storage.join(self.root, name)
+
+
+def task_name(config: DataJobConfig, index: int) -> str:
+    return f"{config.write.shard_name}-{index:06d}"
+
+
+def plan_tasks(config: DataJobConfig, items: list[InputItem]) -> list[list[InputItem]]:
+    size = max(1, config.write.inputs_per_task)
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def process_task(index: int, items: list[InputItem], config: DataJobConfig, digest: str) -> dict[str, Any]:
+    """Ingest a few inputs into this task's shards, then write its stats (the commit marker)."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    started = time.perf_counter()
+    layout = Layout(config.output)
+    name = task_name(config, index)
+    writer = ShardWriter(layout.shards, name, config.write)
+    per_input, per_segment = input_stages(config), segment_stages(config, digest)
+    timings: dict[str, float] = {}
+    samples, rejects, seconds_in = [], [], 0.0
+    for item in items:
+        sample = Sample(
+            source=item.video, dataset=item.dataset, key_stem=item.key_stem, audio_source=item.audio
+        )
+        with _local_inputs(sample, timings) as sample:
+            if not sample.failed:
+                sample = run_stages(sample, per_input, timings)
+            seconds_in += sample.info.duration_s if sample.info else 0.0
+            rejects += [reject_row(sample, r) for r in sample.rejects]
+            if sample.failed:
+                continue
+            for start, end in sample.segments:
+                segment = run_stages(sample.segment(start, end), per_segment, timings)
+                rejects += [reject_row(segment, r) for r in segment.rejects]
+                if not segment.failed:
+                    shard = writer.add(segment.key, segment.outputs)
+                    samples.append(manifest_row(segment.metadata, shard))
+    shards = writer.close()
+    timings["upload"] = writer.upload_s
+    stats = {
+        "task": name,
+        "config_hash": digest,
+        "inputs": [item.video for item in items],
+        "shards": [{"name": s.name, "samples": s.samples, "bytes": s.bytes, "keys": s.keys} for s in shards],
+        "samples": samples,
+        "rejects": rejects,
+        "clip_seconds_in": seconds_in,
+        "clip_seconds_out": sum(row["num_frames"] / row["fps"] for row in samples),
+        "timings_s": timings,
+        "wall_s": time.perf_counter() - started,
+    }
+    storage.write_text(layout.stats_url(name), json.dumps(stats, indent=1))
+    return stats
+
+
+@contextlib.contextmanager
+def _local_inputs(sample: Sample, timings: dict[str, float]):
+    """Local copies of the video and its paired audio for the decoders (download counts as probe)."""
+    started = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        try:
+            sample.video_path = stack.enter_context(local_path(sample.source))
+            if sample.audio_source:
+                sample.audio_path = stack.enter_context(local_path(sample.audio_source))
+        except Exception as err:  # missing object, permission, network: this input only
+            sample.fail("probe", "unreadable", f"download failed: {type(err).__name__}: {err}"[:300], True)
+        timings["probe"] = timings.get("probe", 0.0) + time.perf_counter() - started
+        yield sample
+
+
+@dataclass
+class JobSummary:
+    inputs: int = 0
+    inputs_rejected: int = 0
+    segments: int = 0
+    written: int = 0
+    segments_rejected: int = 0
+    shots_dropped: int = 0
+    shards: int = 0
+    clip_seconds_in: float = 0.0
+    clip_seconds_out: float = 0.0
+    wall_s: float = 0.0
+    tasks_run: int = 0
+    tasks_skipped: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def table(self) -> str:
+        lines = ["| count | value |", "|---|---:|"]
+        for name in ("inputs", "inputs_rejected", "segments", "written", "segments_rejected", "shots_dropped",
+                     "shards", "tasks_run", "tasks_skipped"):  # fmt: skip
+            lines.append(f"| {name} | {getattr(self, name)} |")
+        lines.append(f"| clip seconds in / out | {self.clip_seconds_in:.1f} / {self.clip_seconds_out:.1f} |")
+        lines.append(f"| wall seconds | {self.wall_s:.1f} |")
+        lines += ["", "| stage/reason | rejected |", "|---|---:|"]
+        lines += [f"| {reason} | {count} |" for reason, count in sorted(self.reasons.items())]
+        lines += ["", "| stage | worker seconds |", "|---|---:|"]
+        lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in self.timings_s.items()]
+        return "\n".join(lines)
+
+
+def summarize(stats: list[dict[str, Any]], wall_s: float, tasks_run: int) -> JobSummary:
+    summary = JobSummary(wall_s=wall_s, tasks_run=tasks_run, tasks_skipped=len(stats) - tasks_run)
+    reasons: Counter[str] = Counter()
+    timings: Counter[str] = Counter()
+    for task in stats:
+        summary.inputs += len(task["inputs"])
+        summary.written += len(task["samples"])
+        summary.shards += len(task["shards"])
+        summary.clip_seconds_in += task["clip_seconds_in"]
+        summary.clip_seconds_out += task["clip_seconds_out"]
+        timings.update(task["timings_s"])
+        for row in task["rejects"]:
+            reasons[f"{row['stage']}/{row['reason']}"] += 1
+            if row["start_s"] is None:
+                summary.inputs_rejected += 1
+            elif row["stage"] == "shots":
+                summary.shots_dropped += 1
+            else:
+                summary.segments_rejected += 1
+    summary.segments = summary.written + summary.segments_rejected
+    summary.reasons = dict(reasons)
+    order = [s.name for s in input_stages(DataJobConfig())] + ["faces", "align", "iqa", "encode", "upload", "score"]
+    summary.timings_s = {stage: timings[stage] for stage in order if stage in timings}
+    return summary
+
+
+def run_data_job(config: DataJobConfig) -> JobSummary:
+    """Plan, run the uncommitted tasks on Ray, rebuild the tables, report. Returns the summary."""
+    import ray
+
+    from pipelines.ray_cluster import init_ray
+
+    started = time.perf_counter()
+    digest = data_config_hash(config)
+    layout = Layout(config.output)
+    _prepare_input(config)
+    _check_iqa_weights(config)
+    tasks = plan_tasks(config, list_inputs(config.input))
+    committed = _committed(layout, config, tasks, digest)
+    storage.makedirs(layout.shards)
+    storage.makedirs(layout.stats)
+    storage.write_text(layout.file("config.yaml"), to_yaml(config))
+    pending = [i for i in range(len(tasks)) if i not in committed]
+    print(f"data job {digest}: {len(tasks)} tasks, {len(committed)} already committed, {len(pending)} to run")
+    if pending:
+        init_ray(num_cpus=config.execution.local_num_cpus or None)
+        _run_on_ray(ray, config, tasks, pending, digest)
+    stats = [
+        committed.get(i) or json.loads(storage.read_text(layout.stats_url(task_name(config, i))))
+        for i in range(len(tasks))
+    ]
+    _remove_stale(layout, config, stats, len(tasks))
+    return finalize(layout, stats, time.perf_counter() - started, len(pending))
+
+
+def finalize(layout: Layout, stats: list[dict[str, Any]], wall_s: float, tasks_run: int) -> JobSummary:
+    """Rebuild the Parquet tables and the summary from the committed per-task stats."""
+    write_table(
+        [r for s in stats for r in s["samples"]], MANIFEST_SCHEMA, layout.file("manifest.parquet"), ["key"]
+    )
+    write_table([r for s in stats for r in s["rejects"]], REJECTS_SCHEMA, layout.file("rejects.parquet"),
+                ["source", "stage", "start_s"])  # fmt: skip
+    summary = summarize(stats, wall_s, tasks_run)
+    storage.write_text(layout.file("summary.json"), json.dumps(summary.__dict__, indent=1))
+    print(summary.table())
+    return summary
+
+
+def _prepare_input(config: DataJobConfig) -> None:
+    """The default input is the embedded sample: generate it on first use."""
+    from data_jobs.config import DEFAULT_INPUT, DEFAULT_SAMPLE
+
+    if config.input == DEFAULT_INPUT and not storage.exists(DEFAULT_INPUT):
+        from data_jobs.sample import generate_sample
+
+        print(f"generating the embedded sample under {DEFAULT_SAMPLE}")
+        generate_sample(DEFAULT_SAMPLE, seed=config.seed)
+
+
+def _check_iqa_weights(config: DataJobConfig) -> None:
+    """Weights named by the config must exist before any task starts."""
+    from data_jobs.weights import check_exists
+
+    if config.iqa.backend == "hyperiqa":
+        check_exists(config.iqa.weights, "iqa.weights")
+    if config.faces.backend == "insightface":
+        check_exists(config.faces.model_pack, "faces.model_pack")
+
+
+def _committed(
+    layout: Layout, config: DataJobConfig, tasks: list[list[InputItem]], digest: str
+) -> dict[int, dict]:
+    """Tasks whose commit marker exists for the same inputs; refuses markers of another config."""
+    done = {}
+    for index, items in enumerate(tasks):
+        url = layout.stats_url(task_name(config, index))
+        if not storage.exists(url):
+            continue
+        stats = json.loads(storage.read_text(url))
+        if stats["config_hash"] != digest:
+            raise ConfigError(
+                f"{config.output} holds shards made with config hash {stats['config_hash']}, this config is "
+                f"{digest}: write to a new output (or delete that one) instead of mixing preprocessing"
+            )
+        if stats["inputs"] == [item.video for item in items]:
+            done[index] = stats
+    return done
+
+
+def _run_on_ray(
+    ray, config: DataJobConfig, tasks: list[list[InputItem]], pending: list[int], digest: str
+) -> None:
+    from tqdm import tqdm
+
+    remote = ray.remote(process_task).options(num_cpus=config.execution.num_cpus_per_task)
+    concurrency = config.execution.concurrency or max(
+        1, int(ray.cluster_resources().get("CPU", 1) / config.execution.num_cpus_per_task)
+    )
+    config_ref = ray.put(config)
+    queue, running = list(pending), []
+    with tqdm(
+        total=len(pending), desc="data tasks", unit="task", disable=not config.execution.progress
+    ) as bar:
+        while queue or running:
+            while queue and len(running) < concurrency:
+                index = queue.pop(0)
+                running.append(remote.remote(index, tasks[index], config_ref, digest))
+            finished, running = ray.wait(running, num_returns=1)
+            stats = ray.get(finished[0])
+            bar.set_postfix(samples=len(stats["samples"]), rejects=len(stats["rejects"]))
+            bar.update(1)
+
+
+def _remove_stale(layout: Layout, config: DataJobConfig, stats: list[dict], task_count: int) -> None:
+    """Drop shards no commit marker lists (from killed or re-planned tasks) and markers of tasks
+    that no longer exist, plus temporary files a killed writer left behind."""
+    listed = {shard["name"] for task in stats for shard in task["shards"]}
+    for url in storage.glob(storage.join(layout.shards, "*.tar")):
+        if os.path.basename(url)[: -len(".tar")] not in listed:
+            storage.remove(url)
+    names = {task_name(config, i) for i in range(task_count)}
+    for url in storage.glob(storage.join(layout.stats, "*.json")):
+        if os.path.basename(url)[: -len(".json")] not in names:
+            storage.remove(url)
+    if storage.is_local(layout.root):
+        for folder in (layout.shards, layout.stats, layout.root):
+            path = storage.filesystem(folder)[1]
+            for leftover in os.listdir(path) if os.path.isdir(path) else []:
+                if leftover.startswith(".") and ".tmp-" in leftover:
+                    os.remove(os.path.join(path, leftover))

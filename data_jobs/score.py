@@ -1,0 +1,201 @@
+"""The `score` pass: SyncNet confidence and AV offset on the aligned crops, then the sync filter.
+
+It reads the ingest pass's committed shards and writes the final ones, task by task: a sample whose
+confidence is below `min_confidence` or whose |offset| exceeds `max_offset` frames becomes a
+reject; every other sample has its audio shifted by the measured offset, so the written sample is
+in sync, and carries `sync_conf` / `av_offset` in its JSON and the manifest. The offset is measured
+on the same aligned crops the model trains on (measuring before the alignment gives another
+offset). Video and affine members are copied unchanged, not re-encoded.
+
+Like ingest, each task writes its stats file last (the commit marker), so a rerun skips scored
+tasks and a killed pass resumes without duplicates.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import soundfile
+import torch
+
+from data_jobs.config import DataJobConfig
+from data_jobs.manifest import manifest_row
+from data_jobs.writer import ShardWriter
+from lipforcing import storage
+from lipforcing.config import ConfigError, to_yaml
+from lipforcing.data.shards import decode_mp4, decode_wav
+from lipforcing.models.syncnet import SyncModel, SyncNetConfig, load_syncnet, score_clip
+
+FPS = 25
+
+
+@dataclass
+class SyncVerdict:
+    confidence: float
+    offset: int
+    reason: str | None  # None: keep
+
+
+class SyncFilter:
+    """Scores one sample and decides: keep (with the offset to correct) or a reject reason."""
+
+    name = "score"
+
+    def __init__(self, model: SyncModel, min_confidence: float, max_offset: int, vshift: int = 15):
+        self.model, self.min_confidence, self.max_offset, self.vshift = model, min_confidence, max_offset, vshift
+
+    def __call__(self, frames: np.ndarray, audio: np.ndarray) -> SyncVerdict:
+        try:
+            result = score_clip(self.model, torch.from_numpy(frames), audio, vshift=self.vshift)
+        except ValueError as err:  # shorter than one SyncNet window
+            return SyncVerdict(0.0, 0, f"unscorable: {err}")
+        if abs(result.offset) > self.max_offset:
+            return SyncVerdict(result.confidence, result.offset, "av_offset_too_large")
+        if result.confidence < self.min_confidence:
+            return SyncVerdict(result.confidence, result.offset, "low_sync_confidence")
+        return SyncVerdict(result.confidence, result.offset, None)
+
+
+def shift_audio(audio: np.ndarray, offset: int, sample_rate: int) -> np.ndarray:
+    """Undo a measured AV offset: a negative offset (audio lags the video) moves the audio earlier."""
+    samples = abs(offset) * sample_rate // FPS
+    if offset == 0 or samples == 0:
+        return audio
+    silence = np.zeros(samples, dtype=audio.dtype)
+    if offset < 0:
+        return np.concatenate([audio[samples:], silence])
+    return np.concatenate([silence, audio[:-samples]])
+
+
+def score_task(source_stats_url: str, config: DataJobConfig, weights: str) -> dict[str, Any]:
+    """Score every sample of one ingest task; write its final shards, then its stats (commit marker)."""
+    started = time.perf_counter()
+    source = json.loads(storage.read_text(source_stats_url))
+    task = source["task"]
+    sync = SyncFilter(load_syncnet(SyncNetConfig(weights=weights), key="score.syncnet"),
+                      config.score.min_confidence, config.score.max_offset)  # fmt: skip
+    shards_url = storage.join(config.output, "shards")
+    writer = ShardWriter(shards_url, task, config.write)
+    rows = {row["key"]: row for row in source["samples"]}
+    samples, rejects = [], list(source["rejects"])
+    shard_root = os.path.dirname(os.path.dirname(source_stats_url))
+    for shard in source["shards"]:
+        for key, members in _read_shard(storage.join(shard_root, "shards", f"{shard['name']}.tar")).items():
+            metadata = json.loads(members["json"])
+            audio, rate = decode_wav(members["wav"])
+            verdict = sync(decode_mp4(members["mp4"]), audio)
+            if verdict.reason is not None:
+                rejects.append({
+                    "source": metadata["source"], "dataset": metadata["dataset"], "stage": "score",
+                    "reason": verdict.reason.split(":")[0],
+                    "detail": f"sync_conf={verdict.confidence:.3f} av_offset={verdict.offset} ({verdict.reason})",
+                    "start_s": metadata["start_s"], "end_s": metadata["end_s"],
+                })  # fmt: skip
+                continue
+            metadata.update(sync_conf=round(verdict.confidence, 4), av_offset=verdict.offset,
+                            audio_shift_s=-verdict.offset / FPS)  # fmt: skip
+            members["wav"] = _wav_bytes(shift_audio(audio, verdict.offset, rate), rate)
+            members["json"] = json.dumps(metadata).encode()
+            written_to = writer.add(key, members)
+            samples.append({**rows.get(key, {}), **manifest_row(metadata, written_to)})
+    shards = writer.close()
+    stats = {
+        **source,
+        "shards": [{"name": s.name, "samples": s.samples, "bytes": s.bytes, "keys": s.keys} for s in shards],
+        "samples": samples,
+        "rejects": rejects,
+        "clip_seconds_out": sum(row["num_frames"] / row["fps"] for row in samples),
+        "timings_s": {**source["timings_s"], "score": time.perf_counter() - started},
+        "scored_with": weights,
+    }
+    storage.write_text(storage.join(config.output, "stats", f"{task}.json"), json.dumps(stats, indent=1))
+    return stats
+
+
+def _read_shard(url: str) -> dict[str, dict[str, bytes]]:
+    """A shard's samples in order: key -> {extension: bytes}."""
+    import tarfile
+
+    samples: dict[str, dict[str, bytes]] = {}
+    fs, path = storage.filesystem(url)
+    with fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, extension = member.name.partition(".")
+            samples.setdefault(key, {})[extension] = tar.extractfile(member).read()
+    return samples
+
+
+def _wav_bytes(audio: np.ndarray, rate: int) -> bytes:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, audio, rate, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def resolve_weights(config: DataJobConfig, aligned: str) -> str:
+    """The SyncNet file to score with: the configured one, or one trained now on the aligned shards."""
+    from pipelines import tracking
+
+    reference = config.score.syncnet
+    if reference.startswith("models:/"):
+        tracking.setup_tracking()
+        try:
+            return tracking.fetch_registered(reference, tempfile.mkdtemp(prefix="lipforcing-syncnet-"))
+        except Exception as err:  # not registered (yet): train one below, or say what to set
+            missing = f"{reference} is not in the MLflow registry ({type(err).__name__})"
+    elif reference and storage.exists(reference):
+        return reference
+    else:
+        missing = f"no SyncNet weights at {reference!r}"
+    if not config.score.train_if_missing:
+        raise ConfigError(
+            f"{missing}: set config key 'score.syncnet' to syncnet_v2.model or a trained SyncNet, "
+            "set score.train_if_missing=true to train one on these shards, or score.enabled=false"
+        )
+    from pipelines.jobs import resolve_config
+    from pipelines.syncnet import SyncNetJobConfig
+    from pipelines.syncnet import main as train_syncnet
+
+    print(f"score: {missing}; training a SyncNet on {aligned} first")
+    syncnet_config = resolve_config(SyncNetJobConfig, [
+        f"profile={config.profile}", f"data={aligned}", f"output={config.score.syncnet_output}",
+        f"train.steps={config.score.syncnet_steps}", f"seed={config.seed}",
+    ])  # fmt: skip
+    train_syncnet(syncnet_config)
+    return storage.join(config.score.syncnet_output, "syncnet.pt")
+
+
+def run_scored_job(config: DataJobConfig):
+    """The whole data job: ingest into <output>/aligned, then score into <output> (final shards)."""
+    import dataclasses
+
+    import ray
+
+    from data_jobs.job import Layout, finalize, run_data_job
+    from pipelines.ray_cluster import init_ray
+
+    if not config.score.enabled:
+        return run_data_job(config)
+    started = time.perf_counter()
+    aligned = storage.join(config.output, "aligned")
+    run_data_job(dataclasses.replace(config, output=aligned))
+    weights = resolve_weights(config, aligned)
+    layout = Layout(config.output)
+    sources = storage.glob(storage.join(aligned, "stats", "*.json"))
+    pending = [u for u in sources if not storage.exists(layout.stats_url(os.path.basename(u)[: -len(".json")]))]
+    print(f"score: {len(sources)} tasks, {len(sources) - len(pending)} already scored, {len(pending)} to score")
+    if pending:
+        init_ray(num_cpus=config.execution.local_num_cpus or None)
+        remote = ray.remote(score_task).options(num_cpus=config.execution.num_cpus_per_task)
+        ray.get([remote.remote(url, config, weights) for url in pending])
+    stats = [json.loads(storage.read_text(layout.stats_url(os.path.basename(u)[: -len(".json")]))) for u in sources]
+    storage.write_text(layout.file("config.yaml"), to_yaml(config))
+    return finalize(layout, stats, time.perf_counter() - started, len(pending))

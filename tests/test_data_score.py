@@ -1,0 +1,74 @@
+"""The data job's SyncNet score pass: offset recovery on the planted clip, correction or drop."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from data_jobs.config import DataJobConfig
+from data_jobs.score import score_task, shift_audio
+from lipforcing import storage
+from lipforcing.data.shards import Reader, decode_clip, epoch_samples, shard_urls
+from lipforcing.models.syncnet import SyncNetConfig, load_syncnet, score_clip
+from pipelines.jobs import resolve_config
+
+PLANTED = "vox_offset_0p4s"  # the sample clip whose audio lags its video by 0.4 s = 10 frames
+
+
+def test_shift_audio_moves_lagging_audio_earlier():
+    audio = np.arange(1, 2001, dtype=np.float32)  # 2000 samples = 3.125 frames at 640 samples/frame
+    earlier = shift_audio(audio, -2, 16000)
+    assert np.array_equal(earlier[:-1280], audio[1280:]) and not earlier[-1280:].any()
+    later = shift_audio(audio, 1, 16000)
+    assert not later[:640].any() and np.array_equal(later[640:], audio[:-640])
+    assert shift_audio(audio, 0, 16000) is audio
+
+
+def score_all(sample_shards: str, weights: str, output: str, *overrides: str) -> list[dict]:
+    config = resolve_config(DataJobConfig, ["profile=tiny", f"output={output}", *overrides])
+    return [score_task(url, config, weights) for url in storage.glob(storage.join(sample_shards, "stats", "*.json"))]
+
+
+@pytest.mark.integration
+def test_trained_syncnet_recovers_the_planted_offset(sample_shards, trained_syncnet):
+    model = load_syncnet(SyncNetConfig(weights=trained_syncnet))
+    found = {}
+    for sample in epoch_samples(shard_urls(sample_shards), Reader(), 0, 0):
+        clip = decode_clip(sample)
+        name = clip.metadata["source"].rsplit("/", 1)[-1]
+        found.setdefault(name, score_clip(model, torch.from_numpy(clip.frames), clip.audio).offset)
+    assert abs(found[f"{PLANTED}.mp4"] - (-10)) <= 1  # audio lags by 10 frames
+    in_sync = [offset for name, offset in found.items() if not name.startswith(PLANTED)]
+    assert sum(abs(offset) <= 1 for offset in in_sync) >= len(in_sync) - 1
+
+
+@pytest.mark.integration
+def test_score_pass_drops_a_large_offset_by_default(sample_shards, trained_syncnet, tmp_path):
+    stats = score_all(sample_shards, trained_syncnet, str(tmp_path))
+    rejects = [r for s in stats for r in s["rejects"] if r["stage"] == "score"]
+    planted = [r for r in rejects if PLANTED in r["source"]]
+    assert planted and planted[0]["reason"] == "av_offset_too_large"
+    kept = [row for s in stats for row in s["samples"]]
+    assert kept and all(row["sync_conf"] is not None and abs(row["av_offset"]) <= 6 for row in kept)
+    assert all(PLANTED not in row["source"] for row in kept)
+    assert storage.glob(storage.join(str(tmp_path), "stats", "*.json"))  # commit markers written last
+
+
+@pytest.mark.integration
+def test_score_pass_corrects_the_offset_when_allowed(sample_shards, trained_syncnet, tmp_path):
+    stats = score_all(sample_shards, trained_syncnet, str(tmp_path), "score.max_offset=12")
+    rows = [row for s in stats for row in s["samples"] if PLANTED in row["source"]]
+    assert rows and abs(rows[0]["av_offset"] + 10) <= 1
+    model = load_syncnet(SyncNetConfig(weights=trained_syncnet))
+    for sample in epoch_samples(shard_urls(str(tmp_path)), Reader(), 0, 0):
+        metadata = json.loads(sample["json"])
+        if PLANTED in metadata["source"]:
+            clip = decode_clip(sample)
+            assert metadata["av_offset"] == rows[0]["av_offset"]
+            assert abs(score_clip(model, torch.from_numpy(clip.frames), clip.audio).offset) <= 1  # now in sync
+            break
+    else:
+        pytest.fail("the corrected planted clip is missing from the scored shards")
