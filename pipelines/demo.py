@@ -30,8 +30,7 @@ def steps() -> list[tuple[str, type, Callable[[Any], int]]]:
     from pipelines.data import main as data
     from pipelines.distill import distill
     from pipelines.distill_config import DistillConfig
-    from pipelines.evaluate import EvalConfig
-    from pipelines.evaluate import main as evaluate
+    from pipelines.evaluate import EvalConfig, evaluate
 
     return [("data", DataJobConfig, data), ("distill", DistillConfig, distill), ("eval", EvalConfig, evaluate)]
 

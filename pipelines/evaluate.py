@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import resource
 import sys
@@ -42,7 +41,7 @@ from lipforcing import storage
 from lipforcing.config import ConfigError, to_yaml
 from lipforcing.data.encode import LatentEncoder
 from lipforcing.data.shards import Clip, Reader, decode_clip, epoch_samples, shard_urls
-from lipforcing.data.windows import FPS, WindowConfig, _frames, lower_face_mask
+from lipforcing.data.windows import FPS, WindowConfig, lower_face_mask, resize_frames
 from lipforcing.inference.streaming import StreamChunk, stream_generate
 from lipforcing.metrics.fid import (
     FeatureExtractor,
@@ -67,12 +66,14 @@ FEATURE_BATCH = 32  # frames per call of the FID feature network
 @dataclass
 class EvalConfig:
     profile: str = "tiny"
-    # `student` and `syncnet` would collide with the profile's distill sections, hence `_weights`.
-    student_weights: str = "models:/lipforcing-student@candidate"  # registered model, or dit.safetensors path/URL
-    syncnet_weights: str = "models:/syncnet@champion"  # registered model or path/URL; "" skips Sync-C / Sync-D
+    # Registered models (models:/name@alias) or paths/URLs. Not `student` / `syncnet`: those names
+    # are sections of the shared profile YAML. An empty syncnet_weights skips Sync-C / Sync-D.
+    student_weights: str = "models:/lipforcing-student@candidate"  # the distill job's dit.safetensors
+    syncnet_weights: str = "models:/syncnet@champion"
     data: str = "outputs/data"  # held-out shards (the data job's output or a folder of *.tar)
     output: str = "outputs/eval"  # report.json, report.md, samples/, config.yaml
     clips: int = 8  # at most this many clips, in the seed's shard order
+    max_frames: int = 0  # evaluate at most this many frames of each clip (0: the whole clip)
     decoder: str = field(default="tae", metadata={"choices": ("tae", "vae")})  # streaming decoder
     samples: int = 2  # side-by-side sample videos written and logged
     fid_weights: str = ""  # TorchScript Inception-v3 (inception-2015-12-05.pt); "" skips FID
@@ -111,8 +112,15 @@ def validate(config: EvalConfig) -> None:
         raise ConfigError(f"config key 'clips' is {config.clips}; allowed values: an integer >= 1")
     if config.samples < 0:
         raise ConfigError(f"config key 'samples' is {config.samples}; allowed values: an integer >= 0")
+    if config.model.use_reference_sequence:
+        raise ConfigError(
+            "config key 'model.use_reference_sequence' is true; allowed values: false "
+            "(eval has no rule yet for which reference clip a 65-channel student gets)"
+        )
     if config.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("config key 'device' is 'cuda' but no CUDA device is visible; allowed values: 'auto', 'cpu'")
+        raise ConfigError(
+            "config key 'device' is 'cuda' but no CUDA device is visible; allowed values: 'auto', 'cpu'"
+        )
 
 
 def eval_length(clip: Clip) -> int:
@@ -121,16 +129,18 @@ def eval_length(clip: Clip) -> int:
     return (total - 1) // 4 * 4 + 1 if total > 0 else 0
 
 
-def prepare_clip(clip: Clip, size: int, min_frames: int) -> EvalClip | str:
-    """The evaluated cut of a clip, or the reason it is skipped."""
+def prepare_clip(clip: Clip, size: int, min_frames: int, max_frames: int = 0) -> EvalClip | str:
+    """The evaluated cut of a clip (at most `max_frames` when > 0), or the reason it is skipped."""
     if clip.sample_rate != SAMPLE_RATE:
         return f"audio at {clip.sample_rate} Hz; the data job writes {SAMPLE_RATE} Hz"
     frames = eval_length(clip)
+    if max_frames > 0 and frames > max_frames:
+        frames = (max_frames - 1) // 4 * 4 + 1
     if frames < min_frames:
         return f"{frames} usable frames; the first chunk alone needs {min_frames}"
     per_frame = clip.sample_rate // FPS
     audio = torch.from_numpy(np.ascontiguousarray(clip.audio[: frames * per_frame], dtype=np.float32))
-    return EvalClip(clip.key, _frames(clip.frames[:frames], size), audio)
+    return EvalClip(clip.key, resize_frames(clip.frames[:frames], size), audio)
 
 
 def to_uint8(frames: Tensor) -> Tensor:
@@ -162,7 +172,11 @@ class Evaluator:
 
     def _batch(self, clip: EvalClip, frames: int) -> dict[str, Tensor]:
         video = clip.video[None, :frames]
-        return {"video": video, "reference": video[:, :1], "audio": clip.audio[None, : frames * (SAMPLE_RATE // FPS)]}
+        return {
+            "video": video,
+            "reference": video[:, :1],
+            "audio": clip.audio[None, : frames * (SAMPLE_RATE // FPS)],
+        }
 
     def _generator(self) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(self.config.seed)
@@ -171,8 +185,8 @@ class Evaluator:
         """TTFF in ms: encode the first chunk's inputs, generate the chunk, decode its frames."""
         self._sync()
         start = time.perf_counter()
-        encoded = self.encoder(self._batch(clip, self.first_chunk_frames))
-        stream = stream_generate(self.student, encoded.cond, self.decoder, generator=self._generator())
+        cond = self.encoder.condition(self._batch(clip, self.first_chunk_frames))
+        stream = stream_generate(self.student, cond, self.decoder, generator=self._generator())
         next(stream)
         self._sync()
         elapsed = time.perf_counter() - start
@@ -183,13 +197,13 @@ class Evaluator:
         """The whole clip, encoded once, then streamed chunk by chunk through the decoder."""
         self._sync()
         start = time.perf_counter()
-        encoded = self.encoder(self._batch(clip, len(clip.video)))
+        cond = self.encoder.condition(self._batch(clip, len(clip.video)))
         self._sync()
         encode_s = time.perf_counter() - start
         chunks: list[StreamChunk] = []
         finished: list[float] = []
         start = time.perf_counter()
-        for chunk in stream_generate(self.student, encoded.cond, self.decoder, generator=self._generator()):
+        for chunk in stream_generate(self.student, cond, self.decoder, generator=self._generator()):
             self._sync()
             finished.append(time.perf_counter() - start)
             chunks.append(chunk)
@@ -215,7 +229,11 @@ class Evaluator:
     @torch.no_grad()
     def sync(self, frames: Tensor, audio: Tensor, prefix: str = "") -> dict[str, float]:
         result = score_clip(self.syncnet, to_uint8(frames), audio.numpy())
-        return {f"{prefix}sync_c": result.confidence, f"{prefix}sync_d": result.min_dist, f"{prefix}av_offset": float(result.offset)}
+        return {
+            f"{prefix}sync_c": result.confidence,
+            f"{prefix}sync_d": result.min_dist,
+            f"{prefix}av_offset": float(result.offset),
+        }
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -230,7 +248,9 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def encode_sample(frames: np.ndarray, audio: np.ndarray, fps: int = FPS, sample_rate: int = SAMPLE_RATE) -> bytes:
+def encode_sample(
+    frames: np.ndarray, audio: np.ndarray, fps: int = FPS, sample_rate: int = SAMPLE_RATE
+) -> bytes:
     """H.264 + AAC mp4 of RGB frames [T, H, W, 3] with their mono audio: a lip-sync sample needs sound."""
     buffer = io.BytesIO()
     with av.open(buffer, "w", format="mp4") as container:
@@ -265,11 +285,13 @@ def resolve_weights(uri: str, scratch: str) -> tuple[str, str]:
     from pipelines import tracking
 
     if not uri.startswith("models:/"):
-        return uri, ""
+        return uri, ""  # a path/URL, or "" for none
     return tracking.fetch_registered(uri, tempfile.mkdtemp(dir=scratch)), registered_version(uri)
 
 
-def feature_networks(config: EvalConfig, device: torch.device) -> tuple[dict[str, FeatureExtractor], dict[str, str]]:
+def feature_networks(
+    config: EvalConfig, device: torch.device
+) -> tuple[dict[str, FeatureExtractor], dict[str, str]]:
     """The Fréchet-distance extractors that have weights, and why the others are skipped."""
     extractors: dict[str, FeatureExtractor] = {}
     skipped = {
@@ -278,7 +300,9 @@ def feature_networks(config: EvalConfig, device: torch.device) -> tuple[dict[str
     if config.fid_weights:
         extractors["fid"] = inception_extractor(load_torchscript(config.fid_weights, "fid_weights", device))
     else:
-        skipped["FID"] = "needs Inception-v3 weights: set fid_weights to a local inception-2015-12-05.pt (TorchScript)"
+        skipped["FID"] = (
+            "needs Inception-v3 weights: set fid_weights to a local inception-2015-12-05.pt (TorchScript)"
+        )
     if config.fvd_weights:
         extractors["fvd"] = i3d_extractor(load_torchscript(config.fvd_weights, "fvd_weights", device))
     else:
@@ -289,27 +313,57 @@ def feature_networks(config: EvalConfig, device: torch.device) -> tuple[dict[str
 class FeatureSets:
     """Source and generated features, accumulated clip by clip (frames for FID, clips for FVD)."""
 
-    def __init__(self, extractors: dict[str, FeatureExtractor]):
-        self.extractors = extractors
-        self.features: dict[str, dict[str, list[Tensor]]] = {name: {"real": [], "fake": []} for name in extractors}
+    def __init__(self, extractors: dict[str, FeatureExtractor], device: torch.device):
+        self.extractors, self.device = extractors, device
+        self.features: dict[str, dict[str, list[Tensor]]] = {
+            name: {"real": [], "fake": []} for name in extractors
+        }
 
-    def add(self, source: Tensor, generated: Tensor, device: torch.device) -> None:
+    def add(self, source: Tensor, generated: Tensor) -> None:
         for name, extract in self.extractors.items():
             for side, frames in (("real", source), ("fake", generated)):
                 if name == "fid":
-                    batches = [frames[i : i + FEATURE_BATCH].to(device) for i in range(0, len(frames), FEATURE_BATCH)]
-                    self.features[name][side].append(torch.cat([extract(b) for b in batches]).cpu())
+                    batches = [frames[i : i + FEATURE_BATCH] for i in range(0, len(frames), FEATURE_BATCH)]
+                    features = torch.cat([extract(b.to(self.device)) for b in batches])
                 else:
-                    self.features[name][side].append(extract(frames[None].to(device)).cpu())
+                    features = extract(frames[None].to(self.device))
+                self.features[name][side].append(features.cpu())
 
-    def distances(self) -> dict[str, float]:
-        """Each metric over the whole set (FVD needs at least two clips for a covariance)."""
-        values = {}
+    def distances(self) -> tuple[dict[str, float], dict[str, str]]:
+        """Each metric over the whole set, and the ones that could not be computed (with why)."""
+        values, skipped = {}, {}
         for name, sides in self.features.items():
             real, fake = torch.cat(sides["real"]), torch.cat(sides["fake"])
-            if len(real) >= 2:
-                values[name] = frechet_distance(*feature_statistics(real), *feature_statistics(fake))
-        return values
+            if len(real) < 2:
+                skipped[name.upper()] = f"{len(real)} feature vector(s); a covariance needs at least 2"
+                continue
+            values[name] = frechet_distance(*feature_statistics(real), *feature_statistics(fake))
+        return values, skipped
+
+
+def evaluate_clip(
+    evaluator: Evaluator, clip: EvalClip, device: torch.device
+) -> tuple[dict[str, Any], Tensor]:
+    """One clip's report row and its generated frames."""
+    reset_peak_memory(device)
+    ttff_ms = evaluator.time_to_first_frames(clip)
+    generation = evaluator.generate(clip)
+    frames = len(generation.frames)
+    row: dict[str, Any] = {
+        "key": clip.key,
+        "frames": frames,
+        **evaluator.fidelity(clip, generation.frames),
+        "fps": generation.fps,
+        "fps_end_to_end": frames / (generation.encode_s + generation.stream_s),
+        "ttff_ms": ttff_ms,
+        "encode_s": generation.encode_s,
+        "chunks": generation.chunks,
+        "peak_memory_mb": peak_memory_mb(device),
+    }
+    if evaluator.syncnet is not None:
+        row.update(evaluator.sync(generation.frames, clip.audio))
+        row.update(evaluator.sync(clip.video, clip.audio, prefix="gt_"))
+    return row, generation.frames
 
 
 # (report key, column title, format) for the per-clip table
@@ -321,13 +375,27 @@ COLUMNS = (
     ("mouth_l1", "mouth L1", "{:.4f}"),
     ("sync_c", "Sync-C", "{:.2f}"),
     ("sync_d", "Sync-D", "{:.2f}"),
-    ("av_offset", "offset", "{:+.0f}"),
+    ("av_offset", "offset", "{:+.1f}"),
     ("gt_sync_c", "GT Sync-C", "{:.2f}"),
     ("gt_sync_d", "GT Sync-D", "{:.2f}"),
-    ("gt_av_offset", "GT offset", "{:+.0f}"),
+    ("gt_av_offset", "GT offset", "{:+.1f}"),
     ("fps", "FPS", "{:.2f}"),
     ("ttff_ms", "TTFF ms", "{:.1f}"),
     ("peak_memory_mb", "peak MB", "{:.0f}"),
+)
+
+NOTES = (
+    "Generated frames are compared with the source crops at the model's size; nothing is pasted back.",
+    "Condition: the first frame as reference, the mouth-masked source video and the clip's audio "
+    "(no clean-video latent: inference never reads it).",
+    "SSIM: Gaussian window 11x11, sigma 1.5, K1 0.01, K2 0.03, mean over frames. Mouth metrics use the "
+    "lower-face box the model regenerates (window.mask_box).",
+    "Sync-C / Sync-D / offset: the configured SyncNet on the generated crops against the clip's audio; "
+    "GT columns score the source crops the same way.",
+    "TTFF: a first-chunk pass per clip, from the start of encoding the first chunk's inputs to the end of "
+    "decoding its frames (one untimed warm-up pass before the first clip).",
+    "FPS: generated frames per second of the streaming loop (two student calls, cache write, decode) over "
+    "the chunks after the first; fps_end_to_end also counts the whole-clip condition encode.",
 )
 
 
@@ -342,108 +410,102 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"**{TINY_WARNING}.**", ""]
     elif report["random_init"]:
         lines += [f"**random-init weights ({', '.join(report['random_init'])}): not a quality result.**", ""]
-    version = report["student_version"] or "unregistered"
     lines += [
-        f"profile `{report['profile']}`, student version {version}, decoder `{report['decoder']}`, "
-        f"device `{report['device']}`, {report['size']} px aligned crops, reference = {report['reference']}.",
+        f"profile `{report['profile']}`, student version {report['student_version'] or 'unregistered'}, "
+        f"decoder `{report['decoder']}`, device `{report['device']}`, {report['size']} px aligned crops, "
+        f"reference = {report['reference']}, memory = {report['memory']}.",
         "",
     ]
     columns = [c for c in COLUMNS if c[0] in report["mean"]]
     lines.append("| clip | " + " | ".join(title for _, title, _ in columns) + " |")
     lines.append("|---" * (len(columns) + 1) + "|")
     for row in [*report["clips"], {"key": "**mean**", **report["mean"]}]:
-        cells = [fmt.format(row[key]) for key, _, fmt in columns]
-        lines.append(f"| {row['key']} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {row['key']} | " + " | ".join(fmt.format(row[key]) for key, _, fmt in columns) + " |"
+        )
     lines.append("")
-    for name, value in report["set_metrics"].items():
-        lines.append(f"- {name.upper()} over all clips: {value:.3f}")
-    for name, reason in report["skipped_metrics"].items():
-        lines.append(f"- {name} skipped: {reason}")
-    for item in report["skipped_clips"]:
-        lines.append(f"- clip {item['key']} skipped: {item['reason']}")
-    lines += ["", "## How the numbers are measured", ""]
-    lines += [f"- {note}" for note in report["notes"]]
+    lines += [
+        f"- {name.upper()} over all clips: {value:.3f}" for name, value in report["set_metrics"].items()
+    ]
+    lines += [f"- {name} skipped: {reason}" for name, reason in report["skipped_metrics"].items()]
+    lines += [f"- clip {item['key']} skipped: {item['reason']}" for item in report["skipped_clips"]]
+    lines += ["", "## How the numbers are measured", "", *[f"- {note}" for note in report["notes"]]]
     return "\n".join(lines) + "\n"
 
 
-NOTES = (
-    "Generated frames are compared with the source crops at the model's size; nothing is pasted back.",
-    "SSIM: Gaussian window 11x11, sigma 1.5, K1 0.01, K2 0.03, mean over frames. Mouth metrics use the "
-    "lower-face box the model regenerates (window.mask_box).",
-    "Sync-C / Sync-D / offset: the configured SyncNet on the generated crops against the clip's audio; "
-    "GT columns score the source crops the same way.",
-    "TTFF: a first-chunk pass per clip, from the start of encoding the first chunk's inputs to the end of "
-    "decoding its frames (one untimed warm-up pass first).",
-    "FPS: generated frames per second of the streaming loop (two student calls, cache write, decode) over "
-    "the chunks after the first; fps_end_to_end also counts the whole-clip condition encode.",
-)
+def write_outputs(report: dict[str, Any], folder: str, output: str) -> None:
+    """report.json / report.md beside the samples in `folder`, then all of it to `output` and MLflow."""
+    import mlflow
+
+    with open(os.path.join(folder, "report.json"), "w") as handle:
+        json.dump(report, handle, indent=2)
+    with open(os.path.join(folder, "report.md"), "w") as handle:
+        handle.write(render_markdown(report))
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            storage.upload_file(path, storage.join(output, os.path.relpath(path, folder)))
+    mlflow.log_artifacts(folder)
 
 
 def evaluate(config: EvalConfig) -> int:
+    """The job: downloaded weights and staged outputs live in a scratch folder removed at the end."""
+    validate(config)
+    with tempfile.TemporaryDirectory(prefix="lipforcing-eval-") as scratch:
+        return run_eval(config, scratch)
+
+
+def run_eval(config: EvalConfig, scratch: str) -> int:
     import mlflow
 
     from pipelines import tracking
 
-    validate(config)
     use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
-    torch.manual_seed(config.seed)
-    scratch = tempfile.mkdtemp(prefix="lipforcing-eval-")
+    folder = os.path.join(scratch, "report")
+    os.makedirs(os.path.join(folder, "samples"))
     storage.write_text(storage.join(config.output, "config.yaml"), to_yaml(config))
-    with tracking.start_run("eval", config=config, tags={"job": "eval", "student": config.student_weights}) as run:
+    with tracking.start_run(
+        "eval", config=config, tags={"job": "eval", "student": config.student_weights}
+    ) as run:
         student_path, student_version = resolve_weights(config.student_weights, scratch)
-        syncnet_path, syncnet_version = resolve_weights(config.syncnet_weights, scratch) if config.syncnet_weights else ("", "")
-        mlflow.set_tags({"student_version": student_version or "unregistered", "syncnet": config.syncnet_weights or "none",
-                         "syncnet_version": syncnet_version or "unregistered", "decoder": config.decoder})
+        syncnet_path, syncnet_version = resolve_weights(config.syncnet_weights, scratch)
+        mlflow.set_tags(
+            {
+                "student_version": student_version or "unregistered",
+                "syncnet": config.syncnet_weights or "none",
+                "syncnet_version": syncnet_version or "unregistered",
+                "decoder": config.decoder,
+            }
+        )
         evaluator = Evaluator(config, student_path, syncnet_path, device)
         extractors, skipped_metrics = feature_networks(config, device)
         if not config.syncnet_weights:
             skipped_metrics["Sync-C / Sync-D"] = "config key 'syncnet_weights' is empty"
-        features = FeatureSets(extractors)
-        samples_dir = os.path.join(scratch, "report", "samples")
-        os.makedirs(samples_dir)
+        features = FeatureSets(extractors, device)
         rows: list[dict[str, Any]] = []
         skipped_clips: list[dict[str, str]] = []
-        warmed = False
         for sample in epoch_samples(shard_urls(config.data), Reader(), seed=config.seed, epoch=0):
             if len(rows) >= config.clips:
                 break
-            prepared = prepare_clip(decode_clip(sample), config.window.size, evaluator.first_chunk_frames)
-            if isinstance(prepared, str):
-                skipped_clips.append({"key": sample["__key__"], "reason": prepared})
+            clip = prepare_clip(decode_clip(sample), config.window.size, evaluator.first_chunk_frames, config.max_frames)
+            if isinstance(clip, str):
+                skipped_clips.append({"key": sample["__key__"], "reason": clip})
                 continue
-            if not warmed:
-                evaluator.time_to_first_frames(prepared)  # one-time costs stay out of the first clip's TTFF
-                warmed = True
-            reset_peak_memory(device)
-            ttff_ms = evaluator.time_to_first_frames(prepared)
-            generation = evaluator.generate(prepared)
-            frames = len(generation.frames)
-            row: dict[str, Any] = {
-                "key": prepared.key,
-                "frames": frames,
-                **evaluator.fidelity(prepared, generation.frames),
-                "fps": generation.fps,
-                "fps_end_to_end": frames / (generation.encode_s + generation.stream_s),
-                "ttff_ms": ttff_ms,
-                "encode_s": generation.encode_s,
-                "chunks": generation.chunks,
-                "peak_memory_mb": peak_memory_mb(device),
-            }
-            if evaluator.syncnet is not None:
-                row.update(evaluator.sync(generation.frames, prepared.audio))
-                row.update(evaluator.sync(prepared.video, prepared.audio, prefix="gt_"))
-            features.add(prepared.video, generation.frames, device)
-            tracking.log_metrics({f"clip/{k}": v for k, v in row.items() if k != "key"}, step=len(rows))
+            if not rows:
+                evaluator.time_to_first_frames(clip)  # warm-up: one-time costs stay out of the first TTFF
+            row, generated = evaluate_clip(evaluator, clip, device)
+            features.add(clip.video, generated)
             if len(rows) < config.samples:
-                side_by_side = torch.cat([prepared.video, generation.frames], dim=-1)
-                data = encode_sample(to_uint8(side_by_side).numpy(), prepared.audio.numpy())
-                with open(os.path.join(samples_dir, f"{prepared.key}.mp4"), "wb") as handle:
-                    handle.write(data)
+                side_by_side = to_uint8(torch.cat([clip.video, generated], dim=-1)).numpy()
+                with open(os.path.join(folder, "samples", f"{clip.key}.mp4"), "wb") as handle:
+                    handle.write(encode_sample(side_by_side, clip.audio.numpy()))
+            tracking.log_metrics({f"clip/{k}": v for k, v in row.items() if k != "key"}, step=len(rows))
+            print(f"[eval] {clip.key}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "key"))
             rows.append(row)
-            print(f"[eval] {prepared.key}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "key"))
         if not rows:
             raise RuntimeError(f"no clip in {config.data!r} could be evaluated: {skipped_clips}")
+        set_metrics, too_few = features.distances()
         report = {
             "profile": config.profile,
             "student": config.student_weights,
@@ -453,29 +515,22 @@ def evaluate(config: EvalConfig) -> int:
             "device": str(device),
             "size": config.window.size,
             "reference": "the first frame of each clip",
-            "random_init": [k for k in ("dit_weights", "vae_weights", "tae_weights", "audio_encoder_weights")
-                            if not getattr(config.model, k)],
-            "memory": "peak CUDA allocation per clip" if device.type == "cuda" else "process peak RSS (CPU), cumulative",
+            "random_init": [
+                key
+                for key in ("dit_weights", "vae_weights", "tae_weights", "audio_encoder_weights")
+                if not getattr(config.model, key)
+            ],
+            "memory": "peak CUDA allocation per clip" if use_cuda else "process peak RSS so far (CPU)",
             "clips": rows,
             "mean": mean_row(rows),
-            "set_metrics": features.distances(),
-            "skipped_metrics": skipped_metrics,
+            "set_metrics": set_metrics,
+            "skipped_metrics": {**skipped_metrics, **too_few},
             "skipped_clips": skipped_clips,
             "notes": list(NOTES),
             "mlflow_run_id": run.info.run_id,
         }
-        tracking.log_metrics({k: v for k, v in report["mean"].items() if math.isfinite(v)})
-        tracking.log_metrics(report["set_metrics"])
-        local = os.path.join(scratch, "report")
-        with open(os.path.join(local, "report.json"), "w") as handle:
-            json.dump(report, handle, indent=2)
-        with open(os.path.join(local, "report.md"), "w") as handle:
-            handle.write(render_markdown(report))
-        for root, _, files in os.walk(local):
-            for name in files:
-                path = os.path.join(root, name)
-                storage.upload_file(path, storage.join(config.output, os.path.relpath(path, local)))
-        mlflow.log_artifacts(local)
+        tracking.log_metrics({**report["mean"], **set_metrics})
+        write_outputs(report, folder, config.output)
     print(f"[eval] {len(rows)} clips; report at {storage.join(config.output, 'report.md')}")
     return 0
 

@@ -40,25 +40,27 @@ class LatentEncoder:
         self.pixel_mask = lower_face_mask(window.size, window.mask_box).to(self.device)
 
     @torch.no_grad()
-    def __call__(self, batch: dict) -> EncodedBatch:
+    def condition(self, batch: dict) -> Condition:
+        """The lip-sync condition of a batch of windows (what inference needs: no clean latent)."""
         video = batch["video"].to(self.device)  # [B, T, 3, S, S] in [0, 1]
         b, frames = video.shape[:2]
-        x0 = self.vae.encode(video)
-        masked = self.vae.encode_masked(video, self.pixel_mask.unsqueeze(1))
-        reference = self.vae.encode(batch["reference"].to(self.device))
         sequence = batch.get("reference_sequence")
-        reference_sequence = None if sequence is None else self.vae.encode(sequence.to(self.device))
-        audio = batch["audio"].to(self.device)
-        packed = pack_audio(self.audio_encoder(audio, frames), self.model.audio_frames_per_latent)
-        cond = Condition(
-            reference=reference,
+        audio = self.audio_encoder(batch["audio"].to(self.device), frames)
+        return Condition(
+            reference=self.vae.encode(batch["reference"].to(self.device)),
             mask=mask_to_latent(self.pixel_mask).expand(b, -1, -1, -1, -1),
-            masked_video=masked,
-            audio=packed,
+            masked_video=self.vae.encode_masked(video, self.pixel_mask.unsqueeze(1)),
+            audio=pack_audio(audio, self.model.audio_frames_per_latent),
             text=self.text.expand(b, -1, -1),
-            reference_sequence=reference_sequence,
+            reference_sequence=None if sequence is None else self.vae.encode(sequence.to(self.device)),
         )
-        return EncodedBatch(x0=x0, cond=cond, negative_text=self.negative_text, audio=audio)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> EncodedBatch:
+        """Training inputs: the clean latent x0 plus the condition."""
+        x0 = self.vae.encode(batch["video"].to(self.device))
+        audio = batch["audio"].to(self.device)
+        return EncodedBatch(x0=x0, cond=self.condition(batch), negative_text=self.negative_text, audio=audio)
 
 
 CACHED_FIELDS = ("x0", "reference", "masked_video", "audio_features", "reference_sequence", "audio")

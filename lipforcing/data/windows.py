@@ -69,10 +69,10 @@ def cut_window(clip: Clip, config: WindowConfig, rng: random.Random) -> Window |
     if config.reference_sequence:
         outside = [s for s in range(total - config.frames + 1) if abs(s - start) >= config.frames]
         other = rng.choice(outside) if outside else rng.randrange(total - config.frames + 1)
-        reference_sequence = _frames(clip.frames[other : other + config.frames], config.size)
+        reference_sequence = resize_frames(clip.frames[other : other + config.frames], config.size)
     return Window(
-        video=_frames(clip.frames[start : start + config.frames], config.size),
-        reference=_frames(clip.frames[rng.randrange(total)][None], config.size),
+        video=resize_frames(clip.frames[start : start + config.frames], config.size),
+        reference=resize_frames(clip.frames[rng.randrange(total)][None], config.size),
         reference_sequence=reference_sequence,
         audio=torch.from_numpy(np.ascontiguousarray(clip.audio[start * per_frame : (start + config.frames) * per_frame])),
         dataset=str(clip.metadata.get("dataset", "")),
@@ -101,7 +101,8 @@ def collate(batch: list[Window]) -> dict[str, object]:
     }
 
 
-def _frames(frames: np.ndarray, size: int) -> torch.Tensor:
+def resize_frames(frames: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> float [T, 3, size, size] in [0, 1], as every stage sees frames."""
     video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div(255)
     if video.shape[-1] != size or video.shape[-2] != size:
         video = F.interpolate(video, size=(size, size), mode="bilinear", antialias=True, align_corners=False)

@@ -1,0 +1,193 @@
+"""`make eval` end to end on a tiny student: real shards, real codecs, a real MLflow store.
+
+The student is a random-init tiny DiT exported like the distill job exports it and registered as
+`lipforcing-student@candidate`; the shards are synthetic clips in the data job's format.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+from pathlib import Path
+
+import av
+import mlflow
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from data_jobs.media import encode_mp4, encode_wav
+from lipforcing.config import ConfigError
+from lipforcing.metrics.fid import i3d_extractor, load_torchscript
+from lipforcing.models import build_student
+from lipforcing.models.config import model_config
+from lipforcing.models.syncnet import StableSyncNet, SyncNetConfig, save_syncnet
+from pipelines import tracking
+from pipelines.evaluate import TINY_WARNING, EvalConfig, FeatureSets, evaluate, validate
+from pipelines.jobs import run_job
+
+FPS, RATE, SIZE = 25, 16_000, 64
+# (key, frames): 41 frames -> all 41 evaluated (3 full chunks + a 2-latent one); 36 -> the 33-frame
+# prefix; 5 frames are shorter than the first chunk and must be reported as skipped
+CLIPS = (("talk-a", 41), ("talk-b", 36), ("too-short", 5))
+PER_CLIP_METRICS = (
+    "ssim",
+    "psnr",
+    "mouth_psnr",
+    "mouth_l1",
+    "sync_c",
+    "sync_d",
+    "gt_sync_c",
+    "gt_sync_d",
+    "fps",
+    "ttff_ms",
+)
+
+
+def synthetic_clip(frames: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A grey 'face' whose dark mouth box opens and closes with the loudness of a tone."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(frames) / FPS
+    opening = 0.5 + 0.5 * np.sin(2 * np.pi * 2.0 * t + seed)
+    video = np.full((frames, SIZE, SIZE, 3), 150, np.uint8)
+    video[:, 8:30, 16:48] = 190  # forehead and eyes region, brighter
+    for i, amount in enumerate(opening):
+        height = 2 + int(8 * amount)
+        video[i, 44 : 44 + height, 22:42] = 40
+    video = (video + rng.integers(0, 8, video.shape)).astype(np.uint8)
+    samples = np.arange(frames * RATE // FPS) / RATE
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 2.0 * samples + seed)
+    audio = (0.3 * envelope * np.sin(2 * np.pi * 220 * samples)).astype(np.float32)
+    return video, audio
+
+
+def write_shards(folder: Path) -> None:
+    """The data job's format: <key>.mp4 (H.264), .wav (16 kHz), .json, .affine.npy in one tar."""
+    folder.mkdir(parents=True)
+    with tarfile.open(folder / "test-000000.tar", "w") as tar:
+        for seed, (key, frames) in enumerate(CLIPS):
+            video, audio = synthetic_clip(frames, seed)
+            affine = io.BytesIO()
+            np.save(affine, np.tile(np.eye(2, 3, dtype=np.float32), (frames, 1, 1)))
+            members = {
+                "mp4": encode_mp4(video, FPS),
+                "wav": encode_wav(audio, RATE),
+                "json": json.dumps({"dataset": "test", "key": key, "num_frames": frames}).encode(),
+                "affine.npy": affine.getvalue(),
+            }
+            for extension, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """Shards, a registered tiny student and a SyncNet checkpoint, with MLflow's store under tmp_path."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    write_shards(tmp_path / "data" / "shards")
+    student = build_student(model_config("tiny"))
+    weights = tmp_path / "dit.safetensors"
+    save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(weights))
+    with tracking.start_run("distill-stub", tags={"job": "test"}) as run:
+        mlflow.log_artifact(str(weights))
+    version = tracking.register_artifact(
+        "lipforcing-student", run.info.run_id, "dit.safetensors", alias="candidate"
+    )
+    save_syncnet(StableSyncNet(SyncNetConfig()), str(tmp_path / "syncnet.pt"))
+    return tmp_path, version
+
+
+def test_eval_end_to_end_on_a_tiny_student(workspace):
+    root, version = workspace
+    argv = [
+        "profile=tiny",
+        f"data={root / 'data'}",
+        f"output={root / 'eval'}",
+        "student_weights=models:/lipforcing-student@candidate",
+        f"syncnet_weights={root / 'syncnet.pt'}",
+        "clips=8",
+        "samples=1",
+    ]
+    assert run_job("pipelines.evaluate", EvalConfig, evaluate, argv=argv) == 0
+
+    report = json.loads((root / "eval" / "report.json").read_text())
+    frames = {row["key"]: row["frames"] for row in report["clips"]}
+    assert frames == {"talk-a": 41, "talk-b": 33}
+    assert [c["key"] for c in report["skipped_clips"]] == ["too-short"]
+    for row in report["clips"]:
+        for name in PER_CLIP_METRICS:
+            assert math.isfinite(row[name]), (row["key"], name, row[name])
+        assert -1 <= row["ssim"] <= 1
+        assert row["ttff_ms"] > 0 and row["fps"] > 0 and row["peak_memory_mb"] > 0
+        assert abs(row["av_offset"]) <= 15 and abs(row["gt_av_offset"]) <= 15
+    assert report["mean"]["ssim"] == pytest.approx(np.mean([r["ssim"] for r in report["clips"]]))
+    assert set(report["skipped_metrics"]) == {"FID", "FVD", "CSIM"}
+    assert report["student_version"] == str(version)
+    assert report["reference"] == "the first frame of each clip"
+
+    markdown = (root / "eval" / "report.md").read_text()
+    assert TINY_WARNING in markdown
+    assert "| **mean** |" in markdown and "FID skipped" in markdown
+
+    samples = sorted((root / "eval" / "samples").glob("*.mp4"))
+    assert len(samples) == 1
+    with av.open(str(samples[0])) as container:
+        assert container.streams.audio, "a lip-sync sample needs its audio"
+        first = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    assert first.shape == (SIZE, 2 * SIZE, 3)  # source | generated
+
+    runs = mlflow.search_runs(
+        experiment_names=[tracking.EXPERIMENT], filter_string="tags.job = 'eval'", output_format="list"
+    )
+    assert len(runs) == 1
+    logged = runs[0].data
+    for name in ("ssim", "sync_c", "sync_d", "gt_sync_c", "fps", "ttff_ms", "peak_memory_mb"):
+        assert logged.metrics[name] == pytest.approx(report["mean"][name])
+    assert logged.tags["student_version"] == str(version)
+    assert logged.params["decoder"] == "tae"
+    artifacts = {a.path for a in mlflow.artifacts.list_artifacts(run_id=runs[0].info.run_id)}
+    assert {"report.json", "report.md", "samples", "config.yaml"} <= artifacts
+
+
+def test_eval_config_errors_name_the_key(capsys):
+    assert run_job("pipelines.evaluate", EvalConfig, evaluate, argv=["decoder=jpeg"]) == 2
+    error = capsys.readouterr().err
+    assert "'decoder'" in error and "'tae', 'vae'" in error
+    with pytest.raises(ConfigError, match="'clips'"):
+        validate(EvalConfig(clips=0))
+
+
+class MeanFeatures(torch.nn.Module):
+    """Follows the I3D TorchScript file's calling convention; features = per-channel means."""
+
+    def forward(
+        self, videos: torch.Tensor, rescale: bool, resize: bool, return_features: bool
+    ) -> torch.Tensor:
+        return videos.mean(dim=(2, 3, 4))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_frechet_metrics_accumulate_over_clips(tmp_path):
+    """The FID / FVD plumbing with stand-in networks (the job only runs it with real weights)."""
+    path = str(tmp_path / "i3d.pt")
+    torch.jit.script(MeanFeatures()).save(path)
+    fvd = i3d_extractor(load_torchscript(path, "fvd_weights"))
+    source = [torch.rand(9, 3, 16, 16) for _ in range(3)]
+    same, shifted = (
+        FeatureSets({"fvd": fvd}, torch.device("cpu")),
+        FeatureSets({"fvd": fvd}, torch.device("cpu")),
+    )
+    for clip in source:
+        same.add(clip, clip)
+        shifted.add(clip, (clip + 0.3).clamp(0, 1))
+    assert same.distances()[0]["fvd"] == pytest.approx(0.0, abs=1e-4)
+    assert shifted.distances()[0]["fvd"] > 0.1
+    one_clip = FeatureSets({"fvd": fvd}, torch.device("cpu"))
+    one_clip.add(source[0], source[0])
+    assert "FVD" in one_clip.distances()[1]  # one clip: no covariance, skipped with a reason
