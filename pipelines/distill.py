@@ -57,8 +57,10 @@ def distill(config: DistillConfig) -> int:
     validate(config)
     init_ray()
     storage.write_text(storage.join(config.output, "config.yaml"), to_yaml(config))
-    scratch = tempfile.mkdtemp(prefix="lipforcing-distill-")
-    with tracking.start_run("distill", config=config, tags={"job": "distill"}) as parent:
+    with (
+        tempfile.TemporaryDirectory(prefix="lipforcing-distill-") as scratch,
+        tracking.start_run("distill", config=config, tags={"job": "distill"}) as parent,
+    ):
         parent_id = parent.info.run_id
         for stage in config.stages:
             done = storage.exists(stage_weights(config.output, stage))

@@ -291,6 +291,9 @@ def fit(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # Workers stay in the job's working directory, so relative local paths mean what they mean to
+    # the user (Ray Train would otherwise move each worker into its run folder).
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     storage_path, filesystem = _ray_storage(storage_path)
     backend = "nccl" if trainer.use_gpu else "gloo"
     run = TorchTrainer(

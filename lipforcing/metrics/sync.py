@@ -36,8 +36,11 @@ def shift_distances(video_emb: torch.Tensor, audio_emb: torch.Tensor, vshift: in
         raise ValueError(f"video and audio embeddings differ in shape: {tuple(video_emb.shape)} vs {tuple(audio_emb.shape)}")
     frames = video_emb.shape[-2]
     padded = F.pad(audio_emb, (0, 0, vshift, vshift))  # zero rows before and after, as syncnet_python
-    windows = padded.unfold(-2, 2 * vshift + 1, 1)[..., :frames, :, :]  # [..., T, D, 2v+1]
-    return torch.linalg.vector_norm(video_emb.unsqueeze(-1) - windows, dim=-2)
+    # One vectorised pass per shift keeps memory at one [..., T, D] difference (not 31 of them).
+    return torch.stack(
+        [torch.linalg.vector_norm(video_emb - padded[..., k : k + frames, :], dim=-1) for k in range(2 * vshift + 1)],
+        dim=-1,
+    )
 
 
 def av_sync(video_emb: torch.Tensor, audio_emb: torch.Tensor, vshift: int = 15) -> SyncResult:

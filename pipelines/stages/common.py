@@ -77,7 +77,8 @@ class DiffusionStage(Stage):
     def __init__(self, context):
         super().__init__(context)
         config = context.config
-        self.scratch = tempfile.mkdtemp(prefix=f"lipforcing-{self.name}-")
+        self._scratch = tempfile.TemporaryDirectory(prefix=f"lipforcing-{self.name}-")  # removed with the stage
+        self.scratch = self._scratch.name
         if config.latents:
             texts = torch.load(io.BytesIO(storage.read_bytes(storage.join(config.latents, TEXT_FILE))), weights_only=True)
             self.text = texts["text"].to(context.device)

@@ -1,0 +1,52 @@
+"""The benchmarks' own correctness: the sync loop reference agrees with the batched metric, and the
+`make bench` runner parses its arguments. No timing here (speed lives in benchmarks/RESULTS.md)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from benchmarks.__main__ import ORDER, BenchConfig, command, parse_args, selected, write_header
+from benchmarks.bench_sync import check_equal, loop_sync, random_embeddings, write_section
+from lipforcing.config import ConfigError
+from lipforcing.metrics.sync import av_sync
+
+
+def test_sync_loop_matches_batched_metric():
+    video, audio = random_embeddings(clips=3, frames=40, dim=32, seed=1)
+    check_equal(video, audio)  # offsets exact, Sync-C and Sync-D within 1e-4, batch included
+    offset, _, _ = loop_sync(video[0], audio[0])
+    assert offset == av_sync(video[0], audio[0]).offset == -2  # audio is the video delayed by 2 frames
+
+
+def test_runner_defaults_run_everything_in_order():
+    config = parse_args([])
+    assert config == BenchConfig()
+    assert selected(config) == list(ORDER) == ["model", "sync", "train", "data"]
+    assert command("sync", config) == [sys.executable, "-m", "benchmarks.bench_sync", "--write"]
+
+
+def test_runner_only_and_write():
+    config = parse_args(["only=train,sync", "write=false", "data=/tmp/shards"])
+    assert selected(config) == ["sync", "train"]  # the fixed order, not the order given
+    assert command("train", config)[-3:] == ["benchmarks.bench_train", "--data", "/tmp/shards"]
+    assert "--write" not in command("sync", config)
+
+
+@pytest.mark.parametrize("argv", [["only=sync,nope"], ["speed=fast"], ["write=maybe"]])
+def test_runner_rejects_bad_arguments(argv):
+    with pytest.raises(ConfigError):
+        parse_args(argv)
+
+
+def test_sections_and_header_leave_other_sections_alone(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# old title\n\n## Model\n\nmodel numbers\n\n## Data\n\ndata numbers\n")
+    write_section("## Sync metric\n\nfirst\n", "## Sync metric", results)
+    write_section("## Sync metric\n\nsecond\n", "## Sync metric", results)
+    write_header(results)
+    text = results.read_text()
+    assert text.startswith("# Benchmark results\n") and "old title" not in text
+    assert "model numbers" in text and "data numbers" in text
+    assert "second" in text and "first" not in text and text.count("## Sync metric") == 1
