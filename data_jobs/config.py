@@ -16,7 +16,9 @@ DEFAULT_SAMPLE = "outputs/sample"
 DEFAULT_INPUT = f"{DEFAULT_SAMPLE}/list.csv"
 
 # Keys that say where data goes and how fast it is made, not what it is.
-HASH_EXCLUDE = ("output", "profile", "execution", "cluster", "score.syncnet_output")
+# The score pass is excluded too: it reads the aligned shards, so changing its thresholds or
+# SyncNet reuses them; the final output's config.yaml records the score settings.
+HASH_EXCLUDE = ("output", "profile", "execution", "cluster", "score")
 
 
 @dataclass

@@ -49,5 +49,9 @@ def run_job(module: str, schema: type[T], main: Callable[[T], Any], argv: Sequen
     if should_submit():
         forward = bool(getattr(getattr(config, "cluster", None), "forward_credentials", False))
         return submit_job(module, argv, forward_credentials=forward)
-    result = main(config)
+    try:
+        result = main(config)
+    except ConfigError as err:  # found while checking inputs or weights, before the work itself
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
     return result if isinstance(result, int) else 0

@@ -99,20 +99,32 @@ def local_ray(s3_server):
 
 
 @pytest.fixture(scope="session")
-def sample_shards(local_ray, tmp_path_factory) -> str:
-    """The generated sample run through the real data job once (tiny profile); yields its output URL.
+def sample_list(tmp_path_factory) -> str:
+    """The embedded sample (good and deliberately bad clips), generated once; yields its list file."""
+    from data_jobs.sample import generate_sample
 
-    Training tests (SyncNet, distillation, eval) read these shards, as `make demo` does.
+    return generate_sample(str(tmp_path_factory.mktemp("sample")), seed=0)
+
+
+@pytest.fixture(scope="session")
+def sample_job(local_ray, sample_list, tmp_path_factory):
+    """The sample through the real data job's ingest once (tiny profile): (output URL, summary).
+
+    The data-job tests check this run; training tests (SyncNet, distillation, encode, eval) read its
+    shards, as `make demo` does.
     """
     from data_jobs.config import DataJobConfig
     from data_jobs.job import run_data_job
-    from data_jobs.sample import generate_sample
     from pipelines.jobs import resolve_config
 
-    sample_list = generate_sample(str(tmp_path_factory.mktemp("sample")), seed=0)
     output = str(tmp_path_factory.mktemp("data"))
-    run_data_job(resolve_config(DataJobConfig, ["profile=tiny", "execution.progress=false", f"input={sample_list}", f"output={output}"]))
-    return output
+    argv = ["profile=tiny", "execution.progress=false", f"input={sample_list}", f"output={output}", "write.inputs_per_task=3"]
+    return output, run_data_job(resolve_config(DataJobConfig, argv))
+
+
+@pytest.fixture(scope="session")
+def sample_shards(sample_job) -> str:
+    return sample_job[0]
 
 
 @pytest.fixture(scope="session")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.conftest import REPO_ROOT, free_port
@@ -30,7 +32,21 @@ def ray_head(tmp_path_factory):
     try:
         yield f"http://127.0.0.1:{dashboard_port}", env
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_cluster(temp_dir)
+
+
+def stop_cluster(temp_dir) -> None:
+    """Stop only this head node (its processes name its temp dir): `ray stop` would also end the
+    session's local Ray and any other Ray on the machine."""
+    spared = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    mine = [
+        p for p in psutil.process_iter(["cmdline"])
+        if p.pid not in spared and any(str(temp_dir) in part for part in p.info["cmdline"] or [])
+    ]  # fmt: skip
+    for process in mine:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(mine, timeout=30)
 
 
 def _submit(address: str, env: dict, *args: str) -> subprocess.CompletedProcess:

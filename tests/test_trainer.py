@@ -67,17 +67,6 @@ class ToyRegression(Stage):
         return {"seen": "yes"}
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    from pipelines.ray_cluster import init_ray
-
-    init_ray(num_cpus=2)
-    yield
-    ray.shutdown()
-
-
 def _run(tmp_path, name, **overrides):
     job = load_config(ToyJob, overrides=[f"marker_dir={tmp_path}", *[f"{k}={v}" for k, v in overrides.items()]])
     with tracking.start_run(name, root=tmp_path / "outputs") as run:

@@ -1,0 +1,180 @@
+"""Data-job benchmark: ingest throughput vs a bare transcode, per-stage time, 1 vs 2 Ray workers.
+
+    python -m benchmarks.bench_data                 # print the markdown section
+    python -m benchmarks.bench_data --write         # also replace "## Data" in benchmarks/RESULTS.md
+    python -m benchmarks.bench_data align.size=256  # any data-job override
+
+Inputs: the clips of the embedded sample that become training samples (generated into a temporary
+folder, seed 0). Throughput is input clip-seconds per wall-second, one run each, on a local Ray:
+1. the ingest job (probe -> resample -> shots -> faces -> align -> iqa -> encode -> shards), two
+   workers, one input per task;
+2. a bare decode + resize to the crop size + H.264 encode of the same clips with the same encoder
+   settings, two processes: what any transcode costs, the floor the job is compared with;
+3. the job with one worker (execution.concurrency=1) for the scaling from 1 to 2 workers.
+Per-stage time is the worker-seconds the job's stats record for each stage. A warm-up run first
+starts both Ray workers and loads their face models; the load average is printed beside each run
+because the 2 cores are shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import platform
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+HEADING = "## Data"
+
+
+def good_clips(sample_list: str) -> str:
+    """A list file with only the sample's clips that yield samples (what a clean dataset looks like)."""
+    table = pd.read_csv(sample_list)
+    good = table[table["expect"].str.startswith("samples=")]
+    path = str(Path(sample_list).with_name("bench.csv"))
+    good.to_csv(path, index=False)
+    return path
+
+
+def bare_transcode(video: str, audio: str | None, size: int, crf: int, preset: str) -> float:
+    """Decode every frame, resize to size x size, encode H.264; returns the clip's seconds."""
+    import cv2
+
+    from data_jobs.media import VideoFrames, encode_mp4, probe_media, read_audio
+
+    cv2.setNumThreads(1)
+    reader = VideoFrames(video)
+    count = len(reader.timestamps())
+    frames = []
+    for start in range(0, count, 64):
+        for frame in reader.read(range(start, min(start + 64, count))):
+            frames.append(cv2.resize(frame, (size, size), interpolation=cv2.INTER_AREA))
+    reader.close()
+    encode_mp4(np.stack(frames), probe_media(video).fps, crf, preset)
+    read_audio(audio or video, 16000)
+    return probe_media(video).duration_s
+
+
+def run_bare(list_url: str, size: int, crf: int, preset: str, workers: int = 2) -> tuple[float, float]:
+    table = pd.read_csv(list_url)
+    root = Path(list_url).parent
+    jobs = [
+        (str(root / v), str(root / a) if isinstance(a, str) and a else None)
+        for v, a in zip(table["video"], table["audio"])
+    ]
+    started = time.perf_counter()
+    # spawn, not fork: forking a process that has run decoders' thread pools can deadlock the children.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        seconds = sum(pool.map(bare_transcode, *zip(*jobs), *[[x] * len(jobs) for x in (size, crf, preset)]))
+    return seconds, time.perf_counter() - started
+
+
+def run_job(list_url: str, output: str, overrides: list[str], concurrency: int):
+    from data_jobs.config import DataJobConfig
+    from data_jobs.job import run_data_job
+    from pipelines.jobs import resolve_config
+
+    argv = [f"input={list_url}", f"output={output}", "write.inputs_per_task=1", "execution.progress=false"]
+    config = resolve_config(DataJobConfig, [*argv, f"execution.concurrency={concurrency}", *overrides])
+    return config, run_data_job(config)
+
+
+def measure(overrides: list[str]) -> str:
+    import ray
+
+    from data_jobs.sample import generate_sample
+    from pipelines.ray_cluster import init_ray
+
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as folder:
+        clips = good_clips(generate_sample(os.path.join(folder, "sample"), seed=0))
+        init_ray(num_cpus=2)
+        try:
+            # Warm-up: both workers start and load their face models before anything is timed.
+            warm = pd.read_csv(clips).nsmallest(2, "duration_s")
+            warm.to_csv(os.path.join(folder, "sample", "warm.csv"), index=False)
+            run_job(
+                os.path.join(folder, "sample", "warm.csv"),
+                os.path.join(folder, "warm"),
+                overrides,
+                concurrency=2,
+            )
+            loads = [os.getloadavg()[0]]
+            _, one = run_job(clips, os.path.join(folder, "one"), overrides, concurrency=1)
+            loads.append(os.getloadavg()[0])
+            config, two = run_job(clips, os.path.join(folder, "two"), overrides, concurrency=2)
+            loads.append(os.getloadavg()[0])
+        finally:
+            ray.shutdown()
+        seconds, bare_wall = run_bare(clips, config.align.size, config.write.crf, config.write.preset)
+        loads.append(os.getloadavg()[0])
+    job_rate, one_rate, bare_rate = (
+        two.clip_seconds_in / two.wall_s,
+        one.clip_seconds_in / one.wall_s,
+        seconds / bare_wall,
+    )
+    total = sum(two.timings_s.values())
+    command = " ".join(["python -m benchmarks.bench_data", *overrides])
+    lines = [
+        HEADING,
+        "",
+        f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores shared with other jobs "
+        f"(load average {loads[0]:.1f} before the timed runs), local Ray. "
+        f"Command: `{command}`. Inputs: the {two.inputs} clips of the embedded sample that yield samples "
+        f"({two.clip_seconds_in:.1f} clip-seconds, {two.written} samples), crops {config.align.size}x{config.align.size}, "
+        f"x264 crf {config.write.crf} `{config.write.preset}`, faces `{config.faces.backend}` (detect every "
+        f"{config.faces.stride} frames at <= {config.faces.detect_size} px), IQA `{config.iqa.backend}`. One run each.",
+        "",
+        "| run (in this order) | wall s | clip-s / wall-s | machine load after (1-min avg) |",
+        "|---|---:|---:|---:|",
+        f"| ingest job, 1 Ray worker | {one.wall_s:.1f} | {one_rate:.2f} | {loads[1]:.1f} |",
+        f"| ingest job, 2 Ray workers | {two.wall_s:.1f} | {job_rate:.2f} | {loads[2]:.1f} |",
+        f"| bare decode + resize + encode, 2 processes | {bare_wall:.1f} | {bare_rate:.2f} | {loads[3]:.1f} |",
+        "",
+        f"Ingest / bare transcode: {job_rate / bare_rate:.2f}x the throughput (the job also detects, tracks, aligns, "
+        f"scores and shards). Scaling 1 -> 2 workers: {one.wall_s / two.wall_s:.2f}x.",
+        "",
+        "| stage | worker s (2-worker run) | share |",
+        "|---|---:|---:|",
+        *[
+            f"| {stage} | {value:.1f} | {100 * value / total:.0f}% |"
+            for stage, value in two.timings_s.items()
+        ],
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(section: str, path: Path = RESULTS) -> None:
+    """Replace (or append) the "## Data" section, leaving every other section as it is."""
+    lines = path.read_text().splitlines() if path.exists() else ["# Benchmark results", ""]
+    if HEADING in lines:
+        start = lines.index(HEADING)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines[start:end] = section.rstrip("\n").splitlines() + ([""] if end < len(lines) else [])
+    else:
+        lines += ["", *section.rstrip("\n").splitlines()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--write", action="store_true", help="replace the Data section of benchmarks/RESULTS.md"
+    )
+    parser.add_argument("overrides", nargs="*", help="data-job overrides, e.g. align.size=256")
+    args = parser.parse_args(argv)
+    section = measure(args.overrides)
+    print(section)
+    if args.write:
+        write_section(section)
+    return section
+
+
+if __name__ == "__main__":
+    main()

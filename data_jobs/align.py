@@ -1,0 +1,82 @@
+"""Stage 5: warp every frame so the smoothed landmarks land on a canonical 5-point template.
+
+The per-frame 2x3 affine (source pixels -> crop pixels) is kept with the sample: inference pastes
+generated crops back into the original frames with its inverse.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from data_jobs.config import AlignConfig
+from data_jobs.media import VideoFrames
+from data_jobs.pipeline import Sample, Stage, chunked
+
+# InsightFace's ArcFace template (112x112 crop), normalised to [0, 1]: left eye, right eye, nose tip,
+# left and right mouth corners.
+ARCFACE = (
+    np.array(
+        [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]]
+    )
+    / 112.0
+)
+# Lip-sync crops need the chin, jaw and some context: shrink the layout about the centre by 0.7 and
+# raise it a little so the mouth sits below the middle with room for the chin.
+LOOSE = (ARCFACE - 0.5) * 0.7 + np.array([0.5, 0.47])
+TEMPLATES = {"arcface": ARCFACE, "loose": LOOSE}
+CHUNK_FRAMES = 32
+
+
+def template_points(name: str, size: int) -> np.ndarray:
+    return TEMPLATES[name] * size
+
+
+def similarity_transform(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Least-squares rotation + uniform scale + translation mapping `source` points onto `target`
+    (Umeyama 1991, no reflection). Returns the 2x3 matrix."""
+    source_mean, target_mean = source.mean(0), target.mean(0)
+    source_centred, target_centred = source - source_mean, target - target_mean
+    covariance = target_centred.T @ source_centred / len(source)
+    u, singular, vt = np.linalg.svd(covariance)
+    sign = np.eye(2)
+    if np.linalg.det(u) * np.linalg.det(vt) < 0:
+        sign[1, 1] = -1
+    rotation = u @ sign @ vt
+    scale = np.trace(np.diag(singular) @ sign) / source_centred.var(0).sum()
+    translation = target_mean - scale * rotation @ source_mean
+    return np.hstack([scale * rotation, translation[:, None]])
+
+
+def apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    return points @ matrix[:, :2].T + matrix[:, 2]
+
+
+class Align(Stage):
+    name = "align"
+
+    def __init__(self, config: AlignConfig):
+        self.config = config
+        self.template = template_points(config.template, config.size)
+
+    def __call__(self, sample: Sample) -> Sample:
+        size = self.config.size
+        affines = np.stack([similarity_transform(points, self.template) for points in sample.landmarks])
+        indices = sample.source_indices()
+        frames = np.empty((len(indices), size, size, 3), np.uint8)
+        reader = VideoFrames(sample.video_path)
+        try:
+            for positions in chunked(np.arange(len(indices)), CHUNK_FRAMES):
+                for position, frame in zip(positions, reader.read(indices[positions])):
+                    frames[position] = cv2.warpAffine(
+                        frame,
+                        affines[position],
+                        (size, size),
+                        flags=cv2.INTER_LINEAR,
+                        borderMode=cv2.BORDER_REFLECT,
+                    )
+        finally:
+            reader.close()
+        sample.affines = affines.astype(np.float32)
+        sample.frames = frames
+        return sample

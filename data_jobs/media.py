@@ -1,0 +1,175 @@
+"""Decode and encode helpers: frame-exact reads with decord (PyAV when decord can't open a file),
+audio through PyAV's resampler, H.264 mp4 and PCM wav encoding in memory.
+
+Inputs on object storage are copied to a local temporary file first: both decoders want a path,
+and one sequential download is cheaper than many ranged reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+import av
+import cv2
+import numpy as np
+import soundfile
+
+from lipforcing import storage
+
+
+@contextlib.contextmanager
+def local_path(url: str) -> Iterator[str]:
+    """A local path holding the bytes of `url` (the path itself when it is already local)."""
+    if storage.is_local(url):
+        yield storage.filesystem(url)[1]
+        return
+    suffix = os.path.splitext(url)[1]
+    with tempfile.TemporaryDirectory(prefix="lipforcing-in-") as folder:
+        target = os.path.join(folder, f"input{suffix}")
+        fs, path = storage.filesystem(url)
+        fs.get_file(path, target)
+        yield target
+
+
+@dataclass
+class MediaInfo:
+    has_video: bool
+    has_audio: bool
+    width: int = 0
+    height: int = 0
+    fps: float = 0.0
+    duration_s: float = 0.0
+    audio_rate: int = 0
+    audio_channels: int = 0
+
+
+def probe_media(path: str) -> MediaInfo:
+    """Stream layout of a media file; raises on files FFmpeg cannot open."""
+    with av.open(path) as container:
+        videos, audios = container.streams.video, container.streams.audio
+        info = MediaInfo(has_video=bool(videos), has_audio=bool(audios))
+        container_duration = (container.duration or 0) / av.time_base
+        if audios:
+            stream = audios[0]
+            info.audio_rate = stream.codec_context.sample_rate or 0
+            info.audio_channels = stream.codec_context.channels or 0
+            info.duration_s = container_duration
+        if videos:
+            stream = videos[0]
+            info.width, info.height = stream.codec_context.width, stream.codec_context.height
+            info.fps = float(stream.average_rate or stream.guessed_rate or 0)
+            stream_duration = float(stream.duration * stream.time_base) if stream.duration else 0.0
+            info.duration_s = stream_duration or container_duration
+    return info
+
+
+class VideoFrames:
+    """Random access to the frames of one video, by source frame index, in bounded chunks."""
+
+    def __init__(self, path: str, width: int = -1, height: int = -1):
+        self.path, self.width, self.height = path, width, height
+        self._decord = None
+        self._pyav_position: tuple[av.container.InputContainer, Iterator[av.VideoFrame], int] | None = None
+        self._last: np.ndarray | None = None
+        try:
+            import decord
+
+            self._decord = decord.VideoReader(
+                path, ctx=decord.cpu(0), width=width, height=height, num_threads=1
+            )
+        except Exception:  # decord rejects some containers PyAV reads; fall back below
+            self._decord = None
+
+    def timestamps(self) -> np.ndarray:
+        """Presentation start time of every frame, in seconds, ascending."""
+        if self._decord is not None:
+            return np.asarray(self._decord.get_frame_timestamp(range(len(self._decord))))[:, 0]
+        with av.open(self.path) as container:
+            stream = container.streams.video[0]
+            start, time_base = stream.start_time or 0, float(stream.time_base)  # read before closing
+            pts = sorted(p.pts for p in container.demux(stream) if p.pts is not None)
+        return (np.asarray(pts, dtype=np.float64) - start) * time_base
+
+    def read(self, indices: Sequence[int]) -> np.ndarray:
+        """RGB frames (n, h, w, 3) uint8 for ascending source indices (repeats allowed)."""
+        if self._decord is not None:
+            return self._decord.get_batch(list(indices)).asnumpy()
+        return np.stack([self._pyav_frame(i) for i in indices])
+
+    def close(self) -> None:
+        self._decord = None
+        if self._pyav_position is not None:
+            self._pyav_position[0].close()
+            self._pyav_position = None
+
+    def _pyav_frame(self, index: int) -> np.ndarray:
+        """Sequential decode; restarts from the beginning when asked to go backwards."""
+        if self._pyav_position is None or index < self._pyav_position[2] - 1:
+            self.close()
+            container = av.open(self.path)
+            container.streams.video[0].thread_type = "AUTO"
+            self._pyav_position = (container, iter(container.decode(video=0)), 0)
+        container, frames, next_index = self._pyav_position
+        while next_index <= index:
+            self._last = next(frames).to_ndarray(format="rgb24")
+            next_index += 1
+        self._pyav_position = (container, frames, next_index)
+        frame = self._last
+        if self.width > 0 and self.height > 0:
+            frame = cv2.resize(frame, (self.width, self.height), interpolation=cv2.INTER_AREA)
+        return frame
+
+
+def cfr_indices(timestamps: np.ndarray, fps: float, start_s: float, num_frames: int) -> np.ndarray:
+    """Source frame shown at each tick of a constant-rate timeline (the frame on screen at t)."""
+    ticks = start_s + np.arange(num_frames) / fps
+    index = np.searchsorted(timestamps, ticks + 1e-6, side="right") - 1
+    return np.clip(index, 0, len(timestamps) - 1)
+
+
+def read_audio(path: str, sample_rate: int) -> np.ndarray:
+    """The first audio stream as float32 mono at `sample_rate` (PyAV's resampler, any layout)."""
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+    chunks = []
+    with av.open(path) as container:
+        for frame in container.decode(audio=0):
+            for out in resampler.resample(frame):
+                chunks.append(out.to_ndarray().reshape(-1))
+        for out in resampler.resample(None):
+            chunks.append(out.to_ndarray().reshape(-1))
+    return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+
+
+def encode_mp4(frames: np.ndarray, fps: float, crf: int = 20, preset: str = "veryfast") -> bytes:
+    """H.264 (yuv420p) mp4 of RGB frames, in memory."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf), "preset": preset}
+        stream.codec_context.thread_count = 1
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def encode_wav(audio: np.ndarray, sample_rate: int) -> bytes:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, audio, sample_rate, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def decode_mp4(data: bytes) -> np.ndarray:
+    """All frames of an in-memory mp4 as RGB (for tests and the later scoring stage)."""
+    with av.open(io.BytesIO(data)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])

@@ -1,0 +1,45 @@
+"""Stage 2: put every input on the same clock: a 25 fps constant-rate timeline and 16 kHz mono.
+
+Video frames are not decoded here: the timeline is a map from output frame to the source frame
+on screen at that instant (frame-exact with VFR sources), and later stages decode only the frames
+of the segment they work on. Audio (small) is decoded and resampled whole.
+"""
+
+from __future__ import annotations
+
+import math
+
+from data_jobs.config import IngestConfig
+from data_jobs.media import VideoFrames, read_audio
+from data_jobs.pipeline import Sample, Stage
+
+
+class Resample(Stage):
+    name = "resample"
+
+    def __init__(self, config: IngestConfig):
+        self.config = config
+
+    def __call__(self, sample: Sample) -> Sample:
+        reader = VideoFrames(sample.video_path)
+        try:
+            timestamps = reader.timestamps()
+        finally:
+            reader.close()
+        if len(timestamps) == 0:
+            return sample.fail(self.name, "zero_length", "no decodable video frames", whole_input=True)
+        frame_duration = 1.0 / sample.info.fps
+        video_s = float(timestamps[-1]) + frame_duration
+        audio = read_audio(sample.audio_path or sample.video_path, self.config.sample_rate)
+        audio_s = len(audio) / self.config.sample_rate
+        duration = min(video_s, audio_s)
+        if duration <= 0:
+            return sample.fail(
+                self.name, "zero_length", f"video {video_s:.2f} s, audio {audio_s:.2f} s", True
+            )
+        sample.timestamps = timestamps
+        sample.fps = self.config.fps
+        sample.sample_rate = self.config.sample_rate
+        sample.num_frames = math.floor(duration * self.config.fps + 1e-6)
+        sample.audio = audio
+        return sample

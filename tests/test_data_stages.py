@@ -1,0 +1,236 @@
+"""Unit tests of the data job's stage logic: segmenting, tracking maths, alignment, IQA, weights."""
+
+from __future__ import annotations
+
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from data_jobs.align import ARCFACE, apply_affine, similarity_transform, template_points
+from data_jobs.config import DataJobConfig, WriteConfig
+from data_jobs.faces import interpolate_gaps, smooth_landmarks
+from data_jobs.hyperiqa import HyperIQA, ResNet50, five_crops, load_hyperiqa, load_torchvision_resnet50
+from data_jobs.inputs import list_inputs
+from data_jobs.iqa import sharpness_score
+from data_jobs.media import VideoFrames, cfr_indices, read_audio
+from data_jobs.sample import CLIPS, ClipSpec, encode_clip, render_frame
+from data_jobs.shots import split_shot
+from data_jobs.writer import ShardWriter
+from lipforcing.config import ConfigError
+from pipelines.jobs import resolve_config
+
+
+@pytest.mark.parametrize(
+    ("length", "expected"),
+    [
+        (124, []),  # 4.96 s: shorter than one segment
+        (125, [(0, 125)]),
+        (250, [(0, 250)]),
+        (251, [(0, 126), (126, 251)]),  # just over 10 s: two equal halves
+        (550, [(0, 183), (183, 367), (367, 550)]),  # 22 s: three ~7.3 s segments
+    ],
+)
+def test_split_shot_keeps_segments_between_min_and_max(length, expected):
+    assert split_shot(0, length, 125, 250) == expected
+
+
+def test_split_shot_bounds_hold_for_every_length():
+    for length in range(125, 2000, 7):
+        parts = split_shot(100, 100 + length, 125, 250)
+        assert parts[0][0] == 100 and parts[-1][1] == 100 + length
+        assert all(125 <= b - a <= 250 for a, b in parts)
+        assert all(p[1] == q[0] for p, q in zip(parts, parts[1:]))
+
+
+def test_split_shot_when_max_is_less_than_twice_min_leaves_the_tail():
+    parts = split_shot(0, 160, 100, 150)
+    assert parts == [(0, 150)]
+
+
+def test_interpolate_gaps_is_linear_inside_and_holds_at_edges():
+    values = np.array([[0.0], [0.0], [2.0], [0.0], [6.0], [0.0]])
+    known = np.array([False, False, True, False, True, False])
+    filled = interpolate_gaps(values, known)
+    assert filled[:, 0].tolist() == [2.0, 2.0, 2.0, 4.0, 6.0, 6.0]
+
+
+def test_smoothing_reduces_jitter_without_moving_the_mean():
+    rng = np.random.default_rng(0)
+    truth = np.tile(np.array([[100.0, 120.0]] * 5), (200, 1, 1))
+    noisy = truth + rng.normal(0, 2.0, truth.shape)
+    smooth = smooth_landmarks(noisy, sigma=2.0)
+    assert np.abs(np.diff(smooth, axis=0)).mean() < 0.3 * np.abs(np.diff(noisy, axis=0)).mean()
+    assert np.abs(smooth.mean(0) - truth[0]).max() < 0.5
+
+
+def test_similarity_transform_recovers_a_known_rotation_scale_and_shift():
+    angle, scale, shift = np.deg2rad(12.0), 2.3, np.array([40.0, -15.0])
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    source = np.array([[30.0, 40.0], [70.0, 41.0], [50.0, 60.0], [35.0, 80.0], [66.0, 79.0]])
+    target = source @ (scale * rotation).T + shift
+    matrix = similarity_transform(source, target)
+    np.testing.assert_allclose(matrix[:, :2], scale * rotation, atol=1e-9)
+    np.testing.assert_allclose(matrix[:, 2], shift, atol=1e-9)
+    np.testing.assert_allclose(apply_affine(matrix, source), target, atol=1e-9)
+
+
+def test_templates_keep_the_face_upright_and_centred():
+    for name in ("loose", "arcface"):
+        points = template_points(name, 512)
+        assert points[0, 0] < 256 < points[1, 0]  # eyes either side of the centre line
+        assert points[0, 1] < points[2, 1] < points[3, 1]  # eyes above nose above mouth
+        assert abs(points[:, 0].mean() - 256) < 3
+    loose, tight = template_points("loose", 512), template_points("arcface", 512)
+    assert np.linalg.norm(loose[1] - loose[0]) < np.linalg.norm(tight[1] - tight[0])  # room for the chin
+    np.testing.assert_allclose(ARCFACE[0] * 112, [38.2946, 51.6963])
+
+
+def test_sharpness_calibration_keeps_sharp_sample_frames_and_drops_the_blurred_clip():
+    sharp = [s for s in CLIPS if s.faces and not s.blur_sigma and len(s.faces) == 1]
+    blurred = next(s for s in CLIPS if s.blur_sigma)
+    sharp_scores = [sharpness_score(render_frame(s, 1.0, 0.5, 0.0)) for s in sharp]
+    blurred_score = sharpness_score(render_frame(blurred, 1.0, 0.5, 0.0))
+    assert min(sharp_scores) >= 40.0, sharp_scores
+    assert blurred_score < 40.0
+    assert 0.0 <= blurred_score <= 100.0 and max(sharp_scores) <= 100.0
+
+
+def test_resnet50_has_torchvision_key_layout():
+    state = ResNet50().state_dict()
+    assert len(state) == 318  # torchvision's resnet50 state dict (320 entries) minus fc.weight/fc.bias
+    assert state["layer1.0.downsample.0.weight"].shape == (256, 64, 1, 1)
+    assert state["layer3.5.conv2.weight"].shape == (256, 256, 3, 3)
+    assert state["layer4.2.bn3.running_var"].shape == (2048,)
+    torchvision_like = {
+        k: torch.randn_like(v.float()) if v.is_floating_point() else v for k, v in state.items()
+    }
+    torchvision_like["fc.weight"], torchvision_like["fc.bias"] = torch.zeros(1000, 2048), torch.zeros(1000)
+    backbone = ResNet50()
+    assert load_torchvision_resnet50(backbone, torchvision_like) == ["fc.bias", "fc.weight"]
+    assert torch.equal(backbone.layer2[1].conv1.weight, torchvision_like["layer2.1.conv1.weight"])
+
+
+def test_hyperiqa_loads_a_checkpoint_in_the_public_koniq_layout(tmp_path):
+    state = HyperIQA().state_dict()
+    expected_shapes = {
+        "res.lda1_pool.0.weight": (16, 256, 1, 1),
+        "res.lda1_fc.weight": (16, 1024),
+        "res.lda3_fc.weight": (16, 256),
+        "res.lda4_fc.weight": (176, 2048),
+        "conv1.4.weight": (112, 512, 1, 1),
+        "fc1w_conv.weight": (512, 112, 3, 3),
+        "fc4w_conv.weight": (8, 112, 3, 3),
+        "fc5w_fc.weight": (14, 112),
+        "fc5b_fc.weight": (1, 112),
+    }
+    for key, shape in expected_shapes.items():
+        assert tuple(state[key].shape) == shape, key
+    generator = torch.Generator().manual_seed(0)
+    written = {
+        k: torch.randn(v.shape, generator=generator) * 0.02 if v.is_floating_point() else v
+        for k, v in state.items()
+    }
+    written.update(
+        {k: torch.rand(v.shape, generator=generator) + 0.5 for k, v in state.items() if "running_var" in k}
+    )
+    path = tmp_path / "koniq_pretrained.pkl"
+    torch.save(written, path)
+    model = load_hyperiqa(str(path))
+    assert torch.equal(model.fc3w_conv.weight, written["fc3w_conv.weight"])
+    image = (np.random.default_rng(0).random((300, 300, 3)) * 255).astype(np.uint8)
+    with torch.inference_mode():
+        scores = model(five_crops(image))
+    assert scores.shape == (5,) and torch.isfinite(scores).all()
+    torch.save({"model": written}, path)  # some copies wrap the state dict
+    assert torch.equal(load_hyperiqa(str(path)).fc1b_fc.bias, written["fc1b_fc.bias"])
+
+
+def test_hyperiqa_without_weights_is_a_config_error_naming_the_key(tmp_path):
+    from data_jobs.job import run_data_job
+
+    config = resolve_config(DataJobConfig, ["iqa.backend=hyperiqa", f"output={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"iqa\.weights"):
+        run_data_job(config)
+    config = resolve_config(DataJobConfig, ["faces.backend=insightface", f"output={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"faces\.model_pack"):
+        run_data_job(config)
+
+
+def test_config_rejects_unknown_backends():
+    with pytest.raises(ConfigError, match="iqa.backend"):
+        resolve_config(DataJobConfig, ["iqa.backend=brisque"])
+    assert resolve_config(DataJobConfig, ["profile=tiny"]).align.size == 256
+    assert resolve_config(DataJobConfig, ["profile=14b"]).align.size == 512
+
+
+def test_folder_inputs_pair_same_named_audio_and_tag_datasets(tmp_path):
+    (tmp_path / "hdtf").mkdir()
+    (tmp_path / "vox" / "id1").mkdir(parents=True)
+    for name in ("hdtf/a.mp4", "hdtf/a.wav", "vox/id1/b.MKV", "vox/id1/notes.txt", "top.webm"):
+        (tmp_path / name).write_bytes(b"x")
+    items = {i.video.rsplit("/", 1)[-1]: i for i in list_inputs(str(tmp_path))}
+    assert sorted(items) == ["a.mp4", "b.MKV", "top.webm"]
+    assert items["a.mp4"].audio.endswith("hdtf/a.wav") and items["b.MKV"].audio is None
+    assert (items["a.mp4"].dataset, items["b.MKV"].dataset, items["top.webm"].dataset) == (
+        "hdtf",
+        "vox",
+        tmp_path.name,
+    )
+    assert len({i.key_stem for i in items.values()}) == 3 and all(
+        "." not in i.key_stem for i in items.values()
+    )
+
+
+def test_list_inputs_resolve_relative_paths_and_keep_keys_stable(tmp_path):
+    (tmp_path / "list.csv").write_text("video,audio,dataset\nclips/x.mp4,clips/x.wav,hallo3\n/abs/y.mp4,,\n")
+    items = list_inputs(str(tmp_path / "list.csv"))
+    assert [i.video for i in items] == ["/abs/y.mp4", f"{tmp_path}/clips/x.mp4"]
+    assert items[1].audio == f"{tmp_path}/clips/x.wav" and items[1].dataset == "hallo3"
+    assert items[0].dataset == "default" and items[0].audio is None
+    assert list_inputs(str(tmp_path / "list.csv")) == items
+
+
+def test_cfr_indices_pick_the_frame_on_screen_at_each_tick():
+    thirty = np.arange(90) / 30.0
+    np.testing.assert_array_equal(cfr_indices(thirty, 25.0, 0.0, 6), [0, 1, 2, 3, 4, 6])
+    variable = np.array([0.0, 0.0667, 0.1, 0.2, 0.35])  # a VFR stream
+    np.testing.assert_array_equal(cfr_indices(variable, 25.0, 0.0, 10), [0, 0, 1, 2, 2, 3, 3, 3, 3, 4])
+    np.testing.assert_array_equal(cfr_indices(thirty, 25.0, 2.0, 3), [60, 61, 62])
+
+
+def test_pyav_fallback_reads_the_same_frames_as_decord(tmp_path):
+    spec = ClipSpec("tiny", ("astronaut",), 24, 16000, 2, 1.5, (128, 96), "x", "samples=0")
+    video, _ = encode_clip(spec, np.random.default_rng(0))
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(video)
+    with_decord = VideoFrames(str(path), width=64, height=48)
+    with_pyav = VideoFrames(str(path), width=64, height=48)
+    with_pyav._decord = None  # what happens when decord cannot open a file
+    np.testing.assert_allclose(with_decord.timestamps(), with_pyav.timestamps(), atol=1e-3)
+    assert len(with_pyav.timestamps()) == 36
+    indices = [0, 3, 3, 20, 35]
+    decord_frames, pyav_frames = with_decord.read(indices), with_pyav.read(indices)
+    assert pyav_frames.shape == decord_frames.shape == (5, 48, 64, 3)
+    assert np.abs(decord_frames.astype(int) - pyav_frames.astype(int)).mean() < 4.0
+    assert with_pyav.read([1]).shape == (1, 48, 64, 3)  # going backwards reopens the file
+    with_pyav.close()
+    audio = read_audio(str(path), 16000)
+    assert audio.ndim == 1 and abs(len(audio) / 16000 - 1.5) < 0.05
+
+
+@pytest.mark.parametrize(
+    ("max_samples", "max_bytes", "expected"), [(2, 0, [2, 2, 1]), (0, 250, [2, 2, 1]), (0, 0, [5])]
+)
+def test_shard_writer_rolls_over_by_samples_or_bytes(tmp_path, max_samples, max_bytes, expected):
+    config = WriteConfig(shard_max_samples=max_samples, shard_max_bytes=max_bytes)
+    writer = ShardWriter(str(tmp_path), "part-000007", config)
+    for index in range(5):
+        writer.add(f"k{index}", {"json": b"{}", "wav": bytes(100)})
+    shards = writer.close()
+    assert [s.samples for s in shards] == expected
+    assert [s.name for s in shards] == [f"part-000007-{i:02d}" for i in range(len(expected))]
+    with tarfile.open(tmp_path / "part-000007-00.tar") as tar:
+        assert tar.getnames()[:2] == ["k0.json", "k0.wav"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{s.name}.tar" for s in shards]
