@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.results import RESULTS
 from lipforcing.config import ConfigError, load_config
 
 ORDER = ("model", "sync", "train", "data")
-RESULTS = Path(__file__).with_name("RESULTS.md")
 HEADER = [
     "# Benchmark results",
     "",

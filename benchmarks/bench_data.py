@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
+from benchmarks.results import write_section
+
 HEADING = "## Data"
 
 
@@ -150,18 +151,6 @@ def measure(overrides: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(section: str, path: Path = RESULTS) -> None:
-    """Replace (or append) the "## Data" section, leaving every other section as it is."""
-    lines = path.read_text().splitlines() if path.exists() else ["# Benchmark results", ""]
-    if HEADING in lines:
-        start = lines.index(HEADING)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[start:end] = section.rstrip("\n").splitlines() + ([""] if end < len(lines) else [])
-    else:
-        lines += ["", *section.rstrip("\n").splitlines()]
-    path.write_text("\n".join(lines) + "\n")
-
-
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -172,7 +161,7 @@ def main(argv: list[str] | None = None) -> str:
     section = measure(args.overrides)
     print(section)
     if args.write:
-        write_section(section)
+        write_section(section, HEADING)
     return section
 
 

@@ -23,10 +23,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 
+from benchmarks.results import write_section
 from lipforcing.diffusion import sample_teacher
 from lipforcing.inference import stream_generate
 from lipforcing.models import (
@@ -41,7 +41,6 @@ from lipforcing.models import (
 
 FPS = 25
 LATENT_HW = 8  # 64x64 pixels
-RESULTS = Path(__file__).with_name("RESULTS.md")
 COMMAND = "python -m benchmarks.bench_model --write"
 
 
@@ -215,19 +214,6 @@ def markdown(speed: dict[str, float], memory: list[dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def write_section(section: str, path: Path = RESULTS) -> None:
-    """Replace (or append) the "## Model" section, leaving every other section as it is."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    lines = text.splitlines()
-    if "## Model" in lines:
-        start = lines.index("## Model")
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[start:end] = section.rstrip("\n").splitlines() + [""]
-    else:
-        lines += [""] + section.rstrip("\n").splitlines()
-    path.write_text("\n".join(lines).rstrip("\n") + "\n")
-
-
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help="update the ## Model section of RESULTS.md")
@@ -240,7 +226,7 @@ def main(argv: list[str] | None = None) -> str:
     section = markdown(bench_speed(), bench_memory())
     print(section)
     if args.write:
-        write_section(section)
+        write_section(section, "## Model")
     return section
 
 

@@ -16,23 +16,20 @@ Random embeddings and weights: these numbers are about speed, never about sync q
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks.results import machine, write_section
 from lipforcing.metrics.sync import av_sync, sync_confidence_batch
 from lipforcing.models.syncnet import StableSyncNet, SyncNetConfig, clip_embeddings, score_clip
 
 FPS = 25
 SAMPLE_RATE = 16_000
 VSHIFT = 15
-RESULTS = Path(__file__).with_name("RESULTS.md")
 HEADING = "## Sync metric"
 COMMAND = "python -m benchmarks.bench_sync --write"
 
@@ -133,19 +130,6 @@ def bench_score_clip(seconds: float = 10.0, size: int = 128) -> dict[str, float]
     return {"seconds": seconds, "windows": len(video_emb), **seconds_per_call}
 
 
-def machine(threads: int | None = None) -> str:
-    """One line naming the machine a section was measured on, and how busy it was."""
-    model = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    thread_count = "" if threads is None else f", {threads} torch thread{'s' if threads != 1 else ''}"
-    return (
-        f"{model} ({platform.machine()}), nproc {os.cpu_count()} shared with other engineers' jobs (noisy), "
-        f"torch {torch.__version__}{thread_count}; 1-min load average {os.getloadavg()[0]:.1f} when the run ended"
-    )
-
-
 def markdown(metric: list[dict[str, float]], clip: dict[str, float], threads: int) -> str:
     lines = [
         HEADING,
@@ -195,18 +179,6 @@ def markdown(metric: list[dict[str, float]], clip: dict[str, float], threads: in
         "",
     ]
     return "\n".join(lines)
-
-
-def write_section(section: str, heading: str, path: Path = RESULTS) -> None:
-    """Replace (or append) the section under `heading`, leaving every other section as it is."""
-    lines = (path.read_text() if path.exists() else "# Benchmark results\n").splitlines()
-    if heading in lines:
-        start = lines.index(heading)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[start:end] = section.rstrip("\n").splitlines() + ([""] if end < len(lines) else [])
-    else:
-        lines += ["", *section.rstrip("\n").splitlines()]
-    path.write_text("\n".join(lines).rstrip("\n") + "\n")
 
 
 def main(argv: list[str] | None = None) -> str:

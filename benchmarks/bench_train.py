@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.bench_sync import machine, write_section
+from benchmarks.results import machine, write_section
 from lipforcing.data.shards import shard_urls
 from lipforcing.diffusion.schedules import add_noise, chunk_timesteps
 from lipforcing.losses.flow_matching import flow_matching_loss

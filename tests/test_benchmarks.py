@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from benchmarks.__main__ import ORDER, BenchConfig, command, parse_args, selected, write_header
-from benchmarks.bench_sync import check_equal, loop_sync, random_embeddings, write_section
+from benchmarks.bench_sync import check_equal, loop_sync, random_embeddings
+from benchmarks.results import write_section
 from lipforcing.config import ConfigError
 from lipforcing.metrics.sync import av_sync
 

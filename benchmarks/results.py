@@ -1,0 +1,36 @@
+"""What every benchmark shares: the machine line and writing its own section of RESULTS.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def machine(threads: int | None = None) -> str:
+    """One line naming the machine a section was measured on, and how busy it was."""
+    model = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    thread_count = "" if threads is None else f", {threads} torch thread{'s' if threads != 1 else ''}"
+    return (
+        f"{model} ({platform.machine()}), nproc {os.cpu_count()} shared with other engineers' jobs (noisy), "
+        f"torch {torch.__version__}{thread_count}; 1-min load average {os.getloadavg()[0]:.1f} when the run ended"
+    )
+
+
+def write_section(section: str, heading: str, path: Path = RESULTS) -> None:
+    """Replace (or append) the section under `heading`, leaving every other section as it is."""
+    lines = (path.read_text() if path.exists() else "# Benchmark results\n").splitlines()
+    if heading in lines:
+        start = lines.index(heading)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines[start:end] = section.rstrip("\n").splitlines() + ([""] if end < len(lines) else [])
+    else:
+        lines += ["", *section.rstrip("\n").splitlines()]
+    path.write_text("\n".join(lines).rstrip("\n") + "\n")
