@@ -13,6 +13,12 @@ from pipelines.jobs import resolve_config
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(autouse=True)
+def query_the_session_store(mlflow_store):
+    """Read runs from the store the jobs wrote to (another test may have pointed MLflow elsewhere)."""
+    mlflow.set_tracking_uri(mlflow_store)
+
+
 def metric_history(run_id: str, key: str) -> list[float]:
     return [m.value for m in sorted(mlflow.tracking.MlflowClient().get_metric_history(run_id, key), key=lambda m: m.step)]
 

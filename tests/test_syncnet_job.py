@@ -13,6 +13,12 @@ from pipelines.syncnet import main as train_syncnet
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(autouse=True)
+def query_the_session_store(mlflow_store):
+    """Read runs from the store the jobs wrote to (another test may have pointed MLflow elsewhere)."""
+    mlflow.set_tracking_uri(mlflow_store)
+
+
 def history(run_id: str, key: str) -> list:
     return sorted(mlflow.tracking.MlflowClient().get_metric_history(run_id, key), key=lambda m: m.step)
 
