@@ -231,18 +231,23 @@ class _Throughput:
 
     def __init__(self):
         self.wait = self.total = 0.0
-        self.samples = 0
+        self.samples = self.steps = 0
 
     def add(self, wait: float, total: float, samples: int) -> None:
         self.wait += wait
         self.total += total
         self.samples += samples
+        self.steps += 1
 
     def metrics(self) -> dict[str, float]:
         steps_time = max(self.total, 1e-9)
-        result = {"samples_per_s": self.samples / steps_time, "data_stall_fraction": self.wait / steps_time}
+        result = {
+            "samples_per_s": self.samples / steps_time,
+            "data_stall_fraction": self.wait / steps_time,
+            "step_time_s": steps_time / max(self.steps, 1),
+        }
         self.wait = self.total = 0.0
-        self.samples = 0
+        self.samples = self.steps = 0
         return result
 
 

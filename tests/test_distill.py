@@ -57,6 +57,8 @@ def test_parent_run_with_nested_stage_runs(distilled):
         assert values and all(v == v and abs(v) < 1e6 for v in values), (name, values)
         assert by_name[name].data.params["train.zero_stage"] == "2"
         assert by_name[name].data.params["train.num_workers"] == "2"
+        videos = mlflow.artifacts.list_artifacts(run_id=by_name[name].info.run_id, artifact_path="samples")
+        assert [v.path for v in videos] == [f"samples/{name}.mp4"] and videos[0].file_size > 0
 
 
 def test_dmd_counters_cfg_fraction_reward_and_registration(distilled):

@@ -91,7 +91,7 @@ def test_two_workers_zero2_train_and_log(local_ray, tmp_path, monkeypatch):
     assert len(losses) == 12
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) < 0.5 * sum(losses[:3])
-    for key in ("lr/model", "grad_norm/model", "samples_per_s", "data_stall_fraction", "memory_gb"):
+    for key in ("lr/model", "grad_norm/model", "samples_per_s", "data_stall_fraction", "step_time_s", "memory_gb"):
         assert key in run.data.metrics
     assert result.checkpoint is not None
     assert sorted(os.listdir(result.checkpoint.path))  == ["model"]

@@ -116,6 +116,27 @@ class DiffusionStage(Stage):
         cfg = self.context.config.model
         return apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
 
+    @torch.no_grad()
+    def sample_video(self, latents_from, output_dir: str) -> None:
+        """Rank 0: generate one clip from a fresh batch's condition and keep it as a run artifact.
+
+        `latents_from(cond, negative_text)` returns clean latents [1, 16, F, h, w]; they are decoded with the TAE
+        and written beside the stage's weights (the trainer uploads that folder to MLflow).
+        """
+        if self.context.rank != 0:
+            return
+        from lipforcing.models import build_tae
+        from pipelines.evaluate import encode_sample, to_uint8
+
+        encoded = self.encode(next(self.batches()))
+        cond = encoded.cond.frames(0, encoded.x0.shape[2])
+        first = type(cond)(**{k: None if v is None else v[:1] for k, v in vars(cond).items()})
+        frames = build_tae(self.context.config.model).to(self.context.device).decode(latents_from(first, encoded.negative_text).float())
+        video = encode_sample(to_uint8(frames[0].cpu()).numpy(), encoded.audio[0].cpu().numpy())
+        os.makedirs(os.path.join(output_dir, "samples"), exist_ok=True)
+        with open(os.path.join(output_dir, "samples", f"{self.name}.mp4"), "wb") as handle:
+            handle.write(video)
+
     def export(self, module: torch.nn.Module, output_dir: str, stage: str | None = None) -> None:
         """Rank 0 writes merged Wan-layout weights to the run's artifacts and to <output>/<stage>/."""
         if self.context.rank != 0:

@@ -24,7 +24,7 @@ from lipforcing.diffusion.schedules import (
     sync_window_scale,
     x0_from_velocity,
 )
-from lipforcing.inference.streaming import denoise_chunk, split_chunks
+from lipforcing.inference.streaming import denoise_chunk, split_chunks, stream_generate
 from lipforcing.losses.dmd import dmd_loss_per_sample, fake_score_loss, student_updates_at
 from lipforcing.losses.reward import reward_weights, weighted_loss
 from lipforcing.models import build_student, build_tae, build_teacher
@@ -165,4 +165,5 @@ class DistributionMatching(DiffusionStage):
                 if name in self.ema:
                     param.copy_(self.ema[name])
         self.export(ema_student, output_dir)
+        self.sample_video(lambda cond, _: torch.cat([c.latents for c in stream_generate(ema_student, cond)], dim=2), output_dir)
         return {**{k: float(v) for k, v in self.counters.items()}, "cfg_fraction_total": self.cfg_samples / max(self.dmd_samples, 1)}

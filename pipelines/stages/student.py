@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from lipforcing.diffusion.schedules import add_noise, chunk_timesteps
+from lipforcing.inference.streaming import stream_generate
 from lipforcing.losses.flow_matching import flow_matching_loss
 from lipforcing.models import build_student
 from pipelines.stages.common import DiffusionStage, seeded_choice
@@ -40,5 +41,7 @@ class StudentDiffusionForcing(DiffusionStage):
         return {"loss": loss.item(), "window_frames": float(window), "sink_frames": float(sink)}
 
     def finish(self, engines, output_dir):
-        self.export(engines["student"].module, output_dir)
+        student = engines["student"].module
+        self.export(student, output_dir)
+        self.sample_video(lambda cond, _: torch.cat([c.latents for c in stream_generate(student, cond)], dim=2), output_dir)
         return {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from lipforcing.diffusion.samplers import sample_teacher
 from lipforcing.diffusion.schedules import add_noise, sample_training_timesteps
 from lipforcing.losses.flow_matching import flow_matching_loss
 from lipforcing.models import build_teacher
@@ -60,7 +61,16 @@ class TeacherBase(DiffusionStage):
         return {f"{self.network}_loss": loss.item()}
 
     def finish(self, engines, output_dir):
-        self.export(engines[self.network].module, output_dir)
+        teacher = engines[self.network].module
+        self.export(teacher, output_dir)
+        model = self.context.config.model
+        self.sample_video(
+            lambda cond, negative: sample_teacher(
+                teacher, torch.randn_like(cond.masked_video), cond, cond.null(negative),
+                model.guidance_scale, model.teacher_steps, model.shift,
+            ).latents,
+            output_dir,
+        )  # fmt: skip
         return {}
 
 
