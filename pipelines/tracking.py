@@ -40,8 +40,8 @@ def setup_tracking(root: Path = DEFAULT_ROOT, experiment: str = EXPERIMENT) -> s
     if found is not None:
         return found.experiment_id
     artifact_location = None
-    if uri.startswith("sqlite:///") and not os.environ.get("MLFLOW_TRACKING_URI"):
-        artifact_location = (root / "mlartifacts").resolve().as_uri()
+    if uri.startswith("sqlite:///"):  # a file store: keep artifacts beside the database, not in ./mlruns
+        artifact_location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
     return mlflow.create_experiment(experiment, artifact_location=artifact_location)
 
 

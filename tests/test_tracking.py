@@ -46,6 +46,8 @@ def test_parent_and_nested_runs_read_back(local_store):
     assert by_name["distill"].data.tags["config_hash"] == config_hash(config)
     artifacts = mlflow.artifacts.list_artifacts(run_id=parent.info.run_id)
     assert "config.yaml" in [a.path for a in artifacts]
+    location = mlflow.get_experiment_by_name("lipforcing").artifact_location
+    assert location == (local_store / "mlartifacts").resolve().as_uri()  # beside the database, not ./mlruns
 
 
 def test_credentials_are_not_logged(local_store):
