@@ -105,36 +105,21 @@ class ModelConfig:
         return range(2, self.num_layers // 2 + 1)
 
 
+# What the real profiles share: UMT5-XXL text, wav2vec2-base audio, the real Wan VAE and taew2_1 widths.
+_PRETRAINED_ENCODERS = dict(
+    text_dim=4096,
+    text_len=512,
+    audio_encoder_hidden=768,
+    audio_encoder_layers=12,
+    vae_base_dim=96,
+    vae_num_res_blocks=2,
+    tae_channels=[256, 128, 64, 64],
+)
+
 PROFILES: dict[str, ModelConfig] = {
     "tiny": ModelConfig(),
-    "1.3b": ModelConfig(
-        profile="1.3b",
-        dim=1536,
-        ffn_dim=8960,
-        num_heads=12,
-        num_layers=30,
-        text_dim=4096,
-        text_len=512,
-        audio_encoder_hidden=768,
-        audio_encoder_layers=12,
-        vae_base_dim=96,
-        vae_num_res_blocks=2,
-        tae_channels=[256, 128, 64, 64],
-    ),
-    "14b": ModelConfig(
-        profile="14b",
-        dim=5120,
-        ffn_dim=13824,
-        num_heads=40,
-        num_layers=40,
-        text_dim=4096,
-        text_len=512,
-        audio_encoder_hidden=768,
-        audio_encoder_layers=12,
-        vae_base_dim=96,
-        vae_num_res_blocks=2,
-        tae_channels=[256, 128, 64, 64],
-    ),
+    "1.3b": ModelConfig(profile="1.3b", dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, **_PRETRAINED_ENCODERS),
+    "14b": ModelConfig(profile="14b", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, **_PRETRAINED_ENCODERS),
 }
 
 
