@@ -187,12 +187,12 @@ def run_scored_job(config: DataJobConfig):
     started = time.perf_counter()
     aligned = storage.join(config.output, "aligned")
     run_data_job(dataclasses.replace(config, output=aligned))
-    weights = resolve_weights(config, aligned)
     layout = Layout(config.output)
     sources = storage.glob(storage.join(aligned, "stats", "*.json"))
     pending = [u for u in sources if not storage.exists(layout.stats_url(os.path.basename(u)[: -len(".json")]))]
     print(f"score: {len(sources)} tasks, {len(sources) - len(pending)} already scored, {len(pending)} to score")
     if pending:
+        weights = resolve_weights(config, aligned)
         init_ray(num_cpus=config.execution.local_num_cpus or None)
         remote = ray.remote(score_task).options(num_cpus=config.execution.num_cpus_per_task)
         ray.get([remote.remote(url, config, weights) for url in pending])
