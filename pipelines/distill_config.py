@@ -65,7 +65,10 @@ class DistillConfig:
     loader_workers: int = 0  # torch DataLoader processes per training worker
     seed: int = 0
     window: WindowConfig = field(default_factory=WindowConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the student (and its fake score)
+    # The frozen teacher. Both paper students learn from the 14B teacher: the 1.3b profile pairs a
+    # 14B teacher with a 1.3B student, which then starts from model.dit_weights (a same-size base).
+    teacher_model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     dmd: DMDConfig = field(default_factory=DMDConfig)
@@ -73,4 +76,10 @@ class DistillConfig:
 
     @classmethod
     def for_profile(cls, profile: str) -> DistillConfig:
-        return cls(profile=profile, model=model_config(profile))
+        teacher = "14b" if profile == "1.3b" else profile
+        return cls(profile=profile, model=model_config(profile), teacher_model=model_config(teacher))
+
+    def same_size_teacher(self) -> bool:
+        """Whether the student can start from the teacher's weights (else from model.dit_weights)."""
+        shape = ("dim", "ffn_dim", "num_heads", "num_layers")
+        return all(getattr(self.model, k) == getattr(self.teacher_model, k) for k in shape)

@@ -114,3 +114,25 @@ def test_profiles_carry_the_paper_recipe():
     assert config.dmd.train.lr == 2e-6 and config.dmd.train.betas == [0.0, 0.999]
     assert config.dmd.student_every == 5 and config.dmd.reward_beta == 2.0
     assert resolve_config(DistillConfig, ["profile=14b"]).model.dim == 5120
+
+
+def test_the_real_students_learn_from_the_14b_teacher():
+    small = resolve_config(DistillConfig, ["profile=1.3b"])
+    assert (small.teacher_model.dim, small.teacher_model.num_layers) == (5120, 40)
+    assert (small.model.dim, small.model.num_layers) == (1536, 30)
+    assert not small.same_size_teacher()
+    assert resolve_config(DistillConfig, ["profile=14b"]).same_size_teacher()
+    assert resolve_config(DistillConfig, []).same_size_teacher()
+
+
+def test_a_smaller_student_needs_its_own_base(tmp_path):
+    from types import SimpleNamespace
+
+    from pipelines.stages.common import DiffusionStage
+
+    config = resolve_config(DistillConfig, ["profile=1.3b"])
+    stage = SimpleNamespace(context=SimpleNamespace(config=config), scratch=str(tmp_path))
+    with pytest.raises(ConfigError, match="model.dit_weights"):
+        DiffusionStage.student_base(stage)
+    config.model.dit_weights = str(tmp_path / "omniavatar-ls-1.3b.safetensors")
+    assert DiffusionStage.student_base(stage) == config.model.dit_weights

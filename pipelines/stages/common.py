@@ -111,6 +111,21 @@ class DiffusionStage(Stage):
         url = config.teacher.weights if stage == "teacher" and config.teacher.weights else stage_weights(config.output, stage)
         return local_copy(url, self.scratch)
 
+    def student_base(self) -> str | None:
+        """Where the student and the fake score start: the teacher when sizes match, else the
+        configured same-size base (`model.dit_weights`, e.g. OmniAvatar-LS 1.3B under a 14B teacher)."""
+        config = self.context.config
+        if config.same_size_teacher():
+            return self.weights("teacher")
+        if not config.model.dit_weights:
+            from lipforcing.config import ConfigError
+
+            raise ConfigError(
+                "config key 'model.dit_weights' is empty: a student smaller than its teacher starts from a "
+                "same-size base checkpoint"
+            )
+        return local_copy(config.model.dit_weights, self.scratch)
+
     def adapt(self, model: torch.nn.Module) -> torch.nn.Module:
         """The stage adapter: fresh LoRA on q,k,v,o,ffn + fully trainable audio and patch modules."""
         cfg = self.context.config.model

@@ -60,7 +60,7 @@ class DistributionMatching(DiffusionStage):
     def __init__(self, context):
         super().__init__(context)
         config = context.config
-        self.teacher = build_teacher(config.model, device="cpu", weights=self.weights("teacher")).to(context.device).eval()
+        self.teacher = build_teacher(config.teacher_model, device="cpu", weights=self.weights("teacher")).to(context.device).eval()
         self.teacher.requires_grad_(False)
         self.tae = build_tae(config.model).to(context.device).eval()
         self.syncnet = load_syncnet(SyncNetConfig(weights=config.dmd.syncnet), key="dmd.syncnet") if config.dmd.syncnet else None
@@ -72,7 +72,7 @@ class DistributionMatching(DiffusionStage):
     def networks(self):
         config = self.context.config
         student = self.adapt(build_student(config.model, device="cpu", weights=self.weights("student")))
-        fake_score = self.adapt(build_teacher(config.model, device="cpu", weights=self.weights("teacher")))
+        fake_score = self.adapt(build_teacher(config.model, device="cpu", weights=self.student_base()))
         self.ema = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
         return {"student": student, "fake_score": fake_score}
 

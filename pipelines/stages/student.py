@@ -21,7 +21,7 @@ class StudentDiffusionForcing(DiffusionStage):
 
     def networks(self):
         config = self.context.config
-        return {"student": self.adapt(build_student(config.model, device="cpu", weights=self.weights("teacher")))}
+        return {"student": self.adapt(build_student(config.model, device="cpu", weights=self.student_base()))}
 
     def step(self, engines, batch, iteration):
         config = self.context.config

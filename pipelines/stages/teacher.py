@@ -45,7 +45,7 @@ class TeacherBase(DiffusionStage):
         return {self.network: self.build()}
 
     def build(self) -> torch.nn.Module:
-        return build_teacher(self.context.config.model, device="cpu")
+        return build_teacher(self.context.config.teacher_model, device="cpu")
 
     def step(self, engines, batch, iteration):
         encoded = self.encode(batch)
@@ -63,7 +63,7 @@ class TeacherBase(DiffusionStage):
     def finish(self, engines, output_dir):
         teacher = engines[self.network].module
         self.export(teacher, output_dir)
-        model = self.context.config.model
+        model = self.context.config.teacher_model
         self.sample_video(
             lambda cond, negative: sample_teacher(
                 teacher, torch.randn_like(cond.masked_video), cond, cond.null(negative),
@@ -83,4 +83,4 @@ class TeacherLora(TeacherBase):
     def build(self) -> torch.nn.Module:
         config = self.context.config
         base = self.weights("teacher_base") if config.teacher.base_steps > 0 else None
-        return self.adapt(build_teacher(config.model, device="cpu", weights=base))
+        return self.adapt(build_teacher(config.teacher_model, device="cpu", weights=base))
