@@ -107,7 +107,8 @@ def submit_job(
     env_vars[SUBMITTED_FLAG] = "1"
     _use_token_auth_when_available()
     client = JobSubmissionClient(address)
-    job_id = client.submit_job(
+    job_id = _submit_when_ready(
+        client,
         entrypoint=shlex.join(["python", "-m", module, *argv]),
         submission_id=f"lipforcing-{module.rsplit('.', 1)[-1]}-{uuid.uuid4().hex[:8]}",
         runtime_env={"working_dir": str(REPO_ROOT), "excludes": UPLOAD_EXCLUDES, "env_vars": env_vars},
@@ -121,6 +122,18 @@ def submit_job(
         time.sleep(0.5)
     print(f"Ray job {job_id}: {status.value}", flush=True)
     return 0 if status == JobStatus.SUCCEEDED else 1
+
+
+def _submit_when_ready(client, timeout_s: float = 90.0, **job) -> str:
+    """Submit, waiting out a head node that is up but whose job agent is not yet (a fresh cluster)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def _use_token_auth_when_available() -> None:
