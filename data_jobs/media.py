@@ -167,9 +167,3 @@ def encode_wav(audio: np.ndarray, sample_rate: int) -> bytes:
     buffer = io.BytesIO()
     soundfile.write(buffer, audio, sample_rate, format="WAV", subtype="PCM_16")
     return buffer.getvalue()
-
-
-def decode_mp4(data: bytes) -> np.ndarray:
-    """All frames of an in-memory mp4 as RGB (for tests and the later scoring stage)."""
-    with av.open(io.BytesIO(data)) as container:
-        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])

@@ -13,7 +13,6 @@ tasks and a killed pass resumes without duplicates.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile
@@ -22,15 +21,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import soundfile
 import torch
 
 from data_jobs.config import DataJobConfig
 from data_jobs.manifest import manifest_row
+from data_jobs.media import encode_wav
 from data_jobs.writer import ShardWriter
 from lipforcing import storage
 from lipforcing.config import ConfigError, to_yaml
-from lipforcing.data.shards import decode_mp4, decode_wav
+from lipforcing.data.shards import Reader, decode_mp4, decode_wav, epoch_samples
 from lipforcing.models.syncnet import SyncModel, SyncNetConfig, load_syncnet, score_clip
 
 FPS = 25
@@ -87,7 +86,10 @@ def score_task(source_stats_url: str, config: DataJobConfig, weights: str) -> di
     samples, rejects = [], list(source["rejects"])
     shard_root = os.path.dirname(os.path.dirname(source_stats_url))
     for shard in source["shards"]:
-        for key, members in _read_shard(storage.join(shard_root, "shards", f"{shard['name']}.tar")).items():
+        url = storage.join(shard_root, "shards", f"{shard['name']}.tar")
+        for sample in epoch_samples([url], Reader(), seed=0, epoch=0):
+            key = sample["__key__"]
+            members = {k: v for k, v in sample.items() if not k.startswith("__")}
             metadata = json.loads(members["json"])
             audio, rate = decode_wav(members["wav"])
             verdict = sync(decode_mp4(members["mp4"]), audio)
@@ -101,7 +103,7 @@ def score_task(source_stats_url: str, config: DataJobConfig, weights: str) -> di
                 continue
             metadata.update(sync_conf=round(verdict.confidence, 4), av_offset=verdict.offset,
                             audio_shift_s=-verdict.offset / FPS)  # fmt: skip
-            members["wav"] = _wav_bytes(shift_audio(audio, verdict.offset, rate), rate)
+            members["wav"] = encode_wav(shift_audio(audio, verdict.offset, rate), rate)
             members["json"] = json.dumps(metadata).encode()
             written_to = writer.add(key, members)
             samples.append({**rows.get(key, {}), **manifest_row(metadata, written_to)})
@@ -117,27 +119,6 @@ def score_task(source_stats_url: str, config: DataJobConfig, weights: str) -> di
     }
     storage.write_text(storage.join(config.output, "stats", f"{task}.json"), json.dumps(stats, indent=1))
     return stats
-
-
-def _read_shard(url: str) -> dict[str, dict[str, bytes]]:
-    """A shard's samples in order: key -> {extension: bytes}."""
-    import tarfile
-
-    samples: dict[str, dict[str, bytes]] = {}
-    fs, path = storage.filesystem(url)
-    with fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, extension = member.name.partition(".")
-            samples.setdefault(key, {})[extension] = tar.extractfile(member).read()
-    return samples
-
-
-def _wav_bytes(audio: np.ndarray, rate: int) -> bytes:
-    buffer = io.BytesIO()
-    soundfile.write(buffer, audio, rate, format="WAV", subtype="PCM_16")
-    return buffer.getvalue()
 
 
 def resolve_weights(config: DataJobConfig, aligned: str) -> str:

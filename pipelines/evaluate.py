@@ -269,24 +269,13 @@ def encode_sample(
     return buffer.getvalue()
 
 
-def registered_version(uri: str) -> str:
-    """The version number behind `models:/name@alias` or `models:/name/version`."""
-    import mlflow
-
-    client = mlflow.tracking.MlflowClient()
-    reference = uri.removeprefix("models:/")
-    if "@" in reference:
-        return str(client.get_model_version_by_alias(*reference.split("@", 1)).version)
-    return reference.rsplit("/", 1)[1]
-
-
 def resolve_weights(uri: str, scratch: str) -> tuple[str, str]:
     """A readable path for a registered model or a path/URL, and its version ('' when not registered)."""
     from pipelines import tracking
 
     if not uri.startswith("models:/"):
         return uri, ""  # a path/URL, or "" for none
-    return tracking.fetch_registered(uri, tempfile.mkdtemp(dir=scratch)), registered_version(uri)
+    return tracking.fetch_registered(uri, tempfile.mkdtemp(dir=scratch)), str(tracking.registered_version(uri).version)
 
 
 def feature_networks(

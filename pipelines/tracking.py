@@ -115,16 +115,18 @@ def register_artifact(name: str, run_id: str, artifact_path: str, alias: str | N
     return int(version.version)
 
 
-def fetch_registered(uri: str, destination: str | Path) -> str:
-    """Download the files behind `models:/name@alias` (or `models:/name/version`); returns the local path."""
+def registered_version(uri: str):
+    """The model version behind `models:/name@alias` or `models:/name/version`."""
     if not uri.startswith("models:/"):
         raise ValueError(f"not a registered-model URI: {uri!r} (expected models:/<name>@<alias> or models:/<name>/<version>)")
     client = mlflow.tracking.MlflowClient()
     reference = uri.removeprefix("models:/")
     if "@" in reference:
-        name, alias = reference.split("@", 1)
-        version = client.get_model_version_by_alias(name, alias)
-    else:
-        name, number = reference.rsplit("/", 1)
-        version = client.get_model_version(name, number)
-    return mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(destination))
+        return client.get_model_version_by_alias(*reference.split("@", 1))
+    return client.get_model_version(*reference.rsplit("/", 1))
+
+
+def fetch_registered(uri: str, destination: str | Path) -> str:
+    """Download the files behind a registered-model URI; returns the local path."""
+    source = registered_version(uri).source
+    return mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(destination))

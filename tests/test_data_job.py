@@ -26,9 +26,10 @@ from data_jobs.config import DataJobConfig
 from data_jobs.faces import DlibBackend
 from data_jobs.job import run_data_job
 from data_jobs.manifest import read_table
-from data_jobs.media import decode_mp4, probe_media
+from data_jobs.media import probe_media
 from lipforcing import storage
 from lipforcing.config import ConfigError
+from lipforcing.data.shards import decode_mp4
 from pipelines.jobs import resolve_config
 from tests.conftest import REAL_DATA, REPO_ROOT
 
