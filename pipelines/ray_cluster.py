@@ -131,8 +131,14 @@ def _submit_when_ready(client, timeout_s: float = 90.0, **job) -> str:
         try:
             return client.submit_job(**job)
         except RuntimeError as err:
-            if "No available agent" not in str(err) or time.monotonic() > deadline:
+            if "No available agent" not in str(err):
                 raise
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the cluster accepted no job for {timeout_s:.0f} s: its head node's dashboard agent is "
+                    "not serving. Check the head's logs/dashboard_agent.log; a common cause is its "
+                    "listen port (--dashboard-agent-listen-port, default 52365) held by another Ray."
+                ) from err
             time.sleep(2)
 
 

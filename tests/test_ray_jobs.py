@@ -19,13 +19,18 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """`ray start --head` on loopback ports of its own; yields the Jobs API address."""
-    gcs_port, dashboard_port = free_port(), free_port()
+    """`ray start --head` on loopback ports of its own; yields the Jobs API address.
+
+    The dashboard agent gets a free port too: its default (52365) is already held by the
+    session's local Ray, and a head whose agent cannot bind accepts no jobs ("No available agent").
+    """
+    gcs_port, dashboard_port, agent_port = free_port(), free_port(), free_port()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
     temp_dir = tmp_path_factory.mktemp("ray")
     start = [
         str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-        f"--port={gcs_port}", f"--dashboard-port={dashboard_port}", "--num-cpus=2",
+        f"--port={gcs_port}", f"--dashboard-port={dashboard_port}",
+        f"--dashboard-agent-listen-port={agent_port}", "--num-cpus=2",
         "--disable-usage-stats", f"--temp-dir={temp_dir}",
     ]  # fmt: skip
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
