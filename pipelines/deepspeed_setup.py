@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 if TYPE_CHECKING:
     from pipelines.trainer import TrainerConfig
@@ -57,3 +61,27 @@ def _scheduler(config: TrainerConfig, lr: float) -> dict[str, Any]:
             "cos_min_ratio": 0.0,
         }
     return {"type": _SCHEDULERS[config.schedule], "params": params}
+
+
+@contextlib.contextmanager
+def whole_modules(engines: Iterable[Any]) -> Iterator[None]:
+    """Every engine's module with its full weights on every rank and ZeRO's fetch hooks off.
+
+    ZeRO-3 keeps only a shard of each parameter on a rank and gathers it around each submodule's
+    forward, a collective every rank must join. Exporting weights, rendering a sample on rank 0 or
+    validating after training needs plain modules instead; other stages already have them.
+    """
+    from deepspeed.runtime.zero import unwrap_model_for_generation
+
+    with contextlib.ExitStack() as stack:
+        for engine in engines:
+            if engine.zero_optimization_stage() == 3:
+                stack.enter_context(unwrap_model_for_generation(engine))
+        yield
+
+
+def gathered(parameters: Iterable[torch.nn.Parameter]) -> contextlib.AbstractContextManager:
+    """Read access to whole tensors of (possibly ZeRO-3-partitioned) parameters; a no-op otherwise."""
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    return GatheredParameters(list(parameters))

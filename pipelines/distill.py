@@ -29,8 +29,6 @@ def validate(config: DistillConfig) -> None:
     unknown = [s for s in config.stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"config key 'stages' has {unknown}; allowed values: {', '.join(STAGES)}")
-    if config.dmd.train.zero_stage > 2:
-        raise ConfigError("config key 'dmd.train.zero_stage' is 3; allowed values: 0, 1, 2 (the rollout runs module methods)")
 
 
 def resolve_syncnet(config: DistillConfig, scratch: str) -> None:

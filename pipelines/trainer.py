@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from pipelines.deepspeed_setup import deepspeed_config
+from pipelines.deepspeed_setup import deepspeed_config, whole_modules
 
 
 @dataclass
@@ -97,7 +97,10 @@ class Stage(abc.ABC):
         return None
 
     def finish(self, engines: dict[str, Any], output_dir: str) -> dict[str, float]:
-        """After the last iteration, on every rank: export results into `output_dir` (rank 0 writes)."""
+        """After the last iteration, on every rank: export results into `output_dir` (rank 0 writes).
+
+        Each `engines[name].module` holds its full weights here, even under ZeRO-3.
+        """
         return {}
 
 
@@ -152,7 +155,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             logger.log({**metrics, **_engine_metrics(engines), **window.metrics(), **_memory(device)}, number)
         if number % trainer_config.checkpoint_every == 0 or number == trainer_config.steps:
             _save_and_report(engines, stage, number, metrics)
-    with tempfile.TemporaryDirectory() as output_dir:
+    with tempfile.TemporaryDirectory() as output_dir, whole_modules(engines.values()):
         final = stage.finish(engines, output_dir)
         if logger:
             logger.log(final, trainer_config.steps)

@@ -100,8 +100,6 @@ def test_diffusion_forcing_overfits_one_batch(tiny):
 def test_config_validation_names_keys():
     with pytest.raises(ConfigError, match="stages"):
         validate(resolve_config(DistillConfig, ["stages=[teacher,gan]"]))
-    with pytest.raises(ConfigError, match="dmd.train.zero_stage"):
-        validate(resolve_config(DistillConfig, ["dmd.train.zero_stage=3"]))
     with pytest.raises(ConfigError, match="reward_weighting.*'per_sample', 'self_normalised'"):
         resolve_config(DistillConfig, ["dmd.reward_weighting=softmax"])
 

@@ -11,8 +11,6 @@ weighted per sample by exp(beta * Sync-C) of the TAE-decoded rollout.
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 
@@ -30,6 +28,7 @@ from lipforcing.losses.reward import reward_weights, weighted_loss
 from lipforcing.models import build_student, build_tae, build_teacher
 from lipforcing.models.conditioning import Condition
 from lipforcing.models.syncnet import SyncNetConfig, load_syncnet, score_clip
+from pipelines.deepspeed_setup import gathered
 from pipelines.stages.common import DiffusionStage, seeded_choice
 
 
@@ -144,8 +143,10 @@ class DistributionMatching(DiffusionStage):
 
     @torch.no_grad()
     def update_ema(self, module: torch.nn.Module, decay: float) -> None:
-        for name, param in module.named_parameters():
-            if name in self.ema:
+        """Every rank keeps the same full EMA of the trainable weights (whole tensors, even under ZeRO-3)."""
+        tracked = [(name, param) for name, param in module.named_parameters() if name in self.ema]
+        with gathered(param for _, param in tracked):
+            for name, param in tracked:
                 self.ema[name].mul_(decay).add_(param.detach().to(self.ema[name]), alpha=1 - decay)
 
     def state(self):
@@ -157,13 +158,16 @@ class DistributionMatching(DiffusionStage):
         self.ema.update(state.get("ema", {}))
 
     def finish(self, engines, output_dir):
-        """Export the EMA student (merged) as the inference checkpoint; return the DMD counters."""
+        """Export the EMA student (merged) as the inference checkpoint; return the DMD counters.
+
+        Training is over (its last checkpoint is saved), so the EMA weights replace the live ones in
+        place rather than in a copy that would double the student's memory.
+        """
         student = engines["student"].module
-        ema_student = copy.deepcopy(student)
         with torch.no_grad():
-            for name, param in ema_student.named_parameters():
+            for name, param in student.named_parameters():
                 if name in self.ema:
                     param.copy_(self.ema[name])
-        self.export(ema_student, output_dir)
-        self.sample_video(lambda cond, _: torch.cat([c.latents for c in stream_generate(ema_student, cond)], dim=2), output_dir)
+        self.export(student, output_dir)
+        self.sample_video(lambda cond, _: torch.cat([c.latents for c in stream_generate(student, cond)], dim=2), output_dir)
         return {**{k: float(v) for k, v in self.counters.items()}, "cfg_fraction_total": self.cfg_samples / max(self.dmd_samples, 1)}
