@@ -42,6 +42,7 @@ class TrainerConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     checkpoint_every: int = 5
+    sample_every: int = 0  # also render the stage's sample video every N iterations (0: at the end only)
     keep_checkpoints: int = 2
     log_every: int = 1
     max_failures: int = 2
@@ -94,6 +95,13 @@ class Stage(abc.ABC):
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Restore what `state` returned."""
+        return None
+
+    def render_samples(self, engines: dict[str, Any], output_dir: str, tag: str) -> None:
+        """Rank 0 writes preview media under `output_dir/samples/` (uploaded to the stage's run).
+
+        Called every `sample_every` iterations on every rank, with whole modules as in `finish`.
+        """
         return None
 
     def finish(self, engines: dict[str, Any], output_dir: str) -> dict[str, float]:
@@ -155,6 +163,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             logger.log({**metrics, **_engine_metrics(engines), **window.metrics(), **_memory(device)}, number)
         if number % trainer_config.checkpoint_every == 0 or number == trainer_config.steps:
             _save_and_report(engines, stage, number, metrics)
+        if trainer_config.sample_every and number % trainer_config.sample_every == 0 and number < trainer_config.steps:
+            with tempfile.TemporaryDirectory() as output_dir, whole_modules(engines.values()):
+                stage.render_samples(engines, output_dir, f"{stage.name}-step{number:06d}")
+                if logger:
+                    logger.upload(output_dir)
     with tempfile.TemporaryDirectory() as output_dir, whole_modules(engines.values()):
         final = stage.finish(engines, output_dir)
         if logger:

@@ -13,6 +13,7 @@ from lipforcing import storage
 from lipforcing.data.encode import EncodedBatch, LatentEncoder, from_records
 from lipforcing.data.shards import decode_clip, shard_urls, stream_samples, worker_reader
 from lipforcing.data.windows import collate, lower_face_mask, windows
+from lipforcing.models.conditioning import Condition
 from lipforcing.models.lora import apply_lora, export_state_dict
 from lipforcing.models.vae import mask_to_latent
 from pipelines.trainer import Stage
@@ -78,6 +79,8 @@ class DiffusionStage(Stage):
         super().__init__(context)
         config = context.config
         self._scratch = tempfile.TemporaryDirectory(prefix=f"lipforcing-{self.name}-")  # removed with the stage
+        self._preview: tuple | None = None  # the condition every sample video is rendered from
+        self._tae: torch.nn.Module | None = None
         self.scratch = self._scratch.name
         if config.latents:
             texts = torch.load(io.BytesIO(storage.read_bytes(storage.join(config.latents, TEXT_FILE))), weights_only=True)
@@ -131,25 +134,34 @@ class DiffusionStage(Stage):
         cfg = self.context.config.model
         return apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
 
-    @torch.no_grad()
-    def sample_video(self, latents_from, output_dir: str) -> None:
-        """Rank 0: generate one clip from a fresh batch's condition and keep it as a run artifact.
+    def generate(self, engines, cond: Condition, negative_text: torch.Tensor) -> torch.Tensor:
+        """Clean latents [1, 16, F, h, w] for one sample's condition, as this stage's network makes them."""
+        raise NotImplementedError
 
-        `latents_from(cond, negative_text)` returns clean latents [1, 16, F, h, w]; they are decoded with the TAE
-        and written beside the stage's weights (the trainer uploads that folder to MLflow).
+    @torch.no_grad()
+    def render_samples(self, engines, output_dir: str, tag: str) -> None:
+        """Rank 0: generate one clip with `generate` and keep it as `samples/<tag>.mp4`.
+
+        The condition is the first sample this rank reads, fixed for the whole stage, so the videos
+        of successive calls show the same clip as training goes on.
         """
         if self.context.rank != 0:
             return
         from lipforcing.models import build_tae
         from pipelines.evaluate import encode_sample, to_uint8
 
-        encoded = self.encode(next(self.batches()))
-        cond = encoded.cond.frames(0, encoded.x0.shape[2])
-        first = type(cond)(**{k: None if v is None else v[:1] for k, v in vars(cond).items()})
-        frames = build_tae(self.context.config.model).to(self.context.device).decode(latents_from(first, encoded.negative_text).float())
-        video = encode_sample(to_uint8(frames[0].cpu()).numpy(), encoded.audio[0].cpu().numpy())
+        if self._preview is None:
+            encoded = self.encode(next(self.batches()))
+            cond = encoded.cond.frames(0, encoded.x0.shape[2])
+            first = type(cond)(**{k: None if v is None else v[:1] for k, v in vars(cond).items()})
+            self._preview = (first, encoded.negative_text[:1], encoded.audio[0].cpu().numpy())
+        cond, negative_text, audio = self._preview
+        if self._tae is None:
+            self._tae = build_tae(self.context.config.model).to(self.context.device).eval()
+        frames = self._tae.decode(self.generate(engines, cond, negative_text).float())
+        video = encode_sample(to_uint8(frames[0].cpu()).numpy(), audio)
         os.makedirs(os.path.join(output_dir, "samples"), exist_ok=True)
-        with open(os.path.join(output_dir, "samples", f"{self.name}.mp4"), "wb") as handle:
+        with open(os.path.join(output_dir, "samples", f"{tag}.mp4"), "wb") as handle:
             handle.write(video)
 
     def export(self, module: torch.nn.Module, output_dir: str, stage: str | None = None) -> None:

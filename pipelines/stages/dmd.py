@@ -22,7 +22,7 @@ from lipforcing.diffusion.schedules import (
     sync_window_scale,
     x0_from_velocity,
 )
-from lipforcing.inference.streaming import denoise_chunk, split_chunks, stream_generate
+from lipforcing.inference.streaming import denoise_chunk, split_chunks
 from lipforcing.losses.dmd import dmd_loss_per_sample, fake_score_loss, student_updates_at
 from lipforcing.losses.reward import reward_weights, weighted_loss
 from lipforcing.models import build_student, build_tae, build_teacher
@@ -30,6 +30,7 @@ from lipforcing.models.conditioning import Condition
 from lipforcing.models.syncnet import SyncNetConfig, load_syncnet, score_clip
 from pipelines.deepspeed_setup import gathered
 from pipelines.stages.common import DiffusionStage, seeded_choice
+from pipelines.stages.student import StudentDiffusionForcing
 
 
 def rollout(student, cond: Condition, shape: tuple, timesteps: list[float], exit_index: int, generator: torch.Generator) -> torch.Tensor:
@@ -74,6 +75,8 @@ class DistributionMatching(DiffusionStage):
         fake_score = self.adapt(build_teacher(config.model, device="cpu", weights=self.student_base()))
         self.ema = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
         return {"student": student, "fake_score": fake_score}
+
+    generate = StudentDiffusionForcing.generate  # the student streams its sample videos the same way
 
     def learning_rate(self, name: str) -> float:
         return self.context.config.dmd.fake_score_lr if name == "fake_score" else self.context.trainer.lr
@@ -169,5 +172,5 @@ class DistributionMatching(DiffusionStage):
                 if name in self.ema:
                     param.copy_(self.ema[name])
         self.export(student, output_dir)
-        self.sample_video(lambda cond, _: torch.cat([c.latents for c in stream_generate(student, cond)], dim=2), output_dir)
+        self.render_samples(engines, output_dir, self.name)
         return {**{k: float(v) for k, v in self.counters.items()}, "cfg_fraction_total": self.cfg_samples / max(self.dmd_samples, 1)}

@@ -40,8 +40,10 @@ class StudentDiffusionForcing(DiffusionStage):
         engine.step()
         return {"loss": loss.item(), "window_frames": float(window), "sink_frames": float(sink)}
 
+    def generate(self, engines, cond, negative_text):
+        return torch.cat([chunk.latents for chunk in stream_generate(engines["student"].module, cond)], dim=2)
+
     def finish(self, engines, output_dir):
-        student = engines["student"].module
-        self.export(student, output_dir)
-        self.sample_video(lambda cond, _: torch.cat([c.latents for c in stream_generate(student, cond)], dim=2), output_dir)
+        self.export(engines["student"].module, output_dir)
+        self.render_samples(engines, output_dir, self.name)
         return {}

@@ -60,17 +60,16 @@ class TeacherBase(DiffusionStage):
         engine.step()
         return {f"{self.network}_loss": loss.item()}
 
-    def finish(self, engines, output_dir):
-        teacher = engines[self.network].module
-        self.export(teacher, output_dir)
+    def generate(self, engines, cond, negative_text):
         model = self.context.config.teacher_model
-        self.sample_video(
-            lambda cond, negative: sample_teacher(
-                teacher, torch.randn_like(cond.masked_video), cond, cond.null(negative),
-                model.guidance_scale, model.teacher_steps, model.shift,
-            ).latents,
-            output_dir,
-        )  # fmt: skip
+        return sample_teacher(
+            engines[self.network].module, torch.randn_like(cond.masked_video), cond, cond.null(negative_text),
+            model.guidance_scale, model.teacher_steps, model.shift,
+        ).latents  # fmt: skip
+
+    def finish(self, engines, output_dir):
+        self.export(engines[self.network].module, output_dir)
+        self.render_samples(engines, output_dir, self.name)
         return {}
 
 
