@@ -119,3 +119,60 @@ def test_zero3_student_and_dmd_export_whole_weights(distilled, tmp_path):
     assert run.data.metrics["updates_student"] == 2
     videos = {v.path for v in mlflow.artifacts.list_artifacts(run_id=run.info.run_id, artifact_path="samples")}
     assert videos == {"samples/dmd-step000001.mp4", "samples/dmd.mp4"}
+
+
+def killing_dmd(marker: str, kill_at: int):
+    """The real DMD stage, except that rank 1 SIGKILLs itself once, at iteration `kill_at`
+    (defined in a function so Ray ships the class by value to workers that cannot import tests)."""
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    from pipelines.stages.dmd import DistributionMatching
+
+    class KillingDistributionMatching(DistributionMatching):
+        def step(self, engines, batch, iteration):
+            if self.context.rank == 1 and iteration == kill_at and not Path(marker).exists():
+                Path(marker).write_text(str(iteration))
+                time.sleep(3)  # let the controller collect the last checkpoint, as a real step's time does
+                os.kill(os.getpid(), signal.SIGKILL)
+            return super().step(engines, batch, iteration)
+
+    return KillingDistributionMatching
+
+
+def test_dmd_worker_killed_mid_stage_resumes_with_its_counters(distilled, tmp_path):
+    """A worker death mid-DMD: the stage restarts from its last checkpoint with the step counter and
+    the stage state (the 5:1 update counters, saved with the EMA) restored, so it ends where an
+    unbroken run ends."""
+    import shutil
+
+    from pipelines import tracking
+    from pipelines.distill import resolve_syncnet, run_stage
+
+    output, config = distilled
+    for stage in ("teacher", "student"):
+        shutil.copytree(f"{output}/{stage}", tmp_path / stage)
+    resumed = resolve_config(
+        DistillConfig,
+        [
+            f"data={config.data}", f"output={tmp_path}", "run_name=kill",
+            "dmd.train.steps=6", "dmd.train.checkpoint_every=2", "dmd.student_every=5",
+        ],
+    )  # fmt: skip
+    resolve_syncnet(resumed, str(tmp_path))
+    marker = tmp_path / "killed"
+    with tracking.start_run("distill-kill") as parent:
+        run_stage(killing_dmd(str(marker), kill_at=5), resumed, resumed.dmd.train, "dmd", parent.info.run_id)
+    assert marker.read_text() == "5"
+    run = mlflow.search_runs(
+        experiment_names=["lipforcing"], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'", output_format="list"
+    )[0]
+    assert sorted({m.step for m in mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "fake_score_loss")}) == [1, 2, 3, 4, 5, 6]
+    # restored from the iteration-4 checkpoint: 4 + 2 fake-score updates, student at iterations 0 and 5
+    assert metric_history(run.info.run_id, "updates_fake_score")[-1] == 6
+    assert metric_history(run.info.run_id, "updates_student")[-1] == 2
+    checkpoints = [p for p in (tmp_path / "ray" / "kill-dmd").glob("checkpoint_*") if p.is_dir()]
+    assert len(checkpoints) == 2  # keep_checkpoints: the iteration-4 and iteration-6 ones, nothing lost
+    assert storage.exists(storage.join(str(tmp_path), "dmd", "dit.safetensors"))
