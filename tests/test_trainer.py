@@ -67,7 +67,7 @@ class ToyRegression(Stage):
         return {"seen": "yes"}
 
 
-def _run(tmp_path, name, **overrides):
+def _run(tmp_path, name, storage_path=None, **overrides):
     job = load_config(ToyJob, overrides=[f"marker_dir={tmp_path}", *[f"{k}={v}" for k, v in overrides.items()]])
     with tracking.start_run(name, root=tmp_path / "outputs") as run:
         result = fit(
@@ -75,7 +75,7 @@ def _run(tmp_path, name, **overrides):
             job,
             job.train,
             run_name=name,
-            storage_path=str(tmp_path / "ray"),
+            storage_path=storage_path or str(tmp_path / "ray"),
             run_id=run.info.run_id,
             tracking_uri=mlflow.get_tracking_uri(),
         )
@@ -130,3 +130,18 @@ def test_deepspeed_config_follows_trainer_config():
     assert ds["optimizer"]["params"]["betas"] == [0.0, 0.999]
     assert ds["optimizer"]["params"]["weight_decay"] == 0.01
     assert ds["gradient_clipping"] == 10.0
+
+
+def test_checkpoints_on_object_storage_and_resume_from_there(local_ray, s3_bucket, tmp_path, monkeypatch):
+    """`storage_path` on S3 (the local server): engine shards of both ranks land under the run's
+    prefix, and a rerun with more steps continues from the checkpoint read back from the bucket."""
+    from lipforcing import storage
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    storage_path = f"{s3_bucket}/ray"
+    _run(tmp_path, "toy-s3", storage_path, **{"train.steps": 4})
+    shards = storage.glob(f"{storage_path}/toy-s3/checkpoint_*/model/state/*optim_states*")
+    assert len(shards) == 2  # one ZeRO-2 optimizer shard per rank, in the bucket
+    result, _, _ = _run(tmp_path, "toy-s3", storage_path, **{"train.steps": 8})
+    assert (tmp_path / "resumed-0").read_text() == "yes"
+    assert result.metrics["iteration"] == 8
