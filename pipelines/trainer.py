@@ -10,6 +10,7 @@ resume after a worker failure or a rerun, and MLflow logging from rank 0.
 from __future__ import annotations
 
 import abc
+import logging
 import os
 import tempfile
 import time
@@ -20,6 +21,10 @@ from typing import Any
 import torch
 
 from pipelines.deepspeed_setup import deepspeed_config, whole_modules
+
+# Workers log rather than print: Ray Train tees a worker's print to its logger and to stdout, and
+# the driver would show every line twice.
+log = logging.getLogger("lipforcing.train")
 
 
 @dataclass
@@ -220,7 +225,7 @@ def _restore(engines: dict[str, Any], stage: Stage) -> int:
             if index == 0:
                 iteration = int(client_state["iteration"])
                 stage.load_state(client_state.get("stage", {}))
-    print(f"[{stage.name}] resumed from iteration {iteration}", flush=True)
+    log.info("[%s] resumed from iteration %d", stage.name, iteration)
     return iteration
 
 
@@ -282,7 +287,7 @@ class _RankZeroLogger:
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not metrics:
             return
-        print(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())), flush=True)
+        log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
         if self.client:
             from mlflow.entities import Metric
 
