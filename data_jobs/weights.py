@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 
 from lipforcing import storage
@@ -46,5 +47,10 @@ def local_folder(url: str, key: str) -> str:
         fs, path = storage.filesystem(url)
         partial = f"{target}.part-{os.getpid()}"
         fs.get(path.rstrip("/") + "/", partial, recursive=True)
-        os.replace(partial, target)
+        try:
+            os.replace(partial, target)
+        except OSError:  # another worker on this machine finished the same download first
+            shutil.rmtree(partial)
+            if not os.path.isdir(target):
+                raise
     return target

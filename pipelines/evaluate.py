@@ -7,8 +7,8 @@ first frame as the reference. The condition is encoded (Wan VAE, wav2vec2, mouth
 generates it chunk by chunk with the two-step schedule, and the stream decoder turns each chunk into
 frames as it arrives. Generated frames are compared with the source crops they replace (nothing is
 pasted back into the full frame): SSIM, PSNR, mouth-region PSNR and L1, Sync-C / Sync-D / AV offset
-(also of the source crops, the ground-truth row), FPS, TTFF and peak memory. FID / FVD run only with
-local feature-network weights; CSIM needs ArcFace, which we have no loader for, and is skipped.
+(also of the source crops, the ground-truth row), CSIM, FPS, TTFF and peak memory. FID / FVD run only
+with local feature-network weights, CSIM only with an InsightFace model pack (its ArcFace model).
 
 Timing. TTFF: a separate first-chunk pass per clip, from the start of encoding the first chunk's
 inputs (its 4n-3 frames, reference and audio) to the end of decoding its frames, as in the paper
@@ -37,12 +37,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from data_jobs.weights import local_folder
 from lipforcing import storage
 from lipforcing.config import ConfigError, to_yaml
 from lipforcing.data.encode import LatentEncoder
 from lipforcing.data.shards import Clip, Reader, decode_clip, epoch_samples, shard_urls
 from lipforcing.data.windows import FPS, WindowConfig, lower_face_mask, resize_frames
 from lipforcing.inference.streaming import StreamChunk, stream_generate
+from lipforcing.metrics.csim import IdentityEmbedder, csim
 from lipforcing.metrics.fid import (
     FeatureExtractor,
     feature_statistics,
@@ -78,6 +80,7 @@ class EvalConfig:
     samples: int = 2  # side-by-side sample videos written and logged
     fid_weights: str = ""  # TorchScript Inception-v3 (inception-2015-12-05.pt); "" skips FID
     fvd_weights: str = ""  # TorchScript I3D (i3d_torchscript.pt); "" skips FVD
+    csim_model_pack: str = ""  # InsightFace model-pack folder (buffalo_l), local or s3://; "" skips CSIM
     device: str = field(default="auto", metadata={"choices": ("auto", "cpu", "cuda")})
     seed: int = 0  # shard order and the student's sampling noise
     window: WindowConfig = field(default_factory=WindowConfig)  # size and mask_box are used
@@ -162,6 +165,10 @@ class Evaluator:
         self.syncnet: SyncModel | None = None
         if syncnet_path:
             self.syncnet = load_syncnet(SyncNetConfig(weights=syncnet_path), key="syncnet_weights").to(device)
+        self.identity: IdentityEmbedder | None = None
+        if config.csim_model_pack:
+            pack = local_folder(config.csim_model_pack, "csim_model_pack")
+            self.identity = IdentityEmbedder(pack, "csim_model_pack")
         self.first_chunk_frames = 4 * config.model.chunk_frames - 3
         mouth = 1 - lower_face_mask(config.window.size, config.window.mask_box)[0, 0]
         self.mouth = mouth.to(device)
@@ -283,9 +290,7 @@ def feature_networks(
 ) -> tuple[dict[str, FeatureExtractor], dict[str, str]]:
     """The Fréchet-distance extractors that have weights, and why the others are skipped."""
     extractors: dict[str, FeatureExtractor] = {}
-    skipped = {
-        "CSIM": "needs ArcFace (InsightFace) identity embeddings; no ArcFace loader in lipforcing yet",
-    }
+    skipped: dict[str, str] = {}
     if config.fid_weights:
         extractors["fid"] = inception_extractor(load_torchscript(config.fid_weights, "fid_weights", device))
     else:
@@ -349,6 +354,10 @@ def evaluate_clip(
         "chunks": generation.chunks,
         "peak_memory_mb": peak_memory_mb(device),
     }
+    if evaluator.identity is not None:
+        row["csim"] = csim(
+            evaluator.identity, to_uint8(clip.video).numpy(), to_uint8(generation.frames).numpy()
+        )
     if evaluator.syncnet is not None:
         row.update(evaluator.sync(generation.frames, clip.audio))
         row.update(evaluator.sync(clip.video, clip.audio, prefix="gt_"))
@@ -362,6 +371,7 @@ COLUMNS = (
     ("psnr", "PSNR dB", "{:.2f}"),
     ("mouth_psnr", "mouth PSNR dB", "{:.2f}"),
     ("mouth_l1", "mouth L1", "{:.4f}"),
+    ("csim", "CSIM", "{:.4f}"),
     ("sync_c", "Sync-C", "{:.2f}"),
     ("sync_d", "Sync-D", "{:.2f}"),
     ("av_offset", "offset", "{:+.1f}"),
@@ -379,6 +389,8 @@ NOTES = (
     "(no clean-video latent: inference never reads it).",
     "SSIM: Gaussian window 11x11, sigma 1.5, K1 0.01, K2 0.03, mean over frames. Mouth metrics use the "
     "lower-face box the model regenerates (window.mask_box).",
+    "CSIM: cosine similarity of the ArcFace embeddings (csim_model_pack) of each generated frame and its "
+    "source crop, resized to 112 px (the crops are already aligned), mean over frames.",
     "Sync-C / Sync-D / offset: the configured SyncNet on the generated crops against the clip's audio; "
     "GT columns score the source crops the same way.",
     "TTFF: a first-chunk pass per clip, from the start of encoding the first chunk's inputs to the end of "
@@ -471,6 +483,11 @@ def run_eval(config: EvalConfig, scratch: str) -> int:
         extractors, skipped_metrics = feature_networks(config, device)
         if not config.syncnet_weights:
             skipped_metrics["Sync-C / Sync-D"] = "config key 'syncnet_weights' is empty"
+        if not config.csim_model_pack:
+            skipped_metrics["CSIM"] = (
+                "needs ArcFace identity embeddings: set csim_model_pack to an InsightFace model pack "
+                "folder (buffalo_l, with w600k_r50.onnx), local or s3://"
+            )
         features = FeatureSets(extractors, device)
         rows: list[dict[str, Any]] = []
         skipped_clips: list[dict[str, str]] = []

@@ -28,6 +28,7 @@ from lipforcing.models.syncnet import StableSyncNet, SyncNetConfig, save_syncnet
 from pipelines import tracking
 from pipelines.evaluate import TINY_WARNING, EvalConfig, FeatureSets, evaluate, validate
 from pipelines.jobs import run_job
+from tests.insightface_pack import write_pack
 
 FPS, RATE, SIZE = 25, 16_000, 64
 # (key, frames): 41 frames -> all 41 evaluated (3 full chunks + a 2-latent one); 36 -> the 33-frame
@@ -38,6 +39,7 @@ PER_CLIP_METRICS = (
     "psnr",
     "mouth_psnr",
     "mouth_l1",
+    "csim",
     "sync_c",
     "sync_d",
     "gt_sync_c",
@@ -86,7 +88,8 @@ def write_shards(folder: Path) -> None:
 
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
-    """Shards, a registered tiny student and a SyncNet checkpoint, with MLflow's store under tmp_path."""
+    """Shards, a registered tiny student, a SyncNet checkpoint and a stub InsightFace pack (CSIM),
+    with MLflow's store under tmp_path."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -100,6 +103,7 @@ def workspace(tmp_path, monkeypatch):
         "lipforcing-student", run.info.run_id, "dit.safetensors", alias="candidate"
     )
     save_syncnet(StableSyncNet(SyncNetConfig()), str(tmp_path / "syncnet.pt"))
+    write_pack(tmp_path / "buffalo_l")  # its stub ArcFace model gives CSIM
     return tmp_path, version
 
 
@@ -111,6 +115,7 @@ def test_eval_end_to_end_on_a_tiny_student(workspace):
         f"output={root / 'eval'}",
         "student_weights=models:/lipforcing-student@candidate",
         f"syncnet_weights={root / 'syncnet.pt'}",
+        f"csim_model_pack={root / 'buffalo_l'}",
         "clips=8",
         "samples=1",
     ]
@@ -123,17 +128,17 @@ def test_eval_end_to_end_on_a_tiny_student(workspace):
     for row in report["clips"]:
         for name in PER_CLIP_METRICS:
             assert math.isfinite(row[name]), (row["key"], name, row[name])
-        assert -1 <= row["ssim"] <= 1
+        assert -1 <= row["ssim"] <= 1 and -1 <= row["csim"] <= 1
         assert row["ttff_ms"] > 0 and row["fps"] > 0 and row["peak_memory_mb"] > 0
         assert abs(row["av_offset"]) <= 15 and abs(row["gt_av_offset"]) <= 15
     assert report["mean"]["ssim"] == pytest.approx(np.mean([r["ssim"] for r in report["clips"]]))
-    assert set(report["skipped_metrics"]) == {"FID", "FVD", "CSIM"}
+    assert set(report["skipped_metrics"]) == {"FID", "FVD"}
     assert report["student_version"] == str(version)
     assert report["reference"] == "the first frame of each clip"
 
     markdown = (root / "eval" / "report.md").read_text()
     assert TINY_WARNING in markdown
-    assert "| **mean** |" in markdown and "FID skipped" in markdown
+    assert "| **mean** |" in markdown and "| CSIM |" in markdown and "FID skipped" in markdown
 
     samples = sorted((root / "eval" / "samples").glob("*.mp4"))
     assert len(samples) == 1
@@ -147,7 +152,7 @@ def test_eval_end_to_end_on_a_tiny_student(workspace):
     )
     assert len(runs) == 1
     logged = runs[0].data
-    for name in ("ssim", "sync_c", "sync_d", "gt_sync_c", "fps", "ttff_ms", "peak_memory_mb"):
+    for name in ("ssim", "csim", "sync_c", "sync_d", "gt_sync_c", "fps", "ttff_ms", "peak_memory_mb"):
         assert logged.metrics[name] == pytest.approx(report["mean"][name])
     assert logged.tags["student_version"] == str(version)
     assert logged.params["decoder"] == "tae"

@@ -1,0 +1,122 @@
+"""The InsightFace detector backend on generated model packs (see tests/insightface_pack.py).
+
+The stub detector returns planted faces in the 640x640 detector input whatever the image, so these
+tests check what our code does around it: loading the pack (local or s3://), undoing InsightFace's
+letterbox and our own downscale, and the Faces stage's single-face and multi-face logic.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from data_jobs import weights
+from data_jobs.config import FacesConfig
+from data_jobs.faces import Faces, InsightFaceBackend
+from data_jobs.media import MediaInfo, encode_mp4
+from data_jobs.pipeline import Sample
+from lipforcing import storage
+from tests.insightface_pack import FACE, SECOND_FACE, write_pack
+
+PACK_FILES = ("det_10g.onnx", "w600k_r50.onnx")
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory) -> str:
+    return write_pack(tmp_path_factory.mktemp("buffalo_stub"))
+
+
+def assert_planted(faces, scale: float) -> None:
+    """Exactly the planted face, at the planted box and landmarks times `scale`, within 1 px."""
+    assert len(faces) == 1
+    assert faces[0].score == pytest.approx(FACE.score)
+    np.testing.assert_allclose(faces[0].box, np.array(FACE.box) * scale, atol=1.0)
+    np.testing.assert_allclose(faces[0].landmarks, np.array(FACE.landmarks) * scale, atol=1.0)
+
+
+def test_detector_maps_the_face_back_through_the_letterbox(pack):
+    # 1280x720 is letterboxed into 640x360 (+ padding): detector coordinates scale by 2
+    frame = np.random.default_rng(0).integers(0, 255, (720, 1280, 3), dtype=np.uint8)
+    assert_planted(InsightFaceBackend(pack).detect(frame), scale=2.0)
+
+
+def upload_pack(pack: str, bucket: str) -> str:
+    url = f"{bucket}/models/buffalo_l"
+    for name in PACK_FILES:
+        storage.upload_file(f"{pack}/{name}", f"{url}/{name}")
+    return url
+
+
+@pytest.mark.integration
+def test_model_pack_loads_from_s3(pack, s3_bucket, tmp_path, monkeypatch):
+    monkeypatch.setattr(weights, "CACHE", str(tmp_path / "cache"))  # really download, not a stale copy
+    url = upload_pack(pack, s3_bucket)
+    assert_planted(InsightFaceBackend(url).detect(np.zeros((720, 1280, 3), np.uint8)), scale=2.0)
+
+
+class RacingDownload:
+    """A filesystem on which another worker of the same machine completes each download first."""
+
+    def __init__(self, fs):
+        self.fs = fs
+
+    def __getattr__(self, name: str):
+        return getattr(self.fs, name)
+
+    def get(self, source: str, partial: str, **kwargs) -> None:
+        self.fs.get(source, partial.rsplit(".part-", 1)[0], **kwargs)
+        self.fs.get(source, partial, **kwargs)
+
+
+@pytest.mark.integration
+def test_a_pack_another_worker_downloaded_first_is_used(pack, s3_bucket, tmp_path, monkeypatch):
+    monkeypatch.setattr(weights, "CACHE", str(tmp_path / "cache"))
+    url = upload_pack(pack, s3_bucket)
+    real = storage.filesystem
+    monkeypatch.setattr(storage, "filesystem", lambda u: (RacingDownload(real(u)[0]), real(u)[1]))
+    folder = weights.local_folder(url, "faces.model_pack")
+    assert sorted(os.listdir(folder)) == list(PACK_FILES)
+    assert os.listdir(tmp_path / "cache") == [os.path.basename(folder)]  # our partial copy is gone
+
+
+def faces_sample(folder, frames: int = 12, width: int = 960, height: int = 540) -> Sample:
+    """A short constant-rate clip, ready for the Faces stage (what probe/resample/shots fill in)."""
+    path = folder / "clip.mp4"
+    path.write_bytes(encode_mp4(np.full((frames, height, width, 3), 128, np.uint8), fps=25))
+    info = MediaInfo(has_video=True, has_audio=False, width=width, height=height, fps=25.0)
+    return Sample(
+        source=str(path),
+        dataset="test",
+        key_stem="clip",
+        video_path=str(path),
+        info=info,
+        timestamps=np.arange(frames) / 25.0,
+        num_frames=frames,
+        end_frame=frames,
+    )
+
+
+def test_faces_stage_tracks_the_planted_landmarks(pack, tmp_path):
+    # 960x540 is downscaled to 512x288 for detection, then letterboxed to 640x360: net scale 1.5
+    sample = Faces(FacesConfig(backend="insightface", model_pack=pack))(faces_sample(tmp_path))
+    assert not sample.failed, sample.rejects
+    planted = np.broadcast_to(np.array(FACE.landmarks) * 1.5, (12, 5, 2))
+    np.testing.assert_allclose(sample.landmarks, planted, atol=1.0)
+    assert sample.face_stats["missing"] == 0 and sample.face_stats["multiple"] == 0
+    assert sample.face_stats["mean_score"] == pytest.approx(FACE.score)
+
+
+def test_faces_stage_rejects_two_comparable_faces(tmp_path):
+    two_faces = write_pack(tmp_path / "two_faces", faces=(FACE, SECOND_FACE), recognizer=False)
+    sample = Faces(FacesConfig(backend="insightface", model_pack=two_faces))(faces_sample(tmp_path))
+    assert sample.failed
+    assert [(r.stage, r.reason) for r in sample.rejects] == [("faces", "multiple_faces")]
+
+
+def test_pack_without_a_detector_names_the_config_key(tmp_path):
+    (tmp_path / "w600k_r50.onnx").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="faces.model_pack") as error:
+        InsightFaceBackend(str(tmp_path))
+    assert "det*.onnx" in str(error.value)
