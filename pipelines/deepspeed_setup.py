@@ -65,19 +65,34 @@ def _scheduler(config: TrainerConfig, lr: float) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def whole_modules(engines: Iterable[Any]) -> Iterator[None]:
-    """Every engine's module with its full weights on every rank and ZeRO's fetch hooks off.
+    """Every engine's module with its full weights on every rank and no ZeRO hooks.
 
     ZeRO-3 keeps only a shard of each parameter on a rank and gathers it around each submodule's
-    forward, a collective every rank must join. Exporting weights, rendering a sample on rank 0 or
-    validating after training needs plain modules instead; other stages already have them.
+    forward, a collective every rank must join. Exporting weights, rendering sample videos and
+    validating on rank 0 need whole, plain modules instead; under ZeRO 0-2 they already are.
     """
-    from deepspeed.runtime.zero import unwrap_model_for_generation
-
     with contextlib.ExitStack() as stack:
         for engine in engines:
             if engine.zero_optimization_stage() == 3:
-                stack.enter_context(unwrap_model_for_generation(engine))
+                stack.enter_context(_unsharded(engine))
         yield
+
+
+@contextlib.contextmanager
+def _unsharded(engine: Any) -> Iterator[None]:
+    """DeepSpeed's gather-and-unhook for generation, plus the root module's start-of-forward hook,
+    which it leaves in place and which can run a collective check on one rank alone."""
+    from deepspeed.runtime.zero import unwrap_model_for_generation
+
+    offload = engine.optimizer.parameter_offload
+    root = offload.module
+    start_of_forward = root._forward_pre_hooks[offload.fwd_pre_hook.id]
+    with unwrap_model_for_generation(engine):
+        offload.fwd_pre_hook.remove()
+        try:
+            yield
+        finally:
+            offload.fwd_pre_hook = root.register_forward_pre_hook(start_of_forward, prepend=True)
 
 
 def gathered(parameters: Iterable[torch.nn.Parameter]) -> contextlib.AbstractContextManager:

@@ -90,12 +90,12 @@ class DiffusionStage(Stage):
         else:
             self.encoder = LatentEncoder(config.model, config.window, context.device)
 
-    def batches(self):
+    def batches(self, loader_workers: int | None = None):
         config, trainer = self.context.config, self.context.trainer
         stream = LatentStream if config.latents else WindowStream
         dataset = stream(config, self.context.rank, self.context.world_size, trainer.batch_size)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=config.loader_workers)
-        return iter(loader)
+        workers = config.loader_workers if loader_workers is None else loader_workers
+        return iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers))
 
     def encode(self, batch) -> EncodedBatch:
         if isinstance(batch, list):  # cached records
@@ -134,7 +134,7 @@ class DiffusionStage(Stage):
         cfg = self.context.config.model
         return apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
 
-    def generate(self, engines, cond: Condition, negative_text: torch.Tensor) -> torch.Tensor:
+    def generate(self, engines, cond: Condition, negative_text: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Clean latents [1, 16, F, h, w] for one sample's condition, as this stage's network makes them."""
         raise NotImplementedError
 
@@ -142,8 +142,8 @@ class DiffusionStage(Stage):
     def render_samples(self, engines, output_dir: str, tag: str) -> None:
         """Rank 0: generate one clip with `generate` and keep it as `samples/<tag>.mp4`.
 
-        The condition is the first sample this rank reads, fixed for the whole stage, so the videos
-        of successive calls show the same clip as training goes on.
+        The condition (the first sample a rank reads) and the noise are fixed for the whole stage, so
+        successive videos differ only by training.
         """
         if self.context.rank != 0:
             return
@@ -151,14 +151,16 @@ class DiffusionStage(Stage):
         from pipelines.evaluate import encode_sample, to_uint8
 
         if self._preview is None:
-            encoded = self.encode(next(self.batches()))
+            encoded = self.encode(next(self.batches(loader_workers=0)))
             cond = encoded.cond.frames(0, encoded.x0.shape[2])
             first = type(cond)(**{k: None if v is None else v[:1] for k, v in vars(cond).items()})
-            self._preview = (first, encoded.negative_text[:1], encoded.audio[0].cpu().numpy())
+            self._preview = (first, encoded.negative_text, encoded.audio[0].cpu().numpy())
         cond, negative_text, audio = self._preview
+        generator = torch.Generator(self.context.device).manual_seed(self.context.config.seed)
+        latents = self.generate(engines, cond, negative_text, generator)
         if self._tae is None:
             self._tae = build_tae(self.context.config.model).to(self.context.device).eval()
-        frames = self._tae.decode(self.generate(engines, cond, negative_text).float())
+        frames = self._tae.decode(latents.float())
         video = encode_sample(to_uint8(frames[0].cpu()).numpy(), audio)
         os.makedirs(os.path.join(output_dir, "samples"), exist_ok=True)
         with open(os.path.join(output_dir, "samples", f"{tag}.mp4"), "wb") as handle:

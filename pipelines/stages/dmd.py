@@ -63,6 +63,7 @@ class DistributionMatching(DiffusionStage):
         self.teacher = build_teacher(config.teacher_model, device="cpu", weights=self.weights("teacher")).to(context.device).eval()
         self.teacher.requires_grad_(False)
         self.tae = build_tae(config.model).to(context.device).eval()
+        self._tae = self.tae  # sample videos decode with the reward's TAE
         self.syncnet = load_syncnet(SyncNetConfig(weights=config.dmd.syncnet), key="dmd.syncnet") if config.dmd.syncnet else None
         self.window = sync_window(*config.dmd.window_steps, num_steps=config.model.teacher_steps, shift=config.model.shift)
         self.counters = {"updates_student": 0, "updates_fake_score": 0}
@@ -76,7 +77,9 @@ class DistributionMatching(DiffusionStage):
         self.ema = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
         return {"student": student, "fake_score": fake_score}
 
-    generate = StudentDiffusionForcing.generate  # the student streams its sample videos the same way
+    # The student streams its sample videos as in Diffusion Forcing: periodic ones show the live
+    # weights, the final one (after `finish` loads them) the EMA that is exported.
+    generate = StudentDiffusionForcing.generate
 
     def learning_rate(self, name: str) -> float:
         return self.context.config.dmd.fake_score_lr if name == "fake_score" else self.context.trainer.lr
@@ -163,8 +166,9 @@ class DistributionMatching(DiffusionStage):
     def finish(self, engines, output_dir):
         """Export the EMA student (merged) as the inference checkpoint; return the DMD counters.
 
-        Training is over (its last checkpoint is saved), so the EMA weights replace the live ones in
-        place rather than in a copy that would double the student's memory.
+        Training is over (its last checkpoint is saved), so the EMA weights are copied into the live
+        module (the gathered full tensors under ZeRO-3) rather than into a copy that would double
+        the student's memory.
         """
         student = engines["student"].module
         with torch.no_grad():

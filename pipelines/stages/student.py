@@ -40,8 +40,9 @@ class StudentDiffusionForcing(DiffusionStage):
         engine.step()
         return {"loss": loss.item(), "window_frames": float(window), "sink_frames": float(sink)}
 
-    def generate(self, engines, cond, negative_text):
-        return torch.cat([chunk.latents for chunk in stream_generate(engines["student"].module, cond)], dim=2)
+    def generate(self, engines, cond, negative_text, generator):
+        chunks = stream_generate(engines["student"].module, cond, generator=generator)
+        return torch.cat([chunk.latents for chunk in chunks], dim=2)
 
     def finish(self, engines, output_dir):
         self.export(engines["student"].module, output_dir)

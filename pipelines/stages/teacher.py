@@ -60,10 +60,11 @@ class TeacherBase(DiffusionStage):
         engine.step()
         return {f"{self.network}_loss": loss.item()}
 
-    def generate(self, engines, cond, negative_text):
+    def generate(self, engines, cond, negative_text, generator):
         model = self.context.config.teacher_model
+        noise = torch.randn(cond.masked_video.shape, generator=generator, device=cond.masked_video.device)
         return sample_teacher(
-            engines[self.network].module, torch.randn_like(cond.masked_video), cond, cond.null(negative_text),
+            engines[self.network].module, noise, cond, cond.null(negative_text),
             model.guidance_scale, model.teacher_steps, model.shift,
         ).latents  # fmt: skip
 
