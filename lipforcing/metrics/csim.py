@@ -29,7 +29,9 @@ class IdentityEmbedder:
         from insightface.model_zoo import get_model
         from insightface.model_zoo.arcface_onnx import ArcFaceONNX
 
-        for name in sorted(f for f in os.listdir(folder) if f.endswith(".onnx")):
+        # buffalo_l's recognition model first: each file tried costs an onnxruntime session
+        names = sorted((f for f in os.listdir(folder) if f.endswith(".onnx")), key=lambda f: (f != "w600k_r50.onnx", f))
+        for name in names:
             model = get_model(os.path.join(folder, name), providers=list(providers))
             if isinstance(model, ArcFaceONNX):
                 self.model = model
