@@ -92,9 +92,11 @@ class ScoreConfig:
     train_if_missing: bool = False
     syncnet_output: str = "outputs/syncnet"
     syncnet_steps: int = 60
-    # Drop below this Sync-C. 3.0 is the syncnet_v2 scale; our SyncNet compares unit vectors, so its
-    # confidences are smaller and the tiny profile sets its own threshold.
+    # Drop below this Sync-C, on the scale of the SyncNet that scores: 3.0 for the public syncnet_v2
+    # (its embeddings are unnormalised); ours compares unit vectors, so its Sync-C is at most 2 and
+    # in-sync clips score about 0.1-0.3 (calibrated on the embedded sample).
     min_confidence: float = 3.0
+    min_confidence_ours: float = 0.05
     max_offset: int = 6  # frames; larger measured offsets are dropped, smaller ones corrected
 
 

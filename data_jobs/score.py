@@ -23,14 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_jobs.config import DataJobConfig
+from data_jobs.config import DataJobConfig, ScoreConfig
 from data_jobs.manifest import manifest_row
 from data_jobs.media import encode_wav
 from data_jobs.writer import ShardWriter
 from lipforcing import storage
 from lipforcing.config import ConfigError, to_yaml
 from lipforcing.data.shards import Reader, decode_mp4, decode_wav, epoch_samples
-from lipforcing.models.syncnet import SyncModel, SyncNetConfig, load_syncnet, score_clip
+from lipforcing.models.syncnet import SyncModel, SyncNetConfig, SyncNetV2, load_syncnet, score_clip
 
 FPS = 25
 
@@ -62,6 +62,11 @@ class SyncFilter:
         return SyncVerdict(result.confidence, result.offset, None)
 
 
+def confidence_threshold(model: SyncModel, score: ScoreConfig) -> float:
+    """The Sync-C threshold on the scale of the model that scores."""
+    return score.min_confidence if isinstance(model, SyncNetV2) else score.min_confidence_ours
+
+
 def shift_audio(audio: np.ndarray, offset: int, sample_rate: int) -> np.ndarray:
     """Undo a measured AV offset: a negative offset (audio lags the video) moves the audio earlier."""
     samples = abs(offset) * sample_rate // FPS
@@ -78,8 +83,8 @@ def score_task(source_stats_url: str, config: DataJobConfig, weights: str) -> di
     started = time.perf_counter()
     source = json.loads(storage.read_text(source_stats_url))
     task = source["task"]
-    sync = SyncFilter(load_syncnet(SyncNetConfig(weights=weights), key="score.syncnet"),
-                      config.score.min_confidence, config.score.max_offset)  # fmt: skip
+    model = load_syncnet(SyncNetConfig(weights=weights), key="score.syncnet")
+    sync = SyncFilter(model, confidence_threshold(model, config.score), config.score.max_offset)
     shards_url = storage.join(config.output, "shards")
     writer = ShardWriter(shards_url, task, config.write)
     rows = {row["key"]: row for row in source["samples"]}

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from data_jobs.config import DataJobConfig
-from data_jobs.score import score_task, shift_audio
+from data_jobs.score import confidence_threshold, score_task, shift_audio
 from lipforcing import storage
 from lipforcing.data.shards import Reader, decode_clip, epoch_samples, shard_urls
-from lipforcing.models.syncnet import SyncNetConfig, load_syncnet, score_clip
+from lipforcing.models.syncnet import StableSyncNet, SyncNetConfig, SyncNetV2, load_syncnet, score_clip
 from pipelines.jobs import resolve_config
 
 PLANTED = "vox_offset_0p4s"  # the sample clip whose audio lags its video by 0.4 s = 10 frames
@@ -33,6 +33,14 @@ def score_all(sample_shards: str, weights: str, output: str, *overrides: str) ->
 
 
 @pytest.mark.integration
+def test_confidence_threshold_follows_the_scoring_model():
+    """syncnet_v2's Sync-C scale (3.0 in the paper) would reject every clip scored by our SyncNet,
+    whose unit-vector confidences stay below 2; each model gets its own threshold."""
+    score = resolve_config(DataJobConfig, ["profile=1.3b"]).score
+    assert confidence_threshold(SyncNetV2(), score) == 3.0
+    assert confidence_threshold(StableSyncNet(SyncNetConfig()), score) == score.min_confidence_ours < 2.0
+
+
 def test_trained_syncnet_recovers_the_planted_offset(sample_shards, trained_syncnet):
     model = load_syncnet(SyncNetConfig(weights=trained_syncnet))
     found = {}

@@ -38,7 +38,7 @@ def test_syncnet_v2_layout_round_trip(tmp_path):
     path = tmp_path / "syncnet_v2.model"
     torch.save(state, path)
 
-    loaded = load_syncnet(SyncNetConfig(variant="syncnet_v2", weights=str(path)))
+    loaded = load_syncnet(SyncNetConfig(weights=str(path)))  # recognised by its layout, as the jobs load it
     assert isinstance(loaded, SyncNetV2)
     frames = torch.randint(0, 255, (9, 64, 64, 3), dtype=torch.uint8)
     audio = np.random.default_rng(1).standard_normal(16000 * 9 // 25).astype(np.float32)
@@ -51,7 +51,7 @@ def test_syncnet_v2_rejects_foreign_keys(tmp_path):
     state["extra.weight"] = torch.zeros(1)
     torch.save(state, tmp_path / "bad.model")
     with pytest.raises(RuntimeError, match="Unexpected key"):
-        load_syncnet(SyncNetConfig(variant="syncnet_v2", weights=str(tmp_path / "bad.model")))
+        load_syncnet(SyncNetConfig(weights=str(tmp_path / "bad.model")))
 
 
 def test_our_checkpoint_round_trip(tmp_path):

@@ -30,9 +30,8 @@ AUDIO_PER_FRAME = 4  # 100 Hz audio features per 25 fps video frame
 
 @dataclass
 class SyncNetConfig:
-    variant: str = field(default="stable", metadata={"choices": ("stable", "syncnet_v2")})
     weights: str = ""  # checkpoint path or URL; empty means none (the data job can train one)
-    frames: int = 5  # video frames per window (the syncnet_v2 variant always uses 5)
+    frames: int = 5  # video frames per window (syncnet_v2 always uses 5)
     size: int = 64  # aligned face resized to size x size; the lower half is the input
     mel_bins: int = 40
     channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
@@ -147,13 +146,10 @@ def _feature_windows(features: torch.Tensor, frames: int) -> torch.Tensor:
 SyncModel = StableSyncNet | SyncNetV2
 
 
-def build_syncnet(config: SyncNetConfig) -> SyncModel:
-    return SyncNetV2() if config.variant == "syncnet_v2" else StableSyncNet(config)
-
-
 def load_syncnet(config: SyncNetConfig, key: str = "syncnet.weights") -> SyncModel:
-    """Load the SyncNet at `config.weights`: syncnet_v2.model, or our checkpoint (which carries its own
-    architecture config, so a reader needs only the path). `key` names the config key for errors.
+    """Load the SyncNet at `config.weights`: our checkpoint (which carries its own architecture
+    config, so a reader needs only the path) or else the public syncnet_v2.model layout.
+    `key` names the config key for errors.
     """
     if not config.weights:
         raise FileNotFoundError(f"no SyncNet weights: set config key '{key}' to a syncnet_v2.model or a trained checkpoint")
@@ -167,7 +163,7 @@ def load_syncnet(config: SyncNetConfig, key: str = "syncnet.weights") -> SyncMod
         model = StableSyncNet(SyncNetConfig(**saved))
         state = state["state_dict"]
     else:
-        model = build_syncnet(config)
+        model = SyncNetV2()
     if isinstance(model, SyncNetV2):
         # Checkpoints saved before BatchNorm counted its batches lack num_batches_tracked.
         for name, buffer in model.state_dict().items():
