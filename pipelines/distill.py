@@ -29,6 +29,12 @@ def validate(config: DistillConfig) -> None:
     unknown = [s for s in config.stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"config key 'stages' has {unknown}; allowed values: {', '.join(STAGES)}")
+    missing = config.missing_pretrained_weights()
+    if missing:
+        raise ConfigError(
+            f"config keys {', '.join(missing)} are empty: the {config.model.profile} profile trains from "
+            "pretrained weights (local paths or URLs); set them, or allow_random_init=true for a smoke test"
+        )
 
 
 def resolve_syncnet(config: DistillConfig, scratch: str) -> None:
@@ -98,4 +104,4 @@ def register_student(config: DistillConfig, parent_id: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_job("pipelines.distill", DistillConfig, distill))
+    sys.exit(run_job("pipelines.distill", DistillConfig, distill, validate=validate))

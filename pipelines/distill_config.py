@@ -62,6 +62,9 @@ class DistillConfig:
     run_name: str = "distill"  # Ray Train runs are <run_name>-<stage>; a rerun resumes them
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     force: bool = False  # rerun stages whose output already exists
+    # Real-size profiles start from pretrained weights; true lets them start from random init
+    # (smoke tests and throughput runs only: the result is not a lip-sync model).
+    allow_random_init: bool = False
     loader_workers: int = 0  # torch DataLoader processes per training worker
     seed: int = 0
     window: WindowConfig = field(default_factory=WindowConfig)
@@ -78,6 +81,20 @@ class DistillConfig:
     def for_profile(cls, profile: str) -> DistillConfig:
         teacher = "14b" if profile == "1.3b" else profile
         return cls(profile=profile, model=model_config(profile), teacher_model=model_config(teacher))
+
+    def missing_pretrained_weights(self) -> list[str]:
+        """Config keys of pretrained weights this run needs but leaves empty (none for `tiny`)."""
+        if self.model.profile == "tiny" or self.allow_random_init:
+            return []
+        needed = {"model.tae_weights": self.model.tae_weights}  # reward decoding, sample videos
+        if "teacher" in self.stages and not self.teacher.weights:
+            needed["teacher_model.dit_weights"] = self.teacher_model.dit_weights
+        if not self.same_size_teacher():
+            needed["model.dit_weights"] = self.model.dit_weights
+        if not self.latents:  # without a `make encode` cache, windows are encoded on the fly
+            for key in ("vae_weights", "audio_encoder_weights", "text_embedding", "negative_text_embedding"):
+                needed[f"model.{key}"] = getattr(self.model, key)
+        return [key for key, value in needed.items() if not value]
 
     def same_size_teacher(self) -> bool:
         """Whether the student can start from the teacher's weights (else from model.dit_weights)."""

@@ -542,4 +542,4 @@ def run_eval(config: EvalConfig, scratch: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_job("pipelines.evaluate", EvalConfig, evaluate))
+    sys.exit(run_job("pipelines.evaluate", EvalConfig, evaluate, validate=validate))

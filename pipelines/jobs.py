@@ -38,11 +38,20 @@ def resolve_config(schema: type[T], argv: Sequence[str]) -> T:
     return load_config(defaults, files=files, overrides=overrides, lenient_files=[CONFIG_DIR / f"{profile}.yaml"])
 
 
-def run_job(module: str, schema: type[T], main: Callable[[T], Any], argv: Sequence[str] | None = None) -> int:
-    """Entry point of `python -m <module>`: validate, then submit to `RAY_ADDRESS` or run locally."""
+def run_job(
+    module: str,
+    schema: type[T],
+    main: Callable[[T], Any],
+    argv: Sequence[str] | None = None,
+    validate: Callable[[T], None] | None = None,
+) -> int:
+    """Entry point of `python -m <module>`: validate (the schema, then the job's own `validate` of
+    values that depend on each other), then submit to `RAY_ADDRESS` or run locally."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         config = resolve_config(schema, argv)
+        if validate is not None:
+            validate(config)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

@@ -42,7 +42,8 @@ def test_manifests_exist_and_parse():
 
 
 @pytest.mark.parametrize("path", [p for p in MANIFESTS if "entrypoint" in p.read_text()], ids=lambda p: p.name)
-def test_entrypoints_resolve_against_the_job_schemas(path):
+def test_entrypoints_resolve_against_the_job_schemas(path, monkeypatch):
+    monkeypatch.chdir(CLUSTER.parent)  # entrypoints run in the repository root, as in the image
     commands = entrypoints(yaml.safe_load(path.read_text()))
     assert commands
     for entrypoint in commands:
@@ -50,7 +51,9 @@ def test_entrypoints_resolve_against_the_job_schemas(path):
             words = shlex.split(command)
             assert words[:2] == ["python", "-m"], command
             module, args = words[2], words[3:]
-            importlib.import_module(module)
             schema_module, schema_name = SCHEMAS[module]
+            job = importlib.import_module(module)
             config = resolve_config(getattr(importlib.import_module(schema_module), schema_name), args)
             assert config.profile in ("1.3b", "14b")
+            if hasattr(job, "validate"):
+                job.validate(config)  # e.g. distill: every pretrained weight it needs is given

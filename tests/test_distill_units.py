@@ -100,6 +100,11 @@ def test_diffusion_forcing_overfits_one_batch(tiny):
 def test_config_validation_names_keys():
     with pytest.raises(ConfigError, match="stages"):
         validate(resolve_config(DistillConfig, ["stages=[teacher,gan]"]))
+    with pytest.raises(ConfigError, match=r"model.tae_weights, teacher_model.dit_weights, model.dit_weights, model.vae_weights"):
+        validate(resolve_config(DistillConfig, ["profile=1.3b"]))  # would train random weights at 1.3B
+    weights = ["model.tae_weights=t", "teacher_model.dit_weights=w", "model.dit_weights=s", "latents=cache"]
+    validate(resolve_config(DistillConfig, ["profile=1.3b", *weights]))  # a latent cache stands in for the encoders
+    validate(resolve_config(DistillConfig, ["profile=14b", "allow_random_init=true"]))
     with pytest.raises(ConfigError, match="reward_weighting.*'per_sample', 'self_normalised'"):
         resolve_config(DistillConfig, ["dmd.reward_weighting=softmax"])
 
