@@ -1,5 +1,5 @@
 # lipforcing: every target runs from a fresh checkout; the first one creates .venv.
-# Config overrides for any job target: make distill ARGS="profile=tiny dmd.steps=10"
+# Config overrides for any job target: make distill ARGS="profile=tiny dmd.train.steps=10"
 
 PYTHON ?= python3.11
 VENV := .venv

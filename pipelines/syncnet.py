@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from lipforcing import storage
+from lipforcing.config import to_yaml
 from lipforcing.data.shards import Clip, decode_clip, shard_urls, stream_samples, worker_reader
 from lipforcing.models.syncnet import StableSyncNet, SyncNetConfig, save_syncnet, score_clip
 from pipelines.jobs import run_job
@@ -159,6 +160,7 @@ def main(config: SyncNetJobConfig) -> int:
     from pipelines.ray_cluster import init_ray
 
     init_ray()
+    storage.write_text(storage.join(config.output, "config.yaml"), to_yaml(config))
     with tracking.start_run("syncnet", config=config, tags={"job": "syncnet"}) as run:
         result = fit(
             SyncNetStage,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import mlflow
 import pytest
 
@@ -37,6 +39,7 @@ def test_syncnet_job_trains_registers_and_recovers_offsets(trained_syncnet):
     assert run.data.metrics["offset_recovery_rate"] >= 0.6
     assert 0.0 <= run.data.metrics["val_accuracy"] <= 1.0
     assert storage.exists(trained_syncnet)
+    assert "train:" in storage.read_text(storage.join(os.path.dirname(trained_syncnet), "config.yaml"))
     version = mlflow.tracking.MlflowClient().get_model_version_by_alias("syncnet", "champion")
     assert version.run_id == run.info.run_id
 
