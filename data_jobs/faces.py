@@ -92,6 +92,11 @@ class InsightFaceBackend:
         if not detectors:
             raise FileNotFoundError(f"faces.model_pack={model_pack!r} holds no det*.onnx detector")
         self._model = get_model(os.path.join(folder, detectors[0]), providers=["CPUExecutionProvider"])
+        if not getattr(self._model, "use_kps", False):
+            raise ValueError(
+                f"faces.model_pack={model_pack!r}: {detectors[0]} gives boxes without the 5 landmarks the "
+                "alignment needs; use a keypoint SCRFD detector such as buffalo_l's det_10g.onnx"
+            )
         self._model.prepare(ctx_id=-1, input_size=(640, 640), det_thresh=0.5)
 
     @staticmethod

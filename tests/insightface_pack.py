@@ -78,15 +78,17 @@ def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
     return model
 
 
-def detector(faces: tuple[PlantedFace, ...]) -> onnx.ModelProto:
-    """SCRFD-layout detector (input "input.1", 1x3x?x?) that always finds `faces`."""
+def detector(faces: tuple[PlantedFace, ...], keypoints: bool = True) -> onnx.ModelProto:
+    """SCRFD-layout detector (input "input.1", 1x3x?x?) that always finds `faces`; without
+    `keypoints`, the 6-output layout of SCRFD models that give boxes only."""
     nodes = [
         helper.make_node("ReduceMean", ["input.1"], ["mean"], keepdims=0),
         helper.make_node("Mul", ["mean", "zero"], ["nothing"]),
     ]
     initializers = [numpy_helper.from_array(np.zeros((), np.float32), "zero")]
     outputs = []
-    for name, value in zip(DET_OUTPUTS, scrfd_outputs(faces)):
+    count = len(DET_OUTPUTS) if keypoints else 2 * len(STRIDES)
+    for name, value in zip(DET_OUTPUTS[:count], scrfd_outputs(faces)[:count]):
         initializers.append(numpy_helper.from_array(value, f"{name}_value"))
         nodes.append(helper.make_node("Add", [f"{name}_value", "nothing"], [name]))
         outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [f"{name}_n", value.shape[1]]))

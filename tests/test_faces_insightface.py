@@ -120,3 +120,13 @@ def test_pack_without_a_detector_names_the_config_key(tmp_path):
     with pytest.raises(FileNotFoundError, match="faces.model_pack") as error:
         InsightFaceBackend(str(tmp_path))
     assert "det*.onnx" in str(error.value)
+
+
+def test_detector_without_landmarks_is_refused(tmp_path):
+    import onnx
+
+    from tests.insightface_pack import detector
+
+    onnx.save(detector((FACE,), keypoints=False), str(tmp_path / "det_10g.onnx"))
+    with pytest.raises(ValueError, match="faces.model_pack.*without the 5 landmarks"):
+        InsightFaceBackend(str(tmp_path))
