@@ -72,6 +72,9 @@ class Stage(abc.ABC):
     """One training stage. Instances are built on every worker from the job config."""
 
     name: str = "stage"
+    # The networks `finish` and `render_samples` use (None: all). Only these are gathered whole
+    # under ZeRO-3: at 14B a whole copy of every network would not fit on one GPU.
+    whole_networks: tuple[str, ...] | None = None
 
     def __init__(self, context: WorkerContext):
         self.context = context
@@ -102,6 +105,9 @@ class Stage(abc.ABC):
         """Restore what `state` returned."""
         return None
 
+    def whole(self, engines: dict[str, Any]) -> list[Any]:
+        return [engine for name, engine in engines.items() if self.whole_networks is None or name in self.whole_networks]
+
     def render_samples(self, engines: dict[str, Any], output_dir: str, tag: str) -> None:
         """Rank 0 writes preview media under `output_dir/samples/` (uploaded to the stage's run).
 
@@ -112,7 +118,7 @@ class Stage(abc.ABC):
     def finish(self, engines: dict[str, Any], output_dir: str) -> dict[str, float]:
         """After the last iteration, on every rank: export results into `output_dir` (rank 0 writes).
 
-        Each `engines[name].module` holds its full weights here, even under ZeRO-3.
+        The modules of `whole_networks` hold their full weights here, even under ZeRO-3.
         """
         return {}
 
@@ -169,11 +175,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         if number % trainer_config.checkpoint_every == 0 or number == trainer_config.steps:
             _save_and_report(engines, stage, number, metrics)
         if trainer_config.sample_every and number % trainer_config.sample_every == 0 and number < trainer_config.steps:
-            with tempfile.TemporaryDirectory() as output_dir, whole_modules(engines.values()):
+            with tempfile.TemporaryDirectory() as output_dir, whole_modules(stage.whole(engines)):
                 stage.render_samples(engines, output_dir, f"{stage.name}-step{number:06d}")
                 if logger:
                     logger.upload(output_dir)
-    with tempfile.TemporaryDirectory() as output_dir, whole_modules(engines.values()):
+    with tempfile.TemporaryDirectory() as output_dir, whole_modules(stage.whole(engines)):
         final = stage.finish(engines, output_dir)
         if logger:
             logger.log(final, trainer_config.steps)

@@ -63,6 +63,18 @@ def test_our_checkpoint_round_trip(tmp_path):
         assert torch.equal(tensor, loaded.state_dict()[name])
 
 
+def test_checkpoint_from_an_older_config_still_loads(tmp_path):
+    """Checkpoints saved while SyncNetConfig had a `variant` field keep loading."""
+    model = StableSyncNet(SyncNetConfig(size=32, channels=[8, 16], embed_dim=32)).eval()
+    path = tmp_path / "old.pt"
+    save_syncnet(model, str(path))
+    state = torch.load(path, weights_only=True)
+    state["config"]["variant"] = "stable"
+    torch.save(state, path)
+    loaded = load_syncnet(SyncNetConfig(weights=str(path)))
+    assert all(torch.equal(t, loaded.state_dict()[n]) for n, t in model.state_dict().items())
+
+
 def test_missing_weights_name_the_config_key(tmp_path):
     with pytest.raises(FileNotFoundError, match="data.syncnet.weights"):
         load_syncnet(SyncNetConfig(), key="data.syncnet.weights")

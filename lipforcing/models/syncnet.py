@@ -14,7 +14,7 @@ Window i covers video frames i .. i+N-1 and audio features 4i .. 4i+4N-1 (100 Hz
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -159,7 +159,8 @@ def load_syncnet(config: SyncNetConfig, key: str = "syncnet.weights") -> SyncMod
     with fs.open(path, "rb") as handle:
         state = torch.load(handle, map_location="cpu", weights_only=True)
     if "config" in state:
-        saved = {**state["config"], "weights": config.weights}
+        known = {f.name for f in fields(SyncNetConfig)}  # older checkpoints also saved a `variant`
+        saved = {**{k: v for k, v in state["config"].items() if k in known}, "weights": config.weights}
         model = StableSyncNet(SyncNetConfig(**saved))
         state = state["state_dict"]
     else:

@@ -56,6 +56,7 @@ def dmd_timesteps(batch: int, index_range: list[int], shift: float, generator: t
 
 class DistributionMatching(DiffusionStage):
     name = "dmd"
+    whole_networks = ("student",)  # the fake score is neither exported nor rendered
 
     def __init__(self, context):
         super().__init__(context)
