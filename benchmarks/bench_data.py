@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmarks.results import write_section
+from benchmarks.results import report
 
 HEADING = "## Data"
 
@@ -158,11 +158,7 @@ def main(argv: list[str] | None = None) -> str:
     )
     parser.add_argument("overrides", nargs="*", help="data-job overrides, e.g. align.size=256")
     args = parser.parse_args(argv)
-    section = measure(args.overrides)
-    print(section)
-    if args.write:
-        write_section(section, HEADING)
-    return section
+    return report(measure(args.overrides), HEADING, args.write)
 
 
 if __name__ == "__main__":

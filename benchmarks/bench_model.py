@@ -26,7 +26,7 @@ from collections.abc import Iterator
 
 import torch
 
-from benchmarks.results import write_section
+from benchmarks.results import report
 from lipforcing.diffusion import sample_teacher
 from lipforcing.inference import stream_generate
 from lipforcing.models import (
@@ -223,11 +223,7 @@ def main(argv: list[str] | None = None) -> str:
     if args.memory_child is not None:
         print(json.dumps(rollout_memory(args.memory_child)))
         return ""
-    section = markdown(bench_speed(), bench_memory())
-    print(section)
-    if args.write:
-        write_section(section, "## Model")
-    return section
+    return report(markdown(bench_speed(), bench_memory()), "## Model", args.write)
 
 
 if __name__ == "__main__":

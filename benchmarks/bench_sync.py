@@ -23,7 +23,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from benchmarks.results import machine, write_section
+from benchmarks.results import machine, report
 from lipforcing.metrics.sync import av_sync, sync_confidence_batch
 from lipforcing.models.syncnet import StableSyncNet, SyncNetConfig, clip_embeddings, score_clip
 
@@ -187,11 +187,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: the 2 cores)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    section = markdown(bench_metric(), bench_score_clip(), args.threads)
-    print(section)
-    if args.write:
-        write_section(section, HEADING)
-    return section
+    return report(markdown(bench_metric(), bench_score_clip(), args.threads), HEADING, args.write)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.results import machine, write_section
+from benchmarks.results import machine, report
 from lipforcing.data.shards import shard_urls
 from lipforcing.diffusion.schedules import add_noise, chunk_timesteps
 from lipforcing.losses.flow_matching import flow_matching_loss
@@ -328,10 +328,7 @@ def main(argv: list[str] | None = None) -> str:
                 note, failed = f"the distill job failed: {str(err).splitlines()[0]}", True
         if note:
             print(f"[bench_train] part 3 skipped: {note}", file=sys.stderr, flush=True)
-    section = markdown(results, stages, args.data, note)
-    print(section)
-    if args.write:
-        write_section(section, HEADING)
+    section = report(markdown(results, stages, args.data, note), HEADING, args.write)
     if failed:
         raise SystemExit(1)
     return section

@@ -24,6 +24,14 @@ def machine(threads: int | None = None) -> str:
     )
 
 
+def report(section: str, heading: str, write: bool) -> str:
+    """Print a benchmark's section and, with `--write`, put it into RESULTS.md; returns it."""
+    print(section)
+    if write:
+        write_section(section, heading)
+    return section
+
+
 def write_section(section: str, heading: str, path: Path = RESULTS) -> None:
     """Replace (or append) the section under `heading`, leaving every other section as it is."""
     lines = (path.read_text() if path.exists() else "# Benchmark results\n").splitlines()
