@@ -80,7 +80,7 @@ class DiffusionStage(Stage):
         config = context.config
         self._scratch = tempfile.TemporaryDirectory(prefix=f"lipforcing-{self.name}-")  # removed with the stage
         self._preview: tuple | None = None  # the condition every sample video is rendered from
-        self._tae: torch.nn.Module | None = None
+        self.tae: torch.nn.Module | None = None  # decodes sample videos; built on first use
         self.scratch = self._scratch.name
         if config.latents:
             texts = torch.load(io.BytesIO(storage.read_bytes(storage.join(config.latents, TEXT_FILE))), weights_only=True)
@@ -158,9 +158,9 @@ class DiffusionStage(Stage):
         cond, negative_text, audio = self._preview
         generator = torch.Generator(self.context.device).manual_seed(self.context.config.seed)
         latents = self.generate(engines, cond, negative_text, generator)
-        if self._tae is None:
-            self._tae = build_tae(self.context.config.model).to(self.context.device).eval()
-        frames = self._tae.decode(latents.float())
+        if self.tae is None:
+            self.tae = build_tae(self.context.config.model).to(self.context.device).eval()
+        frames = self.tae.decode(latents.float())
         video = encode_sample(to_uint8(frames[0].cpu()).numpy(), audio)
         os.makedirs(os.path.join(output_dir, "samples"), exist_ok=True)
         with open(os.path.join(output_dir, "samples", f"{tag}.mp4"), "wb") as handle:

@@ -63,8 +63,7 @@ class DistributionMatching(DiffusionStage):
         config = context.config
         self.teacher = build_teacher(config.teacher_model, device="cpu", weights=self.weights("teacher")).to(context.device).eval()
         self.teacher.requires_grad_(False)
-        self.tae = build_tae(config.model).to(context.device).eval()
-        self._tae = self.tae  # sample videos decode with the reward's TAE
+        self.tae = build_tae(config.model).to(context.device).eval()  # the reward's, also the previews'
         self.syncnet = load_syncnet(SyncNetConfig(weights=config.dmd.syncnet), key="dmd.syncnet") if config.dmd.syncnet else None
         self.window = sync_window(*config.dmd.window_steps, num_steps=config.model.teacher_steps, shift=config.model.shift)
         self.counters = {"updates_student": 0, "updates_fake_score": 0}
