@@ -26,20 +26,20 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from benchmarks.results import machine, report
 from lipforcing.data.shards import shard_urls
-from lipforcing.diffusion.schedules import add_noise, chunk_timesteps
-from lipforcing.losses.flow_matching import flow_matching_loss
+from lipforcing.losses.diffusion_forcing import diffusion_forcing_loss
 from lipforcing.models import build_student, random_condition
 from lipforcing.models.conditioning import Condition
 from lipforcing.models.lora import apply_lora
 from pipelines.distill_config import DistillConfig
 from pipelines.jobs import resolve_config
-from pipelines.stages.common import seeded_choice
+from pipelines.stages.student import StudentDiffusionForcing
 from pipelines.trainer import Stage
 
 HEADING = "## Training"
@@ -72,18 +72,11 @@ def synthetic_batch(config: DistillConfig, batch_size: int, seed: int = 0) -> tu
     return x0, cond
 
 
-def diffusion_forcing_loss(
-    model: Any, batch: tuple[torch.Tensor, Condition], config: DistillConfig, iteration: int, rank: int = 0
-) -> torch.Tensor:
-    """The student stage's loss: per-chunk noise levels, one attention layout per iteration."""
+def student_loss(model: Any, batch: tuple[torch.Tensor, Condition], config: DistillConfig, layout: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """The student stage's loss (the library's Diffusion Forcing loss with the stage's settings)."""
     x0, cond = batch
-    generator = torch.Generator().manual_seed(config.seed * 7919 + iteration * 31 + rank)
-    t = chunk_timesteps(x0.shape[0], x0.shape[2], config.model.chunk_frames, config.model.student_timesteps, generator)
-    layouts = config.model.training_attention_layouts
-    window, sink = layouts[seeded_choice(config.seed, iteration, len(layouts))]
-    noise = torch.randn(x0.shape, generator=generator)
-    velocity = model(add_noise(x0, noise, t), t, cond, window_frames=window, sink_frames=sink)
-    return flow_matching_loss(velocity, x0, noise)
+    student = config.student
+    return diffusion_forcing_loss(model, x0, cond, student.noise_levels, config.model.chunk_frames, layout, generator, student.loss)
 
 
 def plain_loop(config: DistillConfig, threads: int, steps: int = STEPS) -> dict[str, float]:
@@ -95,9 +88,10 @@ def plain_loop(config: DistillConfig, threads: int, steps: int = STEPS) -> dict[
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay)
     times = []
+    layouts = config.model.training_attention_layouts
     for iteration in range(steps):
         start = time.perf_counter()
-        loss = diffusion_forcing_loss(model, batch, config, iteration)
+        loss = student_loss(model, batch, config, tuple(layouts[iteration % len(layouts)]), torch.Generator().manual_seed(iteration))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
@@ -107,7 +101,7 @@ def plain_loop(config: DistillConfig, threads: int, steps: int = STEPS) -> dict[
     return {"samples_per_s": train.batch_size * len(measured) / sum(measured), "load": os.getloadavg()[0]}
 
 
-class SyntheticStudent(Stage):
+class SyntheticStudent(StudentDiffusionForcing):
     """The student stage with its shard reader and encoders replaced by one in-memory batch.
 
     Ray workers can load it: run as `python -m benchmarks.bench_train` it lives in `__main__`, which
@@ -117,18 +111,24 @@ class SyntheticStudent(Stage):
 
     name = "bench_student"
 
+    def __init__(self, context: Any):
+        Stage.__init__(self, context)  # no encoders, no scratch folder: the batch is already latents
+
     def networks(self) -> dict[str, torch.nn.Module]:
         return {"student": student_model(self.context.config)}
 
     def batches(self) -> Iterator[tuple[torch.Tensor, Condition]]:
         return itertools.repeat(synthetic_batch(self.context.config, self.context.trainer.batch_size, self.context.rank))
 
-    def step(self, engines: dict[str, Any], batch: Any, iteration: int) -> dict[str, float]:
-        engine = engines["student"]
-        loss = diffusion_forcing_loss(engine, batch, self.context.config, iteration, self.context.rank)
-        engine.backward(loss)
-        engine.step()
-        return {"loss": loss.item(), "torch_threads": float(torch.get_num_threads())}
+    def encode(self, batch: tuple[torch.Tensor, Condition]) -> Any:
+        x0, cond = batch
+        return SimpleNamespace(x0=x0, cond=cond)
+
+    def step(self, engines: dict[str, Any], batch: Any, iteration: int, micro: int) -> dict[str, float]:
+        return {**super().step(engines, batch, iteration, micro), "torch_threads": float(torch.get_num_threads())}
+
+    def finish(self, engines: dict[str, Any], output_dir: str) -> dict[str, float]:
+        return {}
 
 
 def history_mean(client: Any, run_id: str) -> dict[str, float]:

@@ -11,32 +11,49 @@ import torch
 if TYPE_CHECKING:
     from pipelines.trainer import TrainerConfig
 
-# DeepSpeed's scheduler types for our schedule names (all start with a linear warmup).
-_SCHEDULERS = {"constant": "WarmupLR", "cosine": "WarmupCosineLR", "linear": "WarmupDecayLR"}
-
 
 def deepspeed_config(config: TrainerConfig, world_size: int, lr: float) -> dict[str, Any]:
-    """ZeRO stage, precision, AdamW (decoupled weight decay), clipping and the LR schedule."""
+    """ZeRO stage, precision, AdamW (decoupled weight decay), clipping and gradient accumulation.
+
+    No DeepSpeed scheduler: the trainer sets each iteration's learning rate itself, because a
+    DeepSpeed schedule counts a network's own optimizer steps, and DMD's student steps only every
+    fifth iteration.
+    """
+    ds = _common(config, world_size)
+    ds.update(
+        {
+            "gradient_accumulation_steps": config.grad_accum,
+            "train_batch_size": config.batch_size * config.grad_accum * world_size,
+            "gradient_clipping": config.grad_clip,
+            # DeepSpeed's AdamW on torch's kernel: no JIT compile, works on CPU and GPU.
+            "optimizer": {
+                "type": "AdamW",
+                "params": {
+                    "lr": lr,
+                    "betas": list(config.betas),
+                    "eps": 1e-8,
+                    "weight_decay": config.weight_decay,
+                    "torch_adam": True,
+                    "adam_w_mode": True,
+                },
+            },
+        }
+    )
+    return ds
+
+
+def frozen_deepspeed_config(config: TrainerConfig, world_size: int) -> dict[str, Any]:
+    """An engine without optimizer for a frozen network: ZeRO-3 partitions its weights, bf16 casts them."""
+    return _common(config, world_size)
+
+
+def _common(config: TrainerConfig, world_size: int) -> dict[str, Any]:
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": config.batch_size,
-        "gradient_accumulation_steps": config.grad_accum,
-        "train_batch_size": config.batch_size * config.grad_accum * world_size,
-        "gradient_clipping": config.grad_clip,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": config.batch_size * world_size,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
-        # DeepSpeed's AdamW on torch's kernel: no JIT compile, works on CPU and GPU.
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": lr,
-                "betas": list(config.betas),
-                "eps": 1e-8,
-                "weight_decay": config.weight_decay,
-                "torch_adam": True,
-                "adam_w_mode": True,
-            },
-        },
-        "scheduler": _scheduler(config, lr),
         "zero_optimization": {"stage": config.zero_stage},
         "bf16": {"enabled": config.precision == "bf16"},
         "fp16": {"enabled": False},
@@ -44,23 +61,6 @@ def deepspeed_config(config: TrainerConfig, world_size: int, lr: float) -> dict[
     if config.zero_stage == 3:
         ds["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": True})
     return ds
-
-
-def _scheduler(config: TrainerConfig, lr: float) -> dict[str, Any]:
-    warmup = max(config.warmup_steps, 0)
-    params: dict[str, Any] = {"warmup_num_steps": max(warmup, 1), "warmup_type": "linear"}
-    if config.schedule == "constant":
-        params.update({"warmup_min_lr": 0.0 if warmup else lr, "warmup_max_lr": lr})
-    elif config.schedule == "linear":
-        params.update({"warmup_min_lr": 0.0, "warmup_max_lr": lr, "total_num_steps": max(config.steps, warmup + 1)})
-    else:
-        params = {
-            "total_num_steps": max(config.steps, warmup + 1),
-            "warmup_num_steps": max(warmup, 1),
-            "warmup_min_ratio": 0.0,
-            "cos_min_ratio": 0.0,
-        }
-    return {"type": _SCHEDULERS[config.schedule], "params": params}
 
 
 @contextlib.contextmanager

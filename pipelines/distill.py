@@ -29,6 +29,14 @@ def validate(config: DistillConfig) -> None:
     unknown = [s for s in config.stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"config key 'stages' has {unknown}; allowed values: {', '.join(STAGES)}")
+    if config.dmd.ema and config.dmd.ema_start_step < 1:
+        raise ConfigError(
+            f"config key 'dmd.ema_start_step' is {config.dmd.ema_start_step}; allowed values: an iteration >= 1 "
+            "(an EMA from the first step keeps the pre-DMD student in the export)"
+        )
+    for key, values in (("student.noise_levels", config.student.noise_levels), ("dmd.timestep_bounds", config.dmd.timestep_bounds)):
+        if not values or any(not 0.0 <= v <= 1.0 for v in values):
+            raise ConfigError(f"config key '{key}' is {values}; allowed values: flow times in [0, 1]")
     missing = config.missing_pretrained_weights()
     if missing:
         raise ConfigError(

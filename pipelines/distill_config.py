@@ -30,6 +30,11 @@ class StudentConfig:
     """Diffusion Forcing pretraining of the causal student from the teacher's weights."""
 
     train: TrainerConfig = field(default_factory=lambda: TrainerConfig(steps=5000, lr=1e-5, warmup_steps=1000))
+    # Each chunk's noise level, drawn uniformly from this list. Released: the student's steps plus 0.0,
+    # so a third of the chunks are clean context, as the streaming cache always is.
+    noise_levels: list[float] = field(default_factory=lambda: [0.999, 0.769, 0.0])
+    # x0: 0.5 * MSE on the clean estimate (released); velocity: flow-matching MSE (our earlier variant)
+    loss: str = field(default="x0", metadata={"choices": ("x0", "velocity")})
 
 
 @dataclass
@@ -43,12 +48,21 @@ class DMDConfig:
     student_every: int = 5  # fake score every iteration, student every 5th (the 5:1 ratio)
     guidance_scale: float = 4.5
     window_steps: list[int] = field(default_factory=lambda: [20, 40])  # teacher ODE steps that get CFG
-    timestep_range: list[int] = field(default_factory=lambda: [20, 980])  # DMD re-noising index of 1000
+    # Re-noising time: shifted_uniform (released Lip Forcing) shifts u ~ U[timestep_bounds];
+    # index_range (Self Forcing) shifts an index uniform in timestep_range of 1000.
+    timestep_sampling: str = field(default="shifted_uniform", metadata={"choices": ("shifted_uniform", "index_range")})
+    timestep_bounds: list[float] = field(default_factory=lambda: [0.001, 0.999])
+    timestep_range: list[int] = field(default_factory=lambda: [20, 980])
     reward_beta: float = 2.0
     reward_weighting: str = field(default="per_sample", metadata={"choices": ("per_sample", "self_normalised")})
     # SyncNet for the reward: models:/name@alias, a path/URL, or "" to train without the reward
     syncnet: str = "models:/syncnet@champion"
+    # EMA of the student, exported instead of the raw weights. Off as released; when on it starts at
+    # iteration ema_start_step (Self Forcing's option), never at 0: over ~120 student steps an EMA
+    # from the start would still hold a third of the pre-DMD weights.
+    ema: bool = False
     ema_decay: float = 0.99
+    ema_start_step: int = 200
     registered_name: str = "lipforcing-student"
     registered_alias: str = "candidate"  # promote to @champion after comparing runs in MLflow
 

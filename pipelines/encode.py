@@ -72,7 +72,7 @@ class ShardEncoder:
             for sample in tariterators.tarfile_samples([{"url": url}]):
                 clip = decode_clip(sample)
                 for _ in range(self.config.windows_per_clip):
-                    window = cut_window(clip, self.config.window, rng)
+                    window = cut_window(clip, self.config.window, rng, self.config.model.use_reference_sequence)
                     if window is not None:
                         windows.append(window)
             records = []

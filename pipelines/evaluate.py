@@ -115,11 +115,6 @@ def validate(config: EvalConfig) -> None:
         raise ConfigError(f"config key 'clips' is {config.clips}; allowed values: an integer >= 1")
     if config.samples < 0:
         raise ConfigError(f"config key 'samples' is {config.samples}; allowed values: an integer >= 0")
-    if config.model.use_reference_sequence:
-        raise ConfigError(
-            "config key 'model.use_reference_sequence' is true; allowed values: false "
-            "(eval has no rule yet for which reference clip a 65-channel student gets)"
-        )
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             "config key 'device' is 'cuda' but no CUDA device is visible; allowed values: 'auto', 'cpu'"
@@ -177,11 +172,14 @@ class Evaluator:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _batch(self, clip: EvalClip, frames: int) -> dict[str, Tensor]:
+    def _batch(self, clip: EvalClip, frames: int) -> dict[str, Tensor | None]:
+        """The condition's inputs. A 65-channel student also reads the unmasked source frames as its
+        reference sequence, as the released inference does (its clips are the 81-frame segments)."""
         video = clip.video[None, :frames]
         return {
             "video": video,
             "reference": video[:, :1],
+            "reference_sequence": video if self.config.model.use_reference_sequence else None,
             "audio": clip.audio[None, : frames * (SAMPLE_RATE // FPS)],
         }
 
@@ -386,7 +384,9 @@ COLUMNS = (
 NOTES = (
     "Generated frames are compared with the source crops at the model's size; nothing is pasted back.",
     "Condition: the first frame as reference, the mouth-masked source video and the clip's audio "
-    "(no clean-video latent: inference never reads it).",
+    "(no clean-video latent: inference never reads it); 65-channel students also get the unmasked source "
+    "frames as their reference sequence, as the released inference does, so their mouth-region numbers "
+    "are not comparable with 49-channel ones.",
     "SSIM: Gaussian window 11x11, sigma 1.5, K1 0.01, K2 0.03, mean over frames. Mouth metrics use the "
     "lower-face box the model regenerates (window.mask_box).",
     "CSIM: cosine similarity of the ArcFace embeddings (csim_model_pack) of each generated frame and its "

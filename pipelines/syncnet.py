@@ -104,13 +104,12 @@ class SyncNetStage(Stage):
         dataset = PairStream(self.context.config, self.context.rank, self.context.world_size)
         return iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=0))
 
-    def step(self, engines, batch, iteration):
+    def step(self, engines, batch, iteration, micro):
         video, sound, label = (t.to(self.context.device) for t in batch)
         engine = engines["syncnet"]
         logits = engine(video, sound)
         loss = F.binary_cross_entropy_with_logits(logits.float(), label.float())
         engine.backward(loss)
-        engine.step()
         accuracy = ((logits > 0).float() == label).float().mean()
         return {"loss": loss.item(), "train_accuracy": accuracy.item()}
 

@@ -1,16 +1,23 @@
 """The one training loop every stage uses: Ray Train `TorchTrainer` workers, DeepSpeed engines.
 
 A stage (teacher LoRA, student Diffusion Forcing, DMD, SyncNet) subclasses `Stage` and says
-which networks it trains, where its batches come from and what one iteration does. Everything
-else lives here once: DeepSpeed setup (ZeRO stage, precision, AdamW, clipping, warmup), gradient
-accumulation, checkpoints written by the engines and reported to Ray storage (local or s3://),
-resume after a worker failure or a rerun, and MLflow logging from rank 0.
+which networks it trains, where its batches come from and what one micro-batch does. Everything
+else lives here once: DeepSpeed setup (ZeRO stage, precision, AdamW, clipping), the learning-rate
+schedule, gradient accumulation, checkpoints written by the engines and reported to Ray storage
+(local or s3://), resume after a worker failure or a rerun, and MLflow logging from rank 0.
+
+An ITERATION is one optimizer step of each network the stage updates in it, over the whole
+effective batch (`batch_size * grad_accum * num_workers` samples): the loop feeds `grad_accum`
+micro-batches, the engines accumulate their gradients and step once at the end. `steps`,
+`warmup_steps`, `checkpoint_every`, `sample_every` and the learning-rate schedule all count
+iterations, and the loop checks after every iteration that each engine stepped exactly as planned.
 """
 
 from __future__ import annotations
 
 import abc
 import logging
+import math
 import os
 import tempfile
 import time
@@ -20,7 +27,7 @@ from typing import Any
 
 import torch
 
-from pipelines.deepspeed_setup import deepspeed_config, whole_modules
+from pipelines.deepspeed_setup import deepspeed_config, frozen_deepspeed_config, whole_modules
 
 # Workers log rather than print: Ray Train tees a worker's print to its logger and to stdout, and
 # the driver would show every line twice.
@@ -31,11 +38,11 @@ log = logging.getLogger("lipforcing.train")
 class TrainerConfig:
     """How a stage trains; every stage section of a job config embeds one."""
 
-    steps: int = 10
-    batch_size: int = 1  # per worker, per micro step
-    grad_accum: int = 1
+    steps: int = 10  # iterations: optimizer steps over the whole effective batch
+    batch_size: int = 1  # per worker, per micro-batch
+    grad_accum: int = 1  # micro-batches per worker in one iteration
     lr: float = 1e-5
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # iterations of linear warmup from 0 to lr
     schedule: str = field(default="constant", metadata={"choices": ("constant", "cosine", "linear")})
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -62,10 +69,25 @@ class WorkerContext:
     world_size: int
     local_rank: int
     device: torch.device
-    config: Any  # the whole job config, so stages read their own section
+    config: Any  # the whole job config (with a `seed`), so stages read their own section
     trainer: TrainerConfig
     run_id: str | None
     tracking_uri: str | None
+
+    def generator(self, iteration: int, micro: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
+        """The random stream of one micro-batch on this rank, from the job's `seed`: reproducible on a
+        rerun or a resume, different per rank and per micro-batch."""
+        return torch.Generator(device).manual_seed(stream_seed(self.config.seed, iteration, micro, self.rank))
+
+    def shared_choice(self, iteration: int, micro: int, count: int) -> int:
+        """A pick in range(count) that every rank makes alike (no broadcast needed): layouts, exit steps."""
+        generator = torch.Generator().manual_seed(stream_seed(self.config.seed, iteration, micro, rank=-1))
+        return int(torch.randint(count, (1,), generator=generator))
+
+
+def stream_seed(seed: int, iteration: int, micro: int, rank: int) -> int:
+    """One seed per (run seed, iteration, micro-batch, rank); rank -1 is the stream all ranks share."""
+    return ((seed * 1_000_003 + iteration) * 1_009 + micro) * 65_537 + rank + 1
 
 
 class Stage(abc.ABC):
@@ -83,6 +105,15 @@ class Stage(abc.ABC):
     def networks(self) -> dict[str, torch.nn.Module]:
         """The trainable networks by name; each gets a DeepSpeed engine and an optimizer."""
 
+    def frozen_networks(self) -> dict[str, torch.nn.Module]:
+        """Networks used without training (the DMD teacher), placed like the trainable ones: cast to
+        the training precision and, under ZeRO-3, partitioned across ranks by an optimizer-less engine."""
+        return {}
+
+    def updates(self, iteration: int, names: tuple[str, ...]) -> tuple[str, ...]:
+        """The trainable networks (of `names`) that take an optimizer step in this iteration."""
+        return names
+
     def trainable_parameters(self, name: str, module: torch.nn.Module) -> list[torch.nn.Parameter]:
         return [p for p in module.parameters() if p.requires_grad]
 
@@ -94,8 +125,13 @@ class Stage(abc.ABC):
         """An endless iterator of this rank's micro batches."""
 
     @abc.abstractmethod
-    def step(self, engines: dict[str, Any], batch: Any, iteration: int) -> dict[str, float]:
-        """One iteration: forward, `engine.backward(loss)`, `engine.step()` for the networks it updates."""
+    def step(self, engines: dict[str, Any], batch: Any, iteration: int, micro: int) -> dict[str, float]:
+        """One micro-batch of an iteration: forward and `engine.backward(loss)` for each network in
+        `updates(iteration)`. The loop calls `engine.step()`; the optimizer steps after the last micro-batch."""
+
+    def end_iteration(self, engines: dict[str, Any], iteration: int) -> None:
+        """After the iteration's optimizer steps (e.g. to follow the new weights with an EMA)."""
+        return None
 
     def state(self) -> dict[str, Any]:
         """Extra state saved in checkpoints (EMA weights, counters)."""
@@ -145,7 +181,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         tracking_uri=loop_config.get("tracking_uri"),
     )
     stage = stage_class(context)
-    engines = {}
+    engines: dict[str, Any] = {}
     for name, module in stage.networks().items():
         if trainer_config.activation_checkpointing:
             _checkpoint_blocks(module)
@@ -157,33 +193,98 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             dist_init_required=False,
         )
         engines[name] = engine
+    trained = dict(engines)
+    trainable = tuple(trained)
+    for name, module in stage.frozen_networks().items():
+        engines[name] = _place_frozen(module, trainer_config, world, device)
 
-    start = _restore(engines, stage)
+    start = _restore(trained, stage)
     logger = _RankZeroLogger(context) if rank == 0 else None
     batches = stage.batches()
     window = _Throughput()
     for iteration in range(start, trainer_config.steps):
-        waited = time.perf_counter()
-        batch = next(batches)
-        loaded = time.perf_counter()
-        metrics = stage.step(engines, batch, iteration)
-        done = time.perf_counter()
-        window.add(loaded - waited, done - waited, trainer_config.batch_size * world)
+        updated = stage.updates(iteration, trainable)
+        metrics = _iteration(stage, engines, updated, batches, iteration, window)
         number = iteration + 1
         if logger and number % trainer_config.log_every == 0:
-            logger.log({**metrics, **_engine_metrics(engines), **window.metrics(), **_memory(device)}, number)
+            logger.log({**metrics, **_engine_metrics(engines, trainable), **window.metrics(), **_memory(device)}, number)
         if number % trainer_config.checkpoint_every == 0 or number == trainer_config.steps:
-            _save_and_report(engines, stage, number, metrics)
+            _save_and_report(trained, stage, number, metrics)
         if trainer_config.sample_every and number % trainer_config.sample_every == 0 and number < trainer_config.steps:
-            with tempfile.TemporaryDirectory() as output_dir, whole_modules(stage.whole(engines)):
+            with tempfile.TemporaryDirectory() as output_dir, whole_modules(stage.whole(trained)):
                 stage.render_samples(engines, output_dir, f"{stage.name}-step{number:06d}")
                 if logger:
                     logger.upload(output_dir)
-    with tempfile.TemporaryDirectory() as output_dir, whole_modules(stage.whole(engines)):
+    with tempfile.TemporaryDirectory() as output_dir, whole_modules(stage.whole(trained)):
         final = stage.finish(engines, output_dir)
         if logger:
             logger.log(final, trainer_config.steps)
             logger.upload(output_dir)
+
+
+def _iteration(
+    stage: Stage, engines: dict[str, Any], updated: tuple[str, ...], batches: Iterator[Any], iteration: int, window: _Throughput
+) -> dict[str, float]:
+    """One optimizer step of each network in `updated`, over `grad_accum` micro-batches.
+
+    The engines are told which micro-batch closes the accumulation, so the step cannot drift off the
+    iteration (DeepSpeed's own counter would, for a network that skips iterations, like DMD's student).
+    """
+    config = stage.context.trainer
+    for name in updated:
+        lr = learning_rate_at(config, stage.learning_rate(name), iteration)
+        for group in engines[name].optimizer.param_groups:
+            group["lr"] = lr
+    before = {name: engines[name].global_steps for name in updated}
+    per_micro: list[dict[str, float]] = []
+    waited = 0.0
+    started = time.perf_counter()
+    for micro in range(config.grad_accum):
+        for name in updated:
+            engines[name].set_gradient_accumulation_boundary(micro == config.grad_accum - 1)
+        fetch = time.perf_counter()
+        batch = next(batches)
+        waited += time.perf_counter() - fetch
+        per_micro.append(stage.step(engines, batch, iteration, micro))
+        for name in updated:
+            engines[name].step()
+    window.add(waited, time.perf_counter() - started, config.batch_size * config.grad_accum * stage.context.world_size)
+    stepped = {name: engines[name].global_steps - before[name] for name in updated}
+    if any(count != 1 for count in stepped.values()):
+        raise RuntimeError(f"[{stage.name}] iteration {iteration}: optimizer steps {stepped}, expected one each")
+    stage.end_iteration(engines, iteration)
+    metrics = {key: sum(m[key] for m in per_micro if key in m) / sum(key in m for m in per_micro) for key in per_micro[0]}
+    metrics["micro_batches"] = float(config.grad_accum)
+    return metrics
+
+
+def learning_rate_at(config: TrainerConfig, base: float, iteration: int) -> float:
+    """The learning rate of an iteration: linear warmup reaching `base` at iteration warmup_steps - 1,
+    then constant, or cosine or linear decay reaching 0 at the last iteration. A function of the
+    iteration alone, so a resume needs no scheduler state."""
+    warmup = max(config.warmup_steps, 0)
+    if iteration < warmup:
+        return base * (iteration + 1) / warmup
+    if config.schedule == "constant":
+        return base
+    progress = min((iteration - warmup + 1) / max(config.steps - warmup, 1), 1.0)
+    if config.schedule == "cosine":
+        return base * 0.5 * (1 + math.cos(math.pi * progress))
+    return base * (1 - progress)
+
+
+def _place_frozen(module: torch.nn.Module, config: TrainerConfig, world: int, device: torch.device) -> Any:
+    """A frozen network in the training precision; under ZeRO-3 an optimizer-less engine that keeps
+    only this rank's shard of every weight (gathered around each submodule's forward, like the
+    trainable networks), so a 14B teacher costs 1/N of its bf16 size per GPU, not its whole fp32 size."""
+    import deepspeed
+
+    module.requires_grad_(False).eval()
+    if config.zero_stage != 3:
+        return module.to(device, torch.bfloat16 if config.precision == "bf16" else torch.float32)
+    engine, *_ = deepspeed.initialize(model=module.to(device), config=frozen_deepspeed_config(config, world), dist_init_required=False)
+    engine.eval()
+    return engine
 
 
 def _device(config: TrainerConfig, local_rank: int) -> torch.device:
@@ -235,14 +336,28 @@ def _restore(engines: dict[str, Any], stage: Stage) -> int:
     return iteration
 
 
-def _engine_metrics(engines: dict[str, Any]) -> dict[str, float]:
-    metrics = {}
-    for name, engine in engines.items():
+def _engine_metrics(engines: dict[str, Any], trainable: tuple[str, ...]) -> dict[str, float]:
+    """Per trained network: learning rate, optimizer steps taken so far (restored on resume) and
+    gradient norm; per network: the MiB of weights this rank holds (its shard under ZeRO-3)."""
+    metrics = {f"resident_mb/{name}": resident_bytes(getattr(engine, "module", engine)) / 2**20 for name, engine in engines.items()}
+    for name in trainable:
+        engine = engines[name]
         metrics[f"lr/{name}"] = float(engine.get_lr()[0])
+        metrics[f"optimizer_steps/{name}"] = float(engine.global_steps)
         norm = engine.get_global_grad_norm()
         if norm is not None:
             metrics[f"grad_norm/{name}"] = float(norm)
     return metrics
+
+
+def resident_bytes(module: torch.nn.Module) -> int:
+    """Bytes of parameters this rank holds: ZeRO-3's partition where a parameter is partitioned."""
+    total = 0
+    for param in module.parameters():
+        held = getattr(param, "ds_tensor", None)
+        held = param.data if held is None or param.numel() > 0 else held  # a gathered parameter is whole
+        total += held.numel() * held.element_size()
+    return total
 
 
 def _memory(device: torch.device) -> dict[str, float]:
@@ -254,7 +369,7 @@ def _memory(device: torch.device) -> dict[str, float]:
 
 
 class _Throughput:
-    """Samples per second, step time and the share of it spent waiting for data, since the last read."""
+    """Samples per second, iteration time and the share of it spent waiting for data, since the last read."""
 
     def __init__(self):
         self.wait = self.total = 0.0
@@ -271,7 +386,7 @@ class _Throughput:
         result = {
             "samples_per_s": self.samples / steps_time,
             "data_stall_fraction": self.wait / steps_time,
-            "step_time_s": steps_time / max(self.steps, 1),
+            "iteration_time_s": steps_time / max(self.steps, 1),
         }
         self.wait = self.total = 0.0
         self.samples = self.steps = 0

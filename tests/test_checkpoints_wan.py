@@ -126,3 +126,54 @@ def test_reads_checkpoints_from_urls(tmp_path) -> None:
     assert all(torch.equal(target.state_dict()[k], v) for k, v in source.state_dict().items())
     with pytest.raises(FileNotFoundError, match="model.dit_weights"):
         build_teacher("tiny", weights="memory://nothing/here.safetensors")
+
+
+@pytest.mark.parametrize("peft_default_infix", [True, False])
+def test_omniavatar_adapter_merges_onto_the_wan_base(tmp_path, peft_default_infix: bool) -> None:
+    """An OmniAvatar-format checkpoint (LoRA A/B, audio modules, patch embedding widened to 65 inputs)
+    on top of a 16-channel Wan 2.1 base loads merged as W + alpha/r B A: the same weights peft's own
+    merge gives for the same adapter (the oracle), with or without peft's `.default` in the keys."""
+    from lipforcing.models.lora import apply_lora, export_state_dict
+
+    cfg = model_config("tiny", use_reference_sequence=True)
+    base = {k: v for k, v in build_teacher(model_config("tiny", seed=1)).state_dict().items() if not k.startswith("audio_")}
+    base["patch_embedding.weight"] = base["patch_embedding.weight"][:, :16].clone()
+    save_file({k: v.contiguous() for k, v in base.items()}, str(tmp_path / "wan2.1_t2v.safetensors"))
+
+    oracle = build_teacher(cfg, weights=str(tmp_path / "wan2.1_t2v.safetensors"))
+    rank, alpha = 8, 4  # OmniAvatar's scale alpha / r = 64 / 128 = 0.5
+    apply_lora(oracle, rank, alpha)
+    g = torch.Generator().manual_seed(3)
+    adapter = {}
+    with torch.no_grad():
+        for name, param in oracle.named_parameters():
+            if param.requires_grad:  # LoRA A/B, audio modules, patch embedding: what OmniAvatar trains
+                param.copy_(torch.randn(param.shape, generator=g) * 0.1)
+                key = name if peft_default_infix else name.replace(".default", "")
+                adapter[key] = param.detach().clone()
+    assert any(".lora_B." in k for k in adapter) and adapter["patch_embedding.weight"].shape[1] == 65
+    torch.save(adapter, tmp_path / "pytorch_model.pt")
+    expected = export_state_dict(oracle)
+
+    loaded = build_teacher(
+        model_config(
+            "tiny", use_reference_sequence=True, dit_weights=str(tmp_path / "wan2.1_t2v.safetensors"),
+            dit_adapter=str(tmp_path / "pytorch_model.pt"), dit_adapter_alpha=alpha,
+        )
+    )  # fmt: skip
+    state = loaded.state_dict()
+    assert set(state) == set(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(state[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(state["blocks.0.self_attn.q.weight"], base["blocks.0.self_attn.q.weight"])
+    torch.testing.assert_close(outputs(loaded), outputs(oracle.eval()), rtol=1e-4, atol=1e-5)
+
+
+def test_adapter_errors_name_the_problem(tmp_path) -> None:
+    base = build_teacher(model_config("tiny")).state_dict()
+    save_file({k: v.contiguous() for k, v in base.items()}, str(tmp_path / "base.safetensors"))
+    torch.save({"blocks.0.self_attn.q.lora_A.weight": torch.zeros(4, 64)}, tmp_path / "half.pt")
+    with pytest.raises(KeyError, match="lora_A but not its pair for blocks.0.self_attn.q"):
+        load_dit_checkpoint(build_teacher("tiny"), str(tmp_path / "base.safetensors"), str(tmp_path / "half.pt"))
+    with pytest.raises(ValueError, match="model.dit_adapter is set but model.dit_weights is empty"):
+        build_teacher(model_config("tiny", dit_adapter=str(tmp_path / "half.pt")))

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lipforcing.config import ConfigError
-from lipforcing.diffusion.schedules import add_noise, chunk_timesteps, sync_window, sync_window_scale
-from lipforcing.losses.flow_matching import flow_matching_loss
+from lipforcing.diffusion.schedules import sync_window, sync_window_scale
+from lipforcing.losses.diffusion_forcing import diffusion_forcing_loss
 from lipforcing.models import build_student, model_config, random_condition
 from pipelines.distill import validate
 from pipelines.distill_config import DistillConfig
@@ -51,18 +51,35 @@ def test_rollout_exit_at_first_step_skips_the_second_call(tiny):
     assert x0.shape == (1, 16, 6, 4, 4) and not x0.requires_grad
 
 
-def test_dmd_timesteps_stay_in_the_clamped_range():
-    t = dmd_timesteps(10_000, [20, 980], 5.0, torch.Generator().manual_seed(0))
-    low, high = 5 * 0.02 / (1 + 4 * 0.02), 5 * 0.98 / (1 + 4 * 0.98)
-    assert t.min() >= low - 1e-6 and t.max() <= high + 1e-6
+def shifted(u: float) -> float:
+    return 5 * u / (1 + 4 * u)
 
 
-def test_sync_window_cfg_is_chosen_per_sample():
+def test_dmd_renoising_defaults_to_the_released_shifted_uniform():
+    """Released Lip Forcing: u ~ U[0.001, 0.999], then shifted. Self Forcing's index range [20, 980]
+    of 1000 never goes below shift(0.02) = 0.093; the released draw does, about 1.9 % of the time."""
+    dmd = DistillConfig().dmd
+    assert dmd.timestep_sampling == "shifted_uniform" and dmd.timestep_bounds == [0.001, 0.999]
+    t = dmd_timesteps(20_000, dmd, 5.0, torch.Generator().manual_seed(0))
+    assert t.min() >= shifted(0.001) - 1e-6 and t.max() <= shifted(0.999) + 1e-6
+    below = float((t < shifted(0.02)).float().mean())
+    assert abs(below - 0.019 / 0.998) < 0.004
+    assert abs(float((t < shifted(0.5)).float().mean()) - 0.5) < 0.015  # the median maps through the shift
+
+    dmd.timestep_sampling = "index_range"
+    t = dmd_timesteps(20_000, dmd, 5.0, torch.Generator().manual_seed(0))
+    assert t.min() >= shifted(0.02) - 1e-6 and t.max() <= shifted(0.98) + 1e-6
+
+
+@pytest.mark.parametrize(("sampling", "share"), [("shifted_uniform", 0.4 / 0.998), ("index_range", 0.4 / 0.96 + 0.001)])
+def test_sync_window_cfg_is_chosen_per_sample(sampling, share):
     low, high = sync_window(20, 40)
     t = torch.tensor([0.3, low, 0.7, high, 0.95])
     assert sync_window_scale(t, 4.5, (low, high)).tolist() == [1.0, 4.5, 4.5, 4.5, 1.0]
-    share = (sync_window_scale(dmd_timesteps(20_000, [20, 980], 5.0, torch.Generator()), 4.5) > 1).float().mean()
-    assert 0.39 < share < 0.45  # steps 20..40 are u in [0.2, 0.6] of the index range [0.02, 0.98]: 0.417
+    dmd = DistillConfig().dmd
+    dmd.timestep_sampling = sampling
+    drawn = (sync_window_scale(dmd_timesteps(40_000, dmd, 5.0, torch.Generator()), 4.5) > 1).float().mean()
+    assert abs(float(drawn) - share) < 0.01  # steps 20..40 are u in [0.2, 0.6]
 
 
 def test_audio_dropout_swaps_in_the_null_condition(tiny):
@@ -84,12 +101,11 @@ def test_diffusion_forcing_overfits_one_batch(tiny):
     student = build_student(cfg)
     cond = random_condition(cfg, 2, 6, 4, 4, torch.Generator().manual_seed(3))
     x0 = torch.randn(2, 16, 6, 4, 4, generator=torch.Generator().manual_seed(4))
-    noise = torch.randn_like(x0)
-    t = chunk_timesteps(2, 6, 3, [0.999, 0.769], torch.Generator().manual_seed(5))
+    levels = DistillConfig().student.noise_levels
     optimizer = torch.optim.AdamW(student.parameters(), lr=2e-3)
     losses = []
     for _ in range(40):
-        loss = flow_matching_loss(student(add_noise(x0, noise, t), t, cond, window_frames=7, sink_frames=1), x0, noise)
+        loss = diffusion_forcing_loss(student, x0, cond, levels, 3, (7, 1), torch.Generator().manual_seed(5))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -117,6 +133,10 @@ def test_profiles_carry_the_paper_recipe():
     assert config.dmd.train.lr == 2e-6 and config.dmd.train.betas == [0.0, 0.999]
     assert config.dmd.student_every == 5 and config.dmd.reward_beta == 2.0
     assert resolve_config(DistillConfig, ["profile=14b"]).model.dim == 5120
+    for profile in ("1.3b", "14b"):  # released students read the reference sequence: 65 input channels
+        real = resolve_config(DistillConfig, [f"profile={profile}"])
+        assert real.model.in_channels == real.teacher_model.in_channels == 65
+    assert resolve_config(DistillConfig, []).model.in_channels == 49
 
 
 def test_the_real_students_learn_from_the_14b_teacher():
@@ -137,5 +157,39 @@ def test_a_smaller_student_needs_its_own_base(tmp_path):
     stage = SimpleNamespace(context=SimpleNamespace(config=config), scratch=str(tmp_path))
     with pytest.raises(ConfigError, match="model.dit_weights"):
         DiffusionStage.student_base(stage)
-    config.model.dit_weights = str(tmp_path / "omniavatar-ls-1.3b.safetensors")
-    assert DiffusionStage.student_base(stage) == config.model.dit_weights
+    config.model.dit_weights = str(tmp_path / "wan2.1-t2v-1.3b.safetensors")
+    assert DiffusionStage.student_base(stage) is None  # None: the profile's own dit_weights (+ dit_adapter)
+
+
+def test_ema_is_off_by_default_and_never_starts_at_step_zero():
+    """Released: no EMA, the raw student is exported. When on, the EMA starts as a copy of the student
+    at the first student step from `ema_start_step` on, then follows every student step."""
+    from types import SimpleNamespace
+
+    from pipelines.stages.dmd import DistributionMatching
+
+    dmd = DistillConfig().dmd
+    assert dmd.ema is False
+    module = torch.nn.Linear(2, 1, bias=False)
+    stage = SimpleNamespace(context=SimpleNamespace(config=SimpleNamespace(dmd=dmd)), ema={})
+    engines = {"student": SimpleNamespace(module=module)}
+    for iteration in range(12):
+        DistributionMatching.end_iteration(stage, engines, iteration)
+    assert stage.ema == {}
+
+    dmd.ema, dmd.ema_start_step, dmd.student_every, dmd.ema_decay = True, 3, 5, 0.5
+    with torch.no_grad():
+        module.weight.fill_(1.0)
+    for iteration in range(5):  # iteration 0 is a student step, but before the start
+        DistributionMatching.end_iteration(stage, engines, iteration)
+    assert stage.ema == {}
+    DistributionMatching.end_iteration(stage, engines, 5)  # the first student step from iteration 3 on
+    assert stage.ema["weight"].tolist() == [[1.0, 1.0]]
+    with torch.no_grad():
+        module.weight.fill_(3.0)
+    for iteration in range(6, 11):
+        DistributionMatching.end_iteration(stage, engines, iteration)
+    assert stage.ema["weight"].tolist() == [[2.0, 2.0]]  # one student step (10): 0.5 * 1 + 0.5 * 3
+
+    with pytest.raises(ConfigError, match="dmd.ema_start_step"):
+        validate(resolve_config(DistillConfig, ["dmd.ema=true", "dmd.ema_start_step=0"]))

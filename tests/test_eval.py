@@ -168,6 +168,24 @@ def test_eval_config_errors_name_the_key(capsys):
         validate(EvalConfig(clips=0))
 
 
+def test_a_65_channel_student_streams_with_the_source_as_its_reference_sequence():
+    """Released students read 65 channels; eval gives them the unmasked source frames as reference
+    sequence (as the released inference does) and streams them like a 49-channel student."""
+    from pipelines.evaluate import EvalClip, Evaluator
+
+    config = EvalConfig(model=model_config("tiny", use_reference_sequence=True), syncnet_weights="")
+    config.window.size = SIZE
+    validate(config)
+    evaluator = Evaluator(config, student_path="", syncnet_path="", device=torch.device("cpu"))
+    assert evaluator.student.patch_embedding.in_channels == 65
+    video, audio = synthetic_clip(13, seed=0)
+    clip = EvalClip("c", torch.from_numpy(video).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(audio))
+    batch = evaluator._batch(clip, 13)
+    assert torch.equal(batch["reference_sequence"], clip.video[None])
+    generation = evaluator.generate(clip)
+    assert generation.frames.shape == (13, 3, SIZE, SIZE) and generation.chunks == 2
+
+
 class MeanFeatures(torch.nn.Module):
     """Follows the I3D TorchScript file's calling convention; features = per-channel means."""
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lipforcing.diffusion.schedules import add_noise
+from lipforcing.losses.diffusion_forcing import diffusion_forcing_loss
 from lipforcing.losses.dmd import dmd_gradient, dmd_loss_per_sample, student_updates_at
 from lipforcing.losses.flow_matching import flow_matching_loss
 from lipforcing.losses.reward import reward_weights, weighted_loss
@@ -86,3 +87,51 @@ def test_flow_matching_loss_is_zero_at_the_true_velocity_and_masks():
     mask = torch.tensor([[0.0, 1.0, 1.0]])
     assert flow_matching_loss(prediction, x0, noise, weight=mask).item() == 0.0
     assert flow_matching_loss(prediction, x0, noise).item() == pytest.approx(1 / 3)
+
+
+class RecordingStudent(torch.nn.Module):
+    """Stands in for the causal student: a fixed velocity, and a record of the times and layout it got."""
+
+    def __init__(self, velocity: torch.Tensor):
+        super().__init__()
+        self.velocity, self.calls = velocity, []
+
+    def forward(self, x, t, cond, window_frames=None, sink_frames=0):
+        self.calls.append((x, t, window_frames, sink_frames))
+        return self.velocity
+
+
+def test_diffusion_forcing_draws_clean_chunks_and_scores_the_clean_estimate():
+    """Released recipe: each chunk's level uniform over [0.999, 0.769, 0.0] (a third clean), loss
+    0.5 * MSE(x0_hat, x0) with x0_hat = x_t - t v, where clean chunks have x0_hat = x0 exactly."""
+    from pipelines.distill_config import DistillConfig
+
+    student_config = DistillConfig().student
+    assert student_config.noise_levels == [0.999, 0.769, 0.0] and student_config.loss == "x0"
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.randn(64, 16, 9, 2, 2, generator=generator)
+    velocity = torch.randn(x0.shape, generator=generator)
+    student = RecordingStudent(velocity)
+    loss = diffusion_forcing_loss(student, x0, None, student_config.noise_levels, 3, (7, 1), torch.Generator().manual_seed(1))
+
+    noisy, t, window, sink = student.calls[0]
+    assert (window, sink) == (7, 1)
+    chunk_levels = t[:, ::3]  # [B, F] per-frame times, constant within each 3-frame chunk
+    assert torch.equal(t, chunk_levels.repeat_interleave(3, dim=1))
+    assert chunk_levels.unique().tolist() == pytest.approx([0.0, 0.769, 0.999])
+    assert abs(float((chunk_levels == 0).float().mean()) - 1 / 3) < 0.07  # 192 chunks
+    clean = (t == 0)[:, None, :, None, None].expand_as(x0)
+    assert torch.equal(noisy[clean], x0[clean])  # clean chunks enter as they are: context for the rest
+    x0_hat = noisy - t[:, None, :, None, None] * velocity
+    assert torch.allclose(loss, 0.5 * ((x0_hat - x0) ** 2).mean())
+    assert torch.equal(x0_hat[clean], x0[clean])  # so they add no error of their own
+
+
+def test_diffusion_forcing_velocity_variant_is_the_flow_matching_loss():
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 16, 6, 2, 2, generator=generator)
+    student = RecordingStudent(torch.randn(x0.shape, generator=generator))
+    loss = diffusion_forcing_loss(student, x0, None, [0.999, 0.769], 3, (7, 1), torch.Generator().manual_seed(1), "velocity")
+    noisy, t, _, _ = student.calls[0]
+    noise = (noisy - (1 - t[:, None, :, None, None]) * x0) / t[:, None, :, None, None]
+    assert torch.allclose(loss, flow_matching_loss(student.velocity, x0, noise), atol=1e-5)

@@ -171,3 +171,49 @@ def test_vae_and_audio_encoder_load_from_local_folders(tmp_path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(loaded_vae.decode(z), vae.decode(z))
         torch.testing.assert_close(loaded_encoder(wave, 25), encoder(wave, 25))
+
+
+def test_the_dit_mask_channel_is_one_where_the_mouth_is_generated() -> None:
+    """Through the real encode path (window mask -> latent mask -> Condition -> patch embedding input):
+    the DiT's mask channel is 1 - keep_mask (OmniAvatar), 1 on the mouth cells and 0 elsewhere.
+    Feeding the keep-mask would tell released weights to regenerate everything but the mouth."""
+    from lipforcing.data.encode import LatentEncoder
+    from lipforcing.data.windows import WindowConfig
+
+    cfg = model_config("tiny")
+    window = WindowConfig(frames=9, size=64, mask_box=[0.55, 0.95, 0.2, 0.8])
+    encoder = LatentEncoder(cfg, window)
+    generator = torch.Generator().manual_seed(0)
+    video = torch.rand(1, 9, 3, 64, 64, generator=generator)
+    cond = encoder.condition({"video": video, "reference": video[:, :1], "audio": torch.randn(1, 9 * 640, generator=generator)})
+
+    # mouth box in pixels: rows [35, 61), cols [13, 51); a latent cell (8x8 pixels) is generated when it
+    # holds any mouth pixel: latent rows 4..7, cols 1..6
+    expected = torch.zeros(8, 8)
+    expected[4:8, 1:7] = 1
+    assert torch.equal(cond.mask[0, 0, 0], 1 - expected)  # stored as LatentSync's keep-mask
+    assert torch.equal(cond.channels(3)[0, 16], expected.expand(3, 8, 8))  # after the 16 reference channels
+
+    seen = {}
+    model = build_teacher(cfg).eval()
+    model.patch_embedding.register_forward_pre_hook(lambda module, args: seen.update(x=args[0]))
+    with torch.no_grad():
+        model(torch.zeros(1, 16, 3, 8, 8), torch.full((1,), 0.5), cond)
+    assert torch.equal(seen["x"][0, 32], expected.expand(3, 8, 8))  # noisy (16) + reference (16), then the mask
+
+
+def test_a_missing_negative_text_embedding_is_warned_about(tmp_path, caplog) -> None:
+    """Real profiles read the cached text embedding by path; without the negative one, CFG's null
+    branch falls back to zeros (not what the released teacher was trained with), loudly."""
+    cfg = model_config("tiny")
+    save_text_embedding(torch.randn(3, cfg.text_dim), str(tmp_path / "text.safetensors"))
+    save_text_embedding(torch.randn(1, cfg.text_dim), str(tmp_path / "negative.safetensors"))
+    cfg.text_embedding = str(tmp_path / "text.safetensors")
+    with caplog.at_level("WARNING", logger="lipforcing"):
+        _, negative = text_embeddings(cfg)
+    assert not negative.any() and "model.negative_text_embedding is empty" in caplog.text
+    caplog.clear()
+    cfg.negative_text_embedding = str(tmp_path / "negative.safetensors")
+    with caplog.at_level("WARNING", logger="lipforcing"):
+        _, negative = text_embeddings(cfg)
+    assert negative[0].abs().sum() > 0 and not negative[1:].any() and not caplog.text  # padded to text_len

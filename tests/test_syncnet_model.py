@@ -18,11 +18,17 @@ from lipforcing.models.syncnet import (
 )
 
 
-def test_mfcc_matches_python_speech_features():
-    audio = np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1
-    ours, reference = syncnet_mfcc(audio), reference_mfcc(audio, 16000).T
-    assert ours.shape == reference.shape == (13, 99)
-    assert np.abs(ours - reference).max() < 1e-4
+def test_mfcc_matches_syncnet_python_on_int16_samples():
+    """syncnet_python runs python_speech_features on the wav's int16 values; our float audio in
+    [-1, 1] must give the same MFCCs (unscaled, c0 would come out ln(32768^2) = 20.79 lower)."""
+    pcm = (np.random.default_rng(0).standard_normal(16000) * 3000).clip(-32768, 32767).astype(np.int16)
+    reference = reference_mfcc(pcm, 16000).T
+    for audio in (pcm.astype(np.float32) / 32768, pcm):
+        ours = syncnet_mfcc(audio)
+        assert ours.shape == reference.shape == (13, 99)
+        assert np.abs(ours - reference).max() < 1e-4
+    unscaled = reference_mfcc(pcm.astype(np.float64) / 32768, 16000).T
+    assert np.allclose(reference[0] - unscaled[0], 2 * np.log(32768), atol=1e-6)  # the offset the fix removes
 
 
 def test_syncnet_v2_layout_round_trip(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -17,7 +18,7 @@ import torch
 from lipforcing.config import load_config
 from pipelines import tracking
 from pipelines.deepspeed_setup import deepspeed_config
-from pipelines.trainer import Stage, TrainerConfig, fit
+from pipelines.trainer import Stage, TrainerConfig, fit, learning_rate_at
 
 pytestmark = pytest.mark.integration
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import test modules
@@ -26,6 +27,7 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers canno
 @dataclass
 class ToyJob:
     marker_dir: str = ""
+    seed: int = 0
     kill_at: int = -1  # iteration at which rank 1 is killed, once
     train: TrainerConfig = field(default_factory=lambda: TrainerConfig(steps=12, lr=0.1, batch_size=16, checkpoint_every=4))
 
@@ -45,9 +47,9 @@ class ToyRegression(Stage):
             x = torch.randn(self.context.trainer.batch_size, 4, generator=generator)
             yield x, 0.5 * x.sum(dim=1, keepdim=True) + 0.2
 
-    def step(self, engines, batch, iteration):
+    def step(self, engines, batch, iteration, micro):
         job = self.context.config
-        if self.context.rank == 1 and iteration == job.kill_at:
+        if self.context.rank == 1 and iteration == job.kill_at and micro == 0:
             marker = Path(job.marker_dir) / "killed"
             if not marker.exists():
                 marker.write_text(str(iteration))
@@ -57,7 +59,6 @@ class ToyRegression(Stage):
         engine = engines["model"]
         loss = torch.nn.functional.mse_loss(engine(x), y)
         engine.backward(loss)
-        engine.step()
         return {"loss": loss.item()}
 
     def load_state(self, state):
@@ -65,6 +66,69 @@ class ToyRegression(Stage):
 
     def state(self):
         return {"seen": "yes"}
+
+
+@dataclass
+class TwoRateJob:
+    marker_dir: str = ""
+    seed: int = 0
+    train: TrainerConfig = field(default_factory=lambda: TrainerConfig(steps=5, lr=0.01, grad_accum=3, checkpoint_every=5))
+
+
+class TwoRates(Stage):
+    """Two networks: `fast` steps every iteration, `slow` every second one (as DMD's student does)."""
+
+    name = "two_rates"
+
+    def networks(self):
+        torch.manual_seed(0)
+        return {"fast": torch.nn.Linear(2, 1), "slow": torch.nn.Linear(2, 1)}
+
+    def updates(self, iteration, names):
+        return names if iteration % 2 == 0 else ("fast",)
+
+    def batches(self):
+        self.consumed = 0
+        while True:
+            self.consumed += 1
+            yield torch.randn(2, 2)
+
+    def step(self, engines, batch, iteration, micro):
+        for name in self.updates(iteration, ("fast", "slow")):
+            engines[name].backward(engines[name](batch).pow(2).mean())
+        return {"micro": float(micro)}
+
+    def finish(self, engines, output_dir):
+        (Path(self.context.config.marker_dir) / f"consumed-{self.context.rank}").write_text(str(self.consumed))
+        return {}
+
+
+class WithFrozenTeacher(Stage):
+    """A trained student regressing onto a frozen teacher (as DMD reads its teacher)."""
+
+    name = "frozen"
+
+    def networks(self):
+        torch.manual_seed(0)
+        return {"student": torch.nn.Linear(512, 255)}
+
+    def frozen_networks(self):
+        torch.manual_seed(1)
+        return {"teacher": torch.nn.Linear(512, 255)}
+
+    def batches(self):
+        while True:
+            yield torch.randn(4, 512)
+
+    def step(self, engines, batch, iteration, micro):
+        teacher = engines["teacher"]
+        dtype = next(getattr(teacher, "module", teacher).parameters()).dtype
+        with torch.no_grad():
+            target = teacher(batch.to(dtype)).float()
+        student = engines["student"]
+        loss = torch.nn.functional.mse_loss(student(batch.to(dtype)).float(), target)
+        student.backward(loss)
+        return {"loss": loss.item(), "teacher_bf16": float(dtype == torch.bfloat16)}
 
 
 def _run(tmp_path, name, storage_path=None, **overrides):
@@ -91,7 +155,7 @@ def test_two_workers_zero2_train_and_log(local_ray, tmp_path, monkeypatch):
     assert len(losses) == 12
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) < 0.5 * sum(losses[:3])
-    for key in ("lr/model", "grad_norm/model", "samples_per_s", "data_stall_fraction", "step_time_s", "memory_gb"):
+    for key in ("lr/model", "grad_norm/model", "samples_per_s", "data_stall_fraction", "iteration_time_s", "memory_gb"):
         assert key in run.data.metrics
     assert result.checkpoint is not None
     assert sorted(os.listdir(result.checkpoint.path))  == ["model"]
@@ -121,6 +185,72 @@ def test_rerun_with_same_name_continues_instead_of_restarting(local_ray, tmp_pat
     assert result.metrics["iteration"] == 8
 
 
+def test_an_iteration_is_one_optimizer_step_over_all_micro_batches(local_ray, tmp_path, monkeypatch):
+    """grad_accum=3: every iteration reads 3 micro-batches per rank and steps each network it updates
+    exactly once; a network updated every second iteration counts its own steps (DMD's 5:1)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    job = load_config(TwoRateJob, overrides=[f"marker_dir={tmp_path}"])
+    with tracking.start_run("two-rates", root=tmp_path / "outputs") as run:
+        result = fit(TwoRates, job, job.train, "two-rates", str(tmp_path / "ray"), run.info.run_id, mlflow.get_tracking_uri())
+    assert result.error is None
+    client = mlflow.tracking.MlflowClient()
+
+    def history(key):
+        return [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+
+    assert history("optimizer_steps/fast") == [1, 2, 3, 4, 5]
+    assert history("optimizer_steps/slow") == [1, 1, 2, 2, 3]  # iterations 0, 2, 4
+    assert history("micro_batches") == [3] * 5
+    assert history("micro") == [1.0] * 5  # the mean of micro-batch indices 0, 1, 2
+    for rank in (0, 1):
+        assert (tmp_path / f"consumed-{rank}").read_text() == "15"  # 5 iterations x 3 micro-batches
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_a_frozen_network_is_held_in_training_precision_and_sharded_under_zero3(local_ray, tmp_path, monkeypatch, zero_stage):
+    """bf16 training keeps the frozen teacher in bf16 (half its fp32 bytes), and ZeRO-3 leaves each of
+    the 2 ranks only its half of the weight matrix (130,560 elements; tensors under DeepSpeed's
+    persistence threshold of 100,000, like the bias, stay whole on every rank)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    job = load_config(ToyJob, overrides=[f"marker_dir={tmp_path}", "train.steps=2", "train.precision=bf16", f"train.zero_stage={zero_stage}"])
+    with tracking.start_run("frozen", root=tmp_path / "outputs") as run:
+        result = fit(WithFrozenTeacher, job, job.train, f"frozen-{zero_stage}", str(tmp_path / "ray"), run.info.run_id, mlflow.get_tracking_uri())
+    assert result.error is None
+    metrics = mlflow.get_run(run.info.run_id).data.metrics
+    assert metrics["teacher_bf16"] == 1.0
+    weight, bias = 512 * 255, 255
+    held = (weight // 2 if zero_stage == 3 else weight) + bias
+    assert metrics["resident_mb/teacher"] * 2**20 == pytest.approx(2 * held)  # 2 bytes per bf16 weight
+    assert metrics["optimizer_steps/student"] == 2 and "optimizer_steps/teacher" not in metrics
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        ("constant", [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0]),
+        ("linear", [0.25, 0.5, 0.75, 1.0, 0.75, 0.5, 0.25, 0.0]),
+        ("cosine", [0.25, 0.5, 0.75, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 - math.cos(math.pi / 4)), 0.0]),
+    ],
+)
+def test_learning_rate_counts_iterations(schedule, expected):
+    config = TrainerConfig(steps=8, warmup_steps=4, schedule=schedule)
+    assert [learning_rate_at(config, 1.0, i) for i in range(8)] == pytest.approx(expected)
+    assert learning_rate_at(TrainerConfig(steps=8), 2e-6, 0) == 2e-6  # no warmup: the full rate at once
+
+
+def test_random_streams_differ_by_rank_and_micro_batch_but_shared_choices_agree():
+    from pipelines.trainer import WorkerContext
+
+    def context(rank):
+        return WorkerContext(rank, 2, rank, torch.device("cpu"), TwoRateJob(), TrainerConfig(), None, None)
+
+    draws = {(r, i, m): float(torch.rand(1, generator=context(r).generator(i, m))) for r in (0, 1) for i in (0, 1) for m in (0, 1)}
+    assert len(set(draws.values())) == len(draws)
+    assert float(torch.rand(1, generator=context(0).generator(3, 1))) == float(torch.rand(1, generator=context(0).generator(3, 1)))
+    picks = [[context(r).shared_choice(i, m, 1000) for i in range(4) for m in range(3)] for r in (0, 1)]
+    assert picks[0] == picks[1] and len(set(picks[0])) > 6
+
+
 def test_deepspeed_config_follows_trainer_config():
     config = TrainerConfig(batch_size=2, grad_accum=3, zero_stage=3, precision="bf16", betas=[0.0, 0.999])
     ds = deepspeed_config(config, world_size=4, lr=2e-6)
@@ -130,6 +260,8 @@ def test_deepspeed_config_follows_trainer_config():
     assert ds["optimizer"]["params"]["betas"] == [0.0, 0.999]
     assert ds["optimizer"]["params"]["weight_decay"] == 0.01
     assert ds["gradient_clipping"] == 10.0
+    assert ds["gradient_accumulation_steps"] == 3
+    assert "scheduler" not in ds  # the trainer sets each iteration's rate (DeepSpeed's would count steps)
 
 
 def test_checkpoints_on_object_storage_and_resume_from_there(local_ray, s3_bucket, tmp_path, monkeypatch):

@@ -5,6 +5,11 @@ diffusers' `WanTransformer3DModel` names, mapped key by key. A 16-channel (text-
 grows to our 49/65 input channels with the new channels at zero, and a checkpoint without the audio
 modules gets zero audio projections, so right after loading the model computes exactly what the
 checkpoint did, whatever the extra inputs.
+
+OmniAvatar (and OmniAvatar-LS) ship an adapter to load on top of the Wan 2.1 base: LoRA pairs
+`<module>.lora_A[.default].weight` [r, in] / `<module>.lora_B[.default].weight` [out, r] on q, k, v,
+o, ffn.0, ffn.2, merged as W + (alpha / r) B A, plus whole tensors that replace the base's (the audio
+modules, the patch embedding widened to 33/49/65 input channels).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from lipforcing.checkpoints.io import read_state_dict, strip_prefix
 
 WRAPPER_PREFIXES = ("module.", "model.", "dit.", "pipe.dit.", "_orig_mod.")
 AUDIO_PREFIXES = ("audio_proj.", "audio_cond_projs.")
+LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.default)?\.weight$")
 
 # diffusers name -> original Wan name, applied in order to every key
 DIFFUSERS_TO_WAN: list[tuple[str, str]] = [
@@ -72,10 +78,42 @@ def expand_input_channels(weight: Tensor, in_channels: int) -> Tensor:
     return grown
 
 
-def load_dit_checkpoint(model: nn.Module, source: str | Path | dict[str, Tensor]) -> LoadReport:
+def merge_adapter(base: dict[str, Tensor], adapter: dict[str, Tensor], alpha: float) -> dict[str, Tensor]:
+    """The base state with an OmniAvatar-format adapter applied: LoRA pairs merged into their weights
+    (computed in float32, stored in the base's dtype), every other adapter tensor replacing the base's."""
+    adapter = strip_prefix(adapter, WRAPPER_PREFIXES)
+    pairs: dict[str, dict[str, Tensor]] = {}
+    merged = dict(base)
+    for key, value in adapter.items():
+        match = LORA_KEY.match(key)
+        if match:
+            pairs.setdefault(match["module"], {})[match["side"]] = value
+        else:
+            merged[key] = value
+    for module, pair in sorted(pairs.items()):
+        target = f"{module}.weight"
+        if set(pair) != {"A", "B"}:
+            raise KeyError(f"adapter has lora_{''.join(pair)} but not its pair for {module}")
+        if target not in base:
+            raise KeyError(f"adapter LoRA targets {target}, which the base checkpoint lacks")
+        down, up = pair["A"].float(), pair["B"].float()
+        delta = (alpha / down.shape[0]) * (up @ down)
+        if delta.shape != base[target].shape:
+            raise ValueError(f"adapter LoRA for {target} gives {tuple(delta.shape)}, base has {tuple(base[target].shape)}")
+        merged[target] = (base[target].float() + delta).to(base[target].dtype)
+    return merged
+
+
+def load_dit_checkpoint(
+    model: nn.Module,
+    source: str | Path | dict[str, Tensor],
+    adapter: str | Path | dict[str, Tensor] | None = None,
+    adapter_alpha: float = 64.0,
+) -> LoadReport:
     """Load DiT weights (path or state dict, either layout) into model; raises on any mismatch.
 
-    Allowed differences: fewer patch-embedding input channels (zero-extended) and absent audio modules
+    `adapter` (an OmniAvatar-format checkpoint) is merged on top of `source` first. Allowed
+    differences: fewer patch-embedding input channels (zero-extended) and absent audio modules
     (projections zeroed). A model with LoRA already injected loads into its base layers.
     """
     state = read_state_dict(source) if isinstance(source, str | Path) else dict(source)
@@ -83,6 +121,8 @@ def load_dit_checkpoint(model: nn.Module, source: str | Path | dict[str, Tensor]
     report = LoadReport(layout="diffusers" if is_diffusers_layout(state) else "wan")
     if report.layout == "diffusers":
         state = diffusers_to_wan(state)
+    if adapter is not None:
+        state = merge_adapter(state, read_state_dict(adapter) if isinstance(adapter, str | Path) else dict(adapter), adapter_alpha)
 
     target = {k.replace(".base_layer", ""): k for k in model.state_dict()}
     own = model.state_dict()

@@ -1,9 +1,11 @@
 """Training windows cut from decoded clips: the video window, its audio, references and the mouth mask.
 
 Per sample (Lip Forcing recipe): a window of `frames` video frames (81 = 21 latents at full size),
-a reference frame drawn uniformly from the whole clip and broadcast over time, optionally a reference
-sequence of the same length drawn outside the window when the clip is long enough, the 16 kHz audio
-slice that plays with the window, and a static lower-face mask (1 = keep, 0 = regenerate).
+a reference frame broadcast over time (`reference`: the window's first frame, as the released
+teacher and Diffusion Forcing code take its first latent frame, or uniform over the whole clip, as
+the paper describes), optionally a reference sequence of the same length (65-channel models) drawn
+outside the window when the clip is long enough, the 16 kHz audio slice that plays with the window,
+and a static lower-face mask (1 = keep, 0 = regenerate).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ FPS = 25
 class WindowConfig:
     frames: int = 81  # 4k + 1 so the VAE maps it to k + 1 latent frames
     size: int = 512  # frames are resized to size x size (the aligned crops are square)
-    reference_sequence: bool = False  # also cut a reference clip (65-channel models)
+    # window_first: the window's first frame (released code); clip_uniform: any frame of the clip (paper)
+    reference: str = field(default="window_first", metadata={"choices": ("window_first", "clip_uniform")})
     # mouth region to regenerate, as fractions of the aligned face: top, bottom, left, right
     mask_box: list[float] = field(default_factory=lambda: [0.55, 0.95, 0.2, 0.8])
     # dataset tag -> relative weight; tags not listed weigh 1.0; empty = the shards' natural mix
@@ -58,34 +61,37 @@ def keep_for_mixture(dataset: str, mixture: dict[str, float], rng: random.Random
     return rng.random() < weight / max(max(mixture.values()), 1.0)
 
 
-def cut_window(clip: Clip, config: WindowConfig, rng: random.Random) -> Window | None:
-    """A random training window from a clip, or None when the clip is shorter than one window."""
+def cut_window(clip: Clip, config: WindowConfig, rng: random.Random, reference_sequence: bool = False) -> Window | None:
+    """A random training window from a clip, or None when the clip is shorter than one window.
+
+    `reference_sequence` also cuts the unmasked reference clip a 65-channel model reads."""
     total = min(len(clip.frames), len(clip.audio) * FPS // clip.sample_rate)
     if total < config.frames:
         return None
     start = rng.randrange(total - config.frames + 1)
     per_frame = clip.sample_rate // FPS
-    reference_sequence = None
-    if config.reference_sequence:
+    sequence = None
+    if reference_sequence:
         outside = [s for s in range(total - config.frames + 1) if abs(s - start) >= config.frames]
         other = rng.choice(outside) if outside else rng.randrange(total - config.frames + 1)
-        reference_sequence = resize_frames(clip.frames[other : other + config.frames], config.size)
+        sequence = resize_frames(clip.frames[other : other + config.frames], config.size)
+    reference = start if config.reference == "window_first" else rng.randrange(total)
     return Window(
         video=resize_frames(clip.frames[start : start + config.frames], config.size),
-        reference=resize_frames(clip.frames[rng.randrange(total)][None], config.size),
-        reference_sequence=reference_sequence,
+        reference=resize_frames(clip.frames[reference][None], config.size),
+        reference_sequence=sequence,
         audio=torch.from_numpy(np.ascontiguousarray(clip.audio[start * per_frame : (start + config.frames) * per_frame])),
         dataset=str(clip.metadata.get("dataset", "")),
         key=clip.key,
     )
 
 
-def windows(clips: Iterator[Clip], config: WindowConfig, seed: int) -> Iterator[Window]:
+def windows(clips: Iterator[Clip], config: WindowConfig, seed: int, reference_sequence: bool = False) -> Iterator[Window]:
     rng = random.Random(seed)
     for clip in clips:
         if not keep_for_mixture(str(clip.metadata.get("dataset", "")), config.mixture, rng):
             continue
-        window = cut_window(clip, config, rng)
+        window = cut_window(clip, config, rng, reference_sequence)
         if window is not None:
             yield window
 

@@ -28,12 +28,14 @@ def _build(
     model.to_empty(device=device)
     with seeded(cfg.seed, device):
         model.init_weights()
-    path = cfg.dit_weights if weights is None else weights
+    path, adapter = (cfg.dit_weights, cfg.dit_adapter or None) if weights is None else (weights, None)
     if path:
         try:
-            load_dit_checkpoint(model, path)
+            load_dit_checkpoint(model, path, adapter, cfg.dit_adapter_alpha)
         except FileNotFoundError as err:
-            raise FileNotFoundError(f"DiT weights not found: {path} (model.dit_weights)") from err
+            raise FileNotFoundError(f"{err} (model.dit_weights / model.dit_adapter)") from err
+    elif adapter:
+        raise ValueError("model.dit_adapter is set but model.dit_weights is empty: an adapter loads on top of its Wan 2.1 base")
     return model
 
 
@@ -43,7 +45,8 @@ def build_teacher(
     dtype: torch.dtype = torch.float32,
     weights: str | None = None,
 ) -> WanModel:
-    """The bidirectional DiT. Weights: `weights`, else cfg.dit_weights, else random (seeded by cfg.seed).
+    """The bidirectional DiT. Weights: `weights` (a merged checkpoint), else cfg.dit_weights with
+    cfg.dit_adapter merged on top, else random (seeded by cfg.seed).
 
     On the meta device nothing is allocated or loaded (for parameter counts and sharded init).
     """

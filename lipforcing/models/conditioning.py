@@ -30,8 +30,14 @@ class Condition:
     reference_sequence: Tensor | None = None
 
     def channels(self, num_frames: int) -> Tensor:
-        """The conditioning input channels, in the checkpoint's order, broadcast to num_frames."""
-        parts = [self.reference, self.mask, self.masked_video]
+        """The conditioning input channels, in the checkpoint's order, broadcast to num_frames:
+        reference (16), mask (1), masked video (16) [, reference sequence (16)].
+
+        The mask channel is `1 - mask`: 1 where the mouth is generated, 0 where the frame is kept (the
+        OmniAvatar convention the released weights were trained with), while `mask` itself keeps the
+        LatentSync convention (1 = keep). The one place the two meet.
+        """
+        parts = [self.reference, 1 - self.mask, self.masked_video]
         if self.reference_sequence is not None:
             parts.append(self.reference_sequence)
         return torch.cat([p.expand(-1, -1, num_frames, -1, -1) for p in parts], dim=1)

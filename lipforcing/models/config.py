@@ -31,7 +31,8 @@ class ModelConfig:
     text_len: int = 16
     patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
     latent_channels: int = 16
-    use_reference_sequence: bool = False  # 49 input channels, or 65 with the reference-sequence latent
+    # 65 input channels with the reference-sequence latent (released students), 49 without
+    use_reference_sequence: bool = False
     eps: float = 1e-6
     rope_theta: float = 10000.0
     timestep_scale: float = 1000.0  # the DiT sees t * 1000, like Wan's scheduler timesteps
@@ -70,7 +71,11 @@ class ModelConfig:
     tae_channels: list[int] = field(default_factory=lambda: [32, 16, 8, 8])
 
     # weights: local paths or URLs; "" means random initialisation (only sensible for `tiny`)
-    dit_weights: str = ""
+    dit_weights: str = ""  # a Wan 2.1 base, or a merged checkpoint (ours, OmniAvatar-LS pre-merged)
+    # An OmniAvatar-format checkpoint on top of dit_weights: LoRA A/B (merged as W + alpha/rank * B A),
+    # the audio modules and the widened patch embedding. "" when dit_weights is already merged.
+    dit_adapter: str = ""
+    dit_adapter_alpha: float = 64.0  # the adapter's LoRA alpha (OmniAvatar: 64 at rank 128)
     vae_weights: str = ""
     tae_weights: str = ""
     audio_encoder_weights: str = ""
@@ -105,8 +110,10 @@ class ModelConfig:
         return range(2, self.num_layers // 2 + 1)
 
 
-# What the real profiles share: UMT5-XXL text, wav2vec2-base audio, the real Wan VAE and taew2_1 widths.
+# What the real profiles share: UMT5-XXL text, wav2vec2-base audio, the real Wan VAE and taew2_1 widths,
+# and the released students' 65 input channels (reference sequence included).
 _PRETRAINED_ENCODERS = dict(
+    use_reference_sequence=True,
     text_dim=4096,
     text_len=512,
     audio_encoder_hidden=768,

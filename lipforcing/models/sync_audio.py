@@ -1,9 +1,11 @@
 """Audio features for the SyncNets, at 100 feature frames per second (4 per video frame at 25 fps).
 
-`syncnet_mfcc` reproduces the MFCCs the public syncnet_v2 weights were trained on
-(python_speech_features defaults: 25 ms frames, 10 ms step, 0.97 pre-emphasis, 26 mel filters,
-512-point FFT, 13 cepstra, lifter 22, c0 replaced by log frame energy), so those weights see the
-inputs they expect. `log_mel` feeds our trainable SyncNet.
+`syncnet_mfcc` reproduces the MFCCs the public syncnet_v2 weights were trained on: syncnet_python
+reads the wav as int16 and runs python_speech_features on those int16-scale values (25 ms frames,
+10 ms step, 0.97 pre-emphasis, 26 mel filters, 512-point FFT, 13 cepstra, lifter 22, c0 replaced by
+log frame energy). Our float audio in [-1, 1] is scaled by 32768 first: unscaled, every coefficient's
+log energy comes out ln(32768^2) = 20.79 lower, inputs those weights never saw. `log_mel` feeds our
+trainable SyncNet, which learns its own scale.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ from scipy.fft import dct
 
 SAMPLE_RATE = 16000
 FEATURES_PER_SECOND = 100
+INT16_SCALE = 32768.0  # float audio in [-1, 1] -> the int16 sample values syncnet_python computes on
 
 
 def syncnet_mfcc(audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """MFCC [13, frames] of mono float audio, python_speech_features-compatible."""
+    """MFCC [13, frames] of mono audio (float in [-1, 1], or int16) as syncnet_python computes it:
+    python_speech_features on int16-scale values."""
     frame_len, step, nfft, filters, cepstra = int(0.025 * sample_rate), int(0.01 * sample_rate), 512, 26, 13
-    signal = np.append(audio[:1], audio[1:] - 0.97 * audio[:-1]).astype(np.float64)
+    samples = audio.astype(np.float64) if audio.dtype == np.int16 else audio.astype(np.float64) * INT16_SCALE
+    signal = np.append(samples[:1], samples[1:] - 0.97 * samples[:-1])
     count = 1 + int(np.ceil((max(len(signal), frame_len) - frame_len) / step))
     padded = np.concatenate([signal, np.zeros((count - 1) * step + frame_len - len(signal))])
     index = np.arange(frame_len)[None, :] + step * np.arange(count)[:, None]

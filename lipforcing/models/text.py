@@ -8,6 +8,7 @@ embedding is zero-padded to text_len tokens, as Wan does before its text_embeddi
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 
 import fsspec
@@ -18,6 +19,7 @@ from torch import Tensor
 from lipforcing.models.config import ModelConfig
 
 TEXT_KEY = "text_embedding"
+log = logging.getLogger("lipforcing")
 
 
 def pad_text(embedding: Tensor, text_len: int) -> Tensor:
@@ -66,7 +68,13 @@ def text_embeddings(cfg: ModelConfig) -> tuple[Tensor, Tensor]:
         pos = torch.randn(cfg.text_len, cfg.text_dim, generator=g)
         neg = torch.randn(cfg.text_len, cfg.text_dim, generator=g)
     if neg is None:
-        neg = torch.zeros_like(pos)  # an empty negative prompt encodes to all padding
+        # The released recipe's negative is the UMT5 encoding of the empty prompt, a stored tensor;
+        # zeros (all padding) are only a stand-in, and CFG's null branch then differs from training's.
+        log.warning(
+            "model.negative_text_embedding is empty: the CFG null branch uses a zero text embedding; give the "
+            "cached encoding of the empty prompt (encode_prompt('', ...)) the teacher was trained with"
+        )
+        neg = torch.zeros_like(pos)
     if pos.shape[-1] != cfg.text_dim:
         raise ValueError(f"text embedding width {pos.shape[-1]} != model.text_dim {cfg.text_dim}")
     return pos, neg

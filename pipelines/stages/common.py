@@ -46,7 +46,8 @@ class WindowStream(torch.utils.data.IterableDataset):
         reader = worker_reader(self.rank, self.world_size)
         clips = (decode_clip(s) for s in stream_samples(shard_urls(self.config.data), reader, self.config.seed))
         pending = []
-        for window in windows(clips, self.config.window, seed=self.config.seed * 1000 + reader.index):
+        reference_sequence = self.config.model.use_reference_sequence
+        for window in windows(clips, self.config.window, self.config.seed * 1000 + reader.index, reference_sequence):
             pending.append(window)
             if len(pending) == self.batch_size:
                 yield collate(pending)
@@ -115,8 +116,9 @@ class DiffusionStage(Stage):
         return local_copy(url, self.scratch)
 
     def student_base(self) -> str | None:
-        """Where the student and the fake score start: the teacher when sizes match, else the
-        configured same-size base (`model.dit_weights`, e.g. OmniAvatar-LS 1.3B under a 14B teacher)."""
+        """Where the student and the fake score start: the teacher when sizes match, else None, the
+        profile's own pretrained base (`model.dit_weights`, with `model.dit_adapter` merged on top:
+        e.g. OmniAvatar-LS 1.3B under a 14B teacher)."""
         config = self.context.config
         if config.same_size_teacher():
             return self.weights("teacher")
@@ -127,7 +129,7 @@ class DiffusionStage(Stage):
                 "config key 'model.dit_weights' is empty: a student smaller than its teacher starts from a "
                 "same-size base checkpoint"
             )
-        return local_copy(config.model.dit_weights, self.scratch)
+        return None
 
     def adapt(self, model: torch.nn.Module) -> torch.nn.Module:
         """The stage adapter: fresh LoRA on q,k,v,o,ffn + fully trainable audio and patch modules."""
@@ -174,7 +176,3 @@ class DiffusionStage(Stage):
         save_file({k: v.contiguous() for k, v in export_state_dict(module).items()}, path)
         storage.upload_file(path, stage_weights(self.context.config.output, stage or self.name))
 
-
-def seeded_choice(seed: int, iteration: int, count: int) -> int:
-    """The same pick on every rank for an iteration (no broadcast needed)."""
-    return int(torch.randint(count, (1,), generator=torch.Generator().manual_seed(seed * 1_000_003 + iteration)))

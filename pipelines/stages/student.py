@@ -1,19 +1,19 @@
 """Stage 2: Diffusion Forcing pretraining of the causal student.
 
-Every chunk of 3 latent frames is noised at its own time, drawn from the student's inference list
-{0.999, 0.769}, so the student trains only at the noise levels it meets when streaming. Each step
-uses one of several (window, sink) block-causal attention layouts, the same on every rank.
+Every chunk of 3 latent frames is noised to its own level, drawn from `student.noise_levels`
+(released: {0.999, 0.769, 0.0}, so a third of the chunks are clean context, as in streaming), and
+the loss is 0.5 * MSE on the clean estimate (`lipforcing/losses/diffusion_forcing.py`). Each
+micro-batch uses one of several (window, sink) block-causal attention layouts, the same on every rank.
 """
 
 from __future__ import annotations
 
 import torch
 
-from lipforcing.diffusion.schedules import add_noise, chunk_timesteps
 from lipforcing.inference.streaming import stream_generate
-from lipforcing.losses.flow_matching import flow_matching_loss
+from lipforcing.losses.diffusion_forcing import diffusion_forcing_loss
 from lipforcing.models import build_student
-from pipelines.stages.common import DiffusionStage, seeded_choice
+from pipelines.stages.common import DiffusionStage
 
 
 class StudentDiffusionForcing(DiffusionStage):
@@ -23,28 +23,27 @@ class StudentDiffusionForcing(DiffusionStage):
         config = self.context.config
         return {"student": self.adapt(build_student(config.model, device="cpu", weights=self.student_base()))}
 
-    def step(self, engines, batch, iteration):
+    def step(self, engines, batch, iteration, micro):
         config = self.context.config
         encoded = self.encode(batch)
-        x0 = encoded.x0
-        generator = torch.Generator().manual_seed(config.seed * 7919 + iteration * 31 + self.context.rank)
-        t = chunk_timesteps(x0.shape[0], x0.shape[2], config.model.chunk_frames, config.model.student_timesteps, generator)
-        t = t.to(x0.device)
         layouts = config.model.training_attention_layouts
-        window, sink = layouts[seeded_choice(config.seed, iteration, len(layouts))]
-        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-        engine = engines["student"]
-        velocity = engine(add_noise(x0, noise, t), t, encoded.cond, window_frames=window, sink_frames=sink)
-        loss = flow_matching_loss(velocity, x0, noise)
-        engine.backward(loss)
-        engine.step()
+        window, sink = layouts[self.context.shared_choice(iteration, micro, len(layouts))]
+        loss = diffusion_forcing_loss(
+            engines["student"], encoded.x0, encoded.cond, config.student.noise_levels, config.model.chunk_frames,
+            (window, sink), self.context.generator(iteration, micro), config.student.loss,
+        )  # fmt: skip
+        engines["student"].backward(loss)
         return {"loss": loss.item(), "window_frames": float(window), "sink_frames": float(sink)}
 
     def generate(self, engines, cond, negative_text, generator):
-        chunks = stream_generate(engines["student"].module, cond, generator=generator)
-        return torch.cat([chunk.latents for chunk in chunks], dim=2)
+        return stream_student(engines["student"].module, cond, generator)
 
     def finish(self, engines, output_dir):
         self.export(engines["student"].module, output_dir)
         self.render_samples(engines, output_dir, self.name)
         return {}
+
+
+def stream_student(student: torch.nn.Module, cond, generator: torch.Generator) -> torch.Tensor:
+    """A whole clip streamed chunk by chunk with the two-step schedule: clean latents [1, 16, F, h, w]."""
+    return torch.cat([chunk.latents for chunk in stream_generate(student, cond, generator=generator)], dim=2)

@@ -47,9 +47,9 @@ class TeacherBase(DiffusionStage):
     def build(self) -> torch.nn.Module:
         return build_teacher(self.context.config.teacher_model, device="cpu")
 
-    def step(self, engines, batch, iteration):
+    def step(self, engines, batch, iteration, micro):
         encoded = self.encode(batch)
-        generator = torch.Generator().manual_seed(self.context.config.seed * 7919 + iteration * 31 + self.context.rank)
+        generator = self.context.generator(iteration, micro)
         cond = drop_audio(encoded.cond, encoded.negative_text, self.context.config.teacher.audio_dropout, generator)
         t = sample_training_timesteps((encoded.x0.shape[0],), self.context.config.model.shift, generator).to(encoded.x0.device)
         noise = torch.randn(encoded.x0.shape, generator=generator).to(encoded.x0.device)
@@ -57,7 +57,6 @@ class TeacherBase(DiffusionStage):
         velocity = engine(add_noise(encoded.x0, noise, t), t, cond)
         loss = flow_matching_loss(velocity, encoded.x0, noise)
         engine.backward(loss)
-        engine.step()
         return {f"{self.network}_loss": loss.item()}
 
     def generate(self, engines, cond, negative_text, generator):
