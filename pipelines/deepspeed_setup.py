@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from pipelines.trainer import TrainerConfig
 
 
-def deepspeed_config(config: TrainerConfig, world_size: int, lr: float) -> dict[str, Any]:
+def deepspeed_config(config: TrainerConfig, world_size: int, lr: float, grad_clip: float | None = None) -> dict[str, Any]:
     """ZeRO stage, precision, AdamW (decoupled weight decay), clipping and gradient accumulation.
 
     No DeepSpeed scheduler: the trainer sets each iteration's learning rate itself, because a
@@ -24,7 +24,7 @@ def deepspeed_config(config: TrainerConfig, world_size: int, lr: float) -> dict[
         {
             "gradient_accumulation_steps": config.grad_accum,
             "train_batch_size": config.batch_size * config.grad_accum * world_size,
-            "gradient_clipping": config.grad_clip,
+            "gradient_clipping": config.grad_clip if grad_clip is None else grad_clip,
             # DeepSpeed's AdamW on torch's kernel: no JIT compile, works on CPU and GPU.
             "optimizer": {
                 "type": "AdamW",

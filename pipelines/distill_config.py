@@ -45,6 +45,7 @@ class DMDConfig:
         default_factory=lambda: TrainerConfig(steps=600, lr=2e-6, betas=[0.0, 0.999], checkpoint_every=50)
     )
     fake_score_lr: float = 2e-6
+    fake_score_grad_clip: float = 0.0  # released: only the student's gradients are clipped (train.grad_clip)
     student_every: int = 5  # fake score every iteration, student every 5th (the 5:1 ratio)
     guidance_scale: float = 4.5
     window_steps: list[int] = field(default_factory=lambda: [20, 40])  # teacher ODE steps that get CFG

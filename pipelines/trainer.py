@@ -120,6 +120,10 @@ class Stage(abc.ABC):
     def learning_rate(self, name: str) -> float:
         return self.context.trainer.lr
 
+    def gradient_clipping(self, name: str) -> float:
+        """Global gradient-norm clip of a network (0: none)."""
+        return self.context.trainer.grad_clip
+
     @abc.abstractmethod
     def batches(self) -> Iterator[Any]:
         """An endless iterator of this rank's micro batches."""
@@ -185,7 +189,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     for name, module in stage.networks().items():
         if trainer_config.activation_checkpointing:
             _checkpoint_blocks(module)
-        ds_config = deepspeed_config(trainer_config, world, lr=stage.learning_rate(name))
+        ds_config = deepspeed_config(trainer_config, world, stage.learning_rate(name), stage.gradient_clipping(name))
         engine, *_ = deepspeed.initialize(
             model=module.to(device),
             model_parameters=stage.trainable_parameters(name, module),

@@ -24,7 +24,7 @@ def test_sync_loop_matches_batched_metric():
 def test_runner_defaults_run_everything_in_order():
     config = parse_args([])
     assert config == BenchConfig()
-    assert selected(config) == list(ORDER) == ["model", "sync", "train", "data"]
+    assert selected(config) == list(ORDER) == ["memory", "model", "sync", "train", "learn", "data"]
     assert command("sync", config) == [sys.executable, "-m", "benchmarks.bench_sync", "--write"]
 
 
@@ -51,3 +51,23 @@ def test_sections_and_header_leave_other_sections_alone(tmp_path):
     assert text.startswith("# Benchmark results\n") and "old title" not in text
     assert "model numbers" in text and "data numbers" in text
     assert "second" in text and "first" not in text and text.count("## Sync metric") == 1
+
+
+def test_memory_report_follows_the_profiles():
+    """The frozen 14B teacher: 2 bytes per parameter split over the 4 GPUs under ZeRO-3 (the 14b DMD
+    profile), whole at 4 bytes before; every current profile stage fits an 80 GB GPU by this count."""
+    from benchmarks.bench_memory import GPU_GB, parameter_counts, stage_memory
+    from pipelines.distill_config import DistillConfig
+    from pipelines.jobs import resolve_config
+
+    config = resolve_config(DistillConfig, ["profile=14b"])
+    teacher = parameter_counts(config.teacher_model, 128)[0]
+    assert config.dmd.train.zero_stage == 3 and config.dmd.train.num_workers == 4
+    assert stage_memory(config, "dmd")["frozen teacher"] == pytest.approx(2 * teacher / 4 / 1e9)
+    assert stage_memory(config, "dmd", frozen_teacher_fp32=True)["frozen teacher"] == pytest.approx(4 * teacher / 1e9)
+    for profile in ("1.3b", "14b"):
+        config = resolve_config(DistillConfig, [f"profile={profile}"])
+        for stage in ("teacher", "student", "dmd"):
+            memory = stage_memory(config, stage)
+            assert memory["total"] == pytest.approx(sum(v for k, v in memory.items() if k != "total"))
+            assert memory["total"] < GPU_GB, (profile, stage, memory)

@@ -55,6 +55,26 @@ def test_ssim_matches_skimage_on_structured_images():
     assert ours(x, y) == pytest.approx(expected, abs=1e-3)
 
 
+def test_masked_ssim_averages_the_skimage_map_over_the_region():
+    """With a mask, the mean of scikit-image's full SSIM map over the window centres the mask keeps.
+    Planted: y differs from x only from row 40 down, so a region whose windows end above it scores 1."""
+    x, noisy = structured_pair(np.random.default_rng(2))
+    y = x.copy()
+    y[40:] = noisy[40:]
+    to_chw = lambda a: torch.from_numpy(a).permute(2, 0, 1).float()  # noqa: E731
+    _, full = structural_similarity(
+        x, y, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0, channel_axis=-1, full=True
+    )
+    inner = (slice(5, -5), slice(5, -5))  # centres where the 11 x 11 window fits
+    for rows, expected_one in ((slice(0, 30), True), (slice(30, 64), False)):
+        mask = np.zeros(x.shape[:2], bool)
+        mask[rows] = True
+        got = float(ssim(to_chw(x), to_chw(y), mask=torch.from_numpy(mask)))
+        assert got == pytest.approx(full[inner][mask[inner]].mean(), abs=1e-3)
+        assert (got == pytest.approx(1.0, abs=1e-6)) == expected_one
+    assert ours(x, y) < 0.95
+
+
 def test_ssim_of_identical_images_is_one_and_batches_keep_their_shape():
     video = torch.rand(2, 5, 3, 32, 32)
     assert torch.allclose(ssim(video, video), torch.ones(2, 5), atol=1e-6)

@@ -14,6 +14,7 @@ from lipforcing.models import (
     text_embeddings,
 )
 from lipforcing.models.lora import (
+    adapted_parameter_count,
     apply_lora,
     export_state_dict,
     lora_layers,
@@ -91,6 +92,15 @@ def test_lora_inject_merge_export() -> None:
         torch.testing.assert_close(model(x, t, cond), adapted, rtol=1e-4, atol=1e-4)
         for k, v in model.state_dict().items():
             torch.testing.assert_close(v, exported[k])
+
+
+def test_adapted_parameter_count_matches_what_apply_lora_trains() -> None:
+    """The memory report counts trainable parameters of 1.3B / 14B models on the meta device with
+    `adapted_parameter_count`; it must be what `apply_lora` really trains."""
+    cfg = model_config("tiny", use_reference_sequence=True)
+    counted = adapted_parameter_count(build_teacher(cfg, device="meta"), 4, cfg.lora_targets)
+    model = apply_lora(build_teacher(cfg), rank=4, alpha=2)
+    assert counted == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def test_wan_vae_wrapper_and_streaming_decode() -> None:

@@ -33,11 +33,12 @@ def _filter(x: Tensor, taps: Tensor) -> Tensor:
     return F.conv2d(F.conv2d(x, horizontal, groups=channels), vertical, groups=channels)
 
 
-def ssim(x: Tensor, y: Tensor, data_range: float = 1.0) -> Tensor:
+def ssim(x: Tensor, y: Tensor, data_range: float = 1.0, mask: Tensor | None = None) -> Tensor:
     """Mean SSIM per image of x, y [..., C, H, W] (values in [0, data_range]) -> [...].
 
     Leading dimensions are batch dimensions (e.g. [B, T] of a video batch). Computed in float32 at
-    least; images must be at least 11 x 11.
+    least; images must be at least 11 x 11. With `mask` [H, W], the mean runs over the windows
+    centred where it is 1 (e.g. the region a lip-sync model keeps).
     """
     if x.shape != y.shape:
         raise ValueError(f"ssim needs images of the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
@@ -53,7 +54,11 @@ def ssim(x: Tensor, y: Tensor, data_range: float = 1.0) -> Tensor:
     cov = _filter(x * y, taps) - mu_x * mu_y
     c1, c2 = (K1 * data_range) ** 2, (K2 * data_range) ** 2
     index = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return index.mean(dim=(-3, -2, -1)).reshape(lead)
+    if mask is None:
+        return index.mean(dim=(-3, -2, -1)).reshape(lead)
+    half = WINDOW // 2
+    centres = mask[half:-half, half:-half].to(index).expand_as(index)  # the valid map's window centres
+    return ((index * centres).sum(dim=(-3, -2, -1)) / centres.sum(dim=(-3, -2, -1))).reshape(lead)
 
 
 def psnr(x: Tensor, y: Tensor, mask: Tensor | None = None, data_range: float = 1.0) -> Tensor:

@@ -46,6 +46,18 @@ def apply_lora(
     return model
 
 
+def adapted_parameter_count(
+    model: nn.Module, rank: int, targets: list[str], fully_trainable: tuple[str, ...] = FULLY_TRAINABLE
+) -> int:
+    """How many parameters `apply_lora` would make trainable, without injecting anything (works on
+    meta-device models of any size): r * (in + out) per targeted Linear plus the fully trained modules."""
+    pattern = re.compile(lora_target_pattern(targets))
+    adapters = sum(
+        rank * (m.in_features + m.out_features) for name, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.match(name)
+    )
+    return adapters + sum(p.numel() for name, p in model.named_parameters() if name.split(".")[0] in fully_trainable)
+
+
 def lora_layers(model: nn.Module) -> list[LoraLayer]:
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
 

@@ -103,6 +103,9 @@ class DistributionMatching(DiffusionStage):
     def learning_rate(self, name: str) -> float:
         return self.context.config.dmd.fake_score_lr if name == "fake_score" else self.context.trainer.lr
 
+    def gradient_clipping(self, name: str) -> float:
+        return self.context.config.dmd.fake_score_grad_clip if name == "fake_score" else self.context.trainer.grad_clip
+
     def step(self, engines, batch, iteration, micro):
         config, dmd = self.context.config, self.context.config.dmd
         encoded = self.encode(batch)
