@@ -17,15 +17,15 @@ def count(model: torch.nn.Module, prefix: str = "") -> int:
 
 @pytest.mark.parametrize(
     ("profile", "wan_count", "total"),
-    [("1.3b", 1_418_996_800, 1_421_285_536), ("14b", 14_288_491_584, 14_293_754_016)],
+    [("1.3b", 1_418_996_800, 1_421_383_840), ("14b", 14_288_491_584, 14_294_081_696)],
 )
 def test_meta_parameter_counts(profile: str, wan_count: int, total: int) -> None:
     model = build_teacher(profile, device="meta")
     assert all(p.is_meta for p in model.parameters())
     cfg = model.cfg
     audio = count(model, "audio_")
-    patch_extra = cfg.dim * (cfg.in_channels - cfg.latent_channels) * 4  # 33 new input channels x 1x2x2
-    # the plain 16-channel Wan 2.1 T2V count, plus what lip-sync adds (49-channel input, Audio Pack)
+    patch_extra = cfg.dim * (cfg.in_channels - cfg.latent_channels) * 4  # 49 new input channels x 1x2x2
+    # the plain 16-channel Wan 2.1 T2V count, plus what lip-sync adds (65-channel input, Audio Pack)
     assert count(model) - audio - patch_extra == wan_count
     assert count(model) == total
     assert len(model.audio_cond_projs) == {"1.3b": 14, "14b": 19}[profile]

@@ -6,9 +6,9 @@ small widths so that every stage runs on a 2-core CPU: dim 64 = 2 heads of 32 ch
 2-layer 32-wide wav2vec2 (128 features per frame) and narrow VAE/TAE. Job configs embed
 `ModelConfig` as their `model` section, so every field is a primitive or a list with a default.
 
-Parameter counts (meta device): 1.3b 1,421,285,536 = Wan 2.1 T2V 1,418,996,800 + 33 extra
-patch-embedding input channels (202,752) + Audio Pack (2,085,984 with 14 block projections);
-14b 14,293,754,016 = 14,288,491,584 + 675,840 + 4,586,592 (19 projections).
+Parameter counts (meta device, 65 input channels as released): 1.3b 1,421,383,840 = Wan 2.1 T2V
+1,418,996,800 + 49 extra patch-embedding input channels (301,056) + Audio Pack (2,085,984 with 14
+block projections); 14b 14,294,081,696 = 14,288,491,584 + 1,003,520 + 4,586,592 (19 projections).
 """
 
 from __future__ import annotations
