@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.results import report
+from lipforcing.data import SAMPLE_RATE
 
 HEADING = "## Data"
 
@@ -59,7 +60,7 @@ def bare_transcode(video: str, audio: str | None, size: int, crf: int, preset: s
             frames.append(cv2.resize(frame, (size, size), interpolation=cv2.INTER_AREA))
     reader.close()
     encode_mp4(np.stack(frames), probe_media(video).fps, crf, preset)
-    read_audio(audio or video, 16000)
+    read_audio(audio or video, SAMPLE_RATE)
     return probe_media(video).duration_s
 
 

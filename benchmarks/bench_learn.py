@@ -76,7 +76,7 @@ def run(module: str, args: list[str], log: Path) -> float:
 
 
 def distill_args(scratch: Path, steps: dict[str, int]) -> list[str]:
-    args = [f"output={scratch / 'distill'}", f"latents={scratch / 'latents'}", "dmd.syncnet=", f"teacher.base_steps={steps['teacher_base']}"]
+    args = [f"output={scratch / 'distill'}", f"latents={scratch / 'latents'}", "dmd.syncnet=", f"teacher.base.steps={steps['teacher_base']}"]
     args += [f"teacher.base.checkpoint_every={steps['teacher_base']}"]
     for stage in ("teacher", "student", "dmd"):
         args += [f"{stage}.train.steps={steps[stage]}", f"{stage}.train.checkpoint_every={steps[stage]}"]

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 import torch
 
 from benchmarks.results import report
+from lipforcing.data import FPS
 from lipforcing.diffusion import sample_teacher
 from lipforcing.inference import stream_generate
 from lipforcing.models import (
@@ -39,7 +40,6 @@ from lipforcing.models import (
     text_embeddings,
 )
 
-FPS = 25
 LATENT_HW = 8  # 64x64 pixels
 COMMAND = "python -m benchmarks.bench_model --write"
 

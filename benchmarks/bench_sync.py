@@ -24,11 +24,10 @@ import numpy as np
 import torch
 
 from benchmarks.results import machine, report
+from lipforcing.data import FPS, SAMPLE_RATE
 from lipforcing.metrics.sync import av_sync, sync_confidence_batch
 from lipforcing.models.syncnet import StableSyncNet, SyncNetConfig, clip_embeddings, score_clip
 
-FPS = 25
-SAMPLE_RATE = 16_000
 VSHIFT = 15
 HEADING = "## Sync metric"
 COMMAND = "python -m benchmarks.bench_sync --write"

@@ -209,7 +209,7 @@ def has_shards(data: str) -> bool:
 
 def distill_command(data: str, output: str) -> list[str]:
     """`pipelines.distill` with every stage cut to STAGE_STEPS steps, one checkpoint each, no reward."""
-    overrides = [f"data={data}", f"output={output}", "dmd.syncnet=", f"teacher.base_steps={STAGE_STEPS}"]
+    overrides = [f"data={data}", f"output={output}", "dmd.syncnet=", f"teacher.base.steps={STAGE_STEPS}"]
     overrides.append(f"teacher.base.checkpoint_every={STAGE_STEPS}")
     for section in ("teacher.train", "student.train", "dmd.train"):
         overrides += [f"{section}.steps={STAGE_STEPS}", f"{section}.checkpoint_every={STAGE_STEPS}"]

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipelines.ray_cluster import ClusterConfig
+from lipforcing.config import ClusterConfig
+from lipforcing.data import FPS, SAMPLE_RATE
 
 DEFAULT_SAMPLE = "outputs/sample"
 DEFAULT_INPUT = f"{DEFAULT_SAMPLE}/list.csv"
@@ -23,8 +24,8 @@ HASH_EXCLUDE = ("output", "profile", "execution", "cluster", "score")
 
 @dataclass
 class IngestConfig:
-    fps: float = 25.0
-    sample_rate: int = 16000
+    fps: float = float(FPS)
+    sample_rate: int = SAMPLE_RATE
     min_segment_s: float = 5.0
     max_segment_s: float = 10.0
     # PySceneDetect ContentDetector threshold (HSV content change, 0-255 scale); lower cuts more.

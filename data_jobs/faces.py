@@ -28,6 +28,7 @@ from scipy.ndimage import gaussian_filter1d
 from data_jobs.config import FacesConfig
 from data_jobs.media import VideoFrames
 from data_jobs.pipeline import Sample, Stage, chunked
+from lipforcing import storage
 
 CHUNK_FRAMES = 64
 
@@ -85,9 +86,8 @@ class InsightFaceBackend:
     def __init__(self, model_pack: str):
         from insightface.model_zoo import get_model
 
-        from data_jobs.weights import local_folder
-
-        folder = local_folder(model_pack, "faces.model_pack")
+        storage.require(model_pack, "faces.model_pack")
+        folder = storage.cached(model_pack)
         detectors = sorted(f for f in os.listdir(folder) if f.startswith("det") and f.endswith(".onnx"))
         if not detectors:
             raise FileNotFoundError(f"faces.model_pack={model_pack!r} holds no det*.onnx detector")

@@ -35,11 +35,12 @@ class HyperIQAScorer:
         import torch
 
         from data_jobs.hyperiqa import load_hyperiqa
-        from data_jobs.weights import local_file
+        from lipforcing import storage
 
+        storage.require(weights, "iqa.weights")
         torch.set_num_threads(1)
         self._torch = torch
-        self._model = load_hyperiqa(local_file(weights, "iqa.weights"))
+        self._model = load_hyperiqa(storage.cached(weights))
 
     def __call__(self, image: np.ndarray) -> float:
         from data_jobs.hyperiqa import five_crops

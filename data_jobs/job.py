@@ -28,7 +28,6 @@ from data_jobs.faces import Faces
 from data_jobs.inputs import InputItem, list_inputs
 from data_jobs.iqa import Iqa
 from data_jobs.manifest import MANIFEST_SCHEMA, REJECTS_SCHEMA, manifest_row, reject_row, write_table
-from data_jobs.media import local_path
 from data_jobs.pipeline import Sample, Stage, run_stages
 from data_jobs.probe import Probe
 from data_jobs.resample import Resample
@@ -112,19 +111,21 @@ def process_task(index: int, items: list[InputItem], config: DataJobConfig, dige
                     samples.append(manifest_row(segment.metadata, shard))
     shards = writer.close()
     timings["upload"] = writer.upload_s
+    fields = {"task": name, "config_hash": digest, "inputs": [item.video for item in items], "clip_seconds_in": seconds_in}
+    return commit_task(layout.stats_url(name), shards, samples, rejects, timings_s=timings, wall_s=time.perf_counter() - started, **fields)
+
+
+def commit_task(stats_url: str, shards: list[Any], samples: list[dict], rejects: list[dict], **fields: Any) -> dict[str, Any]:
+    """Write a task's stats, its commit marker: what it wrote (shards and their keys, manifest and
+    reject rows) plus `fields`. Written last, so a task without one is not done."""
     stats = {
-        "task": name,
-        "config_hash": digest,
-        "inputs": [item.video for item in items],
+        **fields,
         "shards": [{"name": s.name, "samples": s.samples, "bytes": s.bytes, "keys": s.keys} for s in shards],
         "samples": samples,
         "rejects": rejects,
-        "clip_seconds_in": seconds_in,
         "clip_seconds_out": sum(row["num_frames"] / row["fps"] for row in samples),
-        "timings_s": timings,
-        "wall_s": time.perf_counter() - started,
     }
-    storage.write_text(layout.stats_url(name), json.dumps(stats, indent=1))
+    storage.write_text(stats_url, json.dumps(stats, indent=1))
     return stats
 
 
@@ -134,9 +135,9 @@ def _local_inputs(sample: Sample, timings: dict[str, float]):
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         try:
-            sample.video_path = stack.enter_context(local_path(sample.source))
+            sample.video_path = stack.enter_context(storage.temporary_local(sample.source))
             if sample.audio_source:
-                sample.audio_path = stack.enter_context(local_path(sample.audio_source))
+                sample.audio_path = stack.enter_context(storage.temporary_local(sample.audio_source))
         except Exception as err:  # missing object, permission, network: this input only
             sample.fail("probe", "unreadable", f"download failed: {type(err).__name__}: {err}"[:300], True)
         timings["probe"] = timings.get("probe", 0.0) + time.perf_counter() - started
@@ -200,11 +201,17 @@ def summarize(stats: list[dict[str, Any]], wall_s: float, tasks_run: int) -> Job
     return summary
 
 
-def run_data_job(config: DataJobConfig) -> JobSummary:
-    """Plan, run the uncommitted tasks on Ray, rebuild the tables, report. Returns the summary."""
+def require_ray() -> None:
+    """The data job's passes run on a Ray the caller started (`pipelines.ray_cluster.init_ray`)."""
     import ray
 
-    from pipelines.ray_cluster import init_ray
+    if not ray.is_initialized():
+        raise RuntimeError("the data job runs its tasks on Ray: start or join one first (pipelines.ray_cluster.init_ray)")
+
+
+def run_data_job(config: DataJobConfig) -> JobSummary:
+    """Plan, run the uncommitted tasks on Ray (already initialised), rebuild the tables, report."""
+    import ray
 
     started = time.perf_counter()
     digest = data_config_hash(config)
@@ -219,7 +226,7 @@ def run_data_job(config: DataJobConfig) -> JobSummary:
     pending = [i for i in range(len(tasks)) if i not in committed]
     print(f"data job {digest}: {len(tasks)} tasks, {len(committed)} already committed, {len(pending)} to run")
     if pending:
-        init_ray(num_cpus=config.execution.local_num_cpus or None)
+        require_ray()
         _run_on_ray(ray, config, tasks, pending, digest)
     stats = [
         committed.get(i) or json.loads(storage.read_text(layout.stats_url(task_name(config, i))))
@@ -255,12 +262,10 @@ def _prepare_input(config: DataJobConfig) -> None:
 
 def _check_iqa_weights(config: DataJobConfig) -> None:
     """Weights named by the config must exist before any task starts."""
-    from data_jobs.weights import check_exists
-
     if config.iqa.backend == "hyperiqa":
-        check_exists(config.iqa.weights, "iqa.weights")
+        storage.require(config.iqa.weights, "iqa.weights")
     if config.faces.backend == "insightface":
-        check_exists(config.faces.model_pack, "faces.model_pack")
+        storage.require(config.faces.model_pack, "faces.model_pack")
 
 
 def _committed(

@@ -1,17 +1,15 @@
 """Decode and encode helpers: frame-exact reads with decord (PyAV when decord can't open a file),
 audio through PyAV's resampler, H.264 mp4 and PCM wav encoding in memory.
 
-Inputs on object storage are copied to a local temporary file first: both decoders want a path,
-and one sequential download is cheaper than many ranged reads.
+Inputs on object storage are copied to a local temporary file first (`storage.temporary_local`):
+both decoders want a path, and one sequential download is cheaper than many ranged reads.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
-import tempfile
-from collections.abc import Iterator, Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -19,22 +17,9 @@ import av
 import cv2
 import numpy as np
 import soundfile
+import torch
 
-from lipforcing import storage
-
-
-@contextlib.contextmanager
-def local_path(url: str) -> Iterator[str]:
-    """A local path holding the bytes of `url` (the path itself when it is already local)."""
-    if storage.is_local(url):
-        yield storage.filesystem(url)[1]
-        return
-    suffix = os.path.splitext(url)[1]
-    with tempfile.TemporaryDirectory(prefix="lipforcing-in-") as folder:
-        target = os.path.join(folder, f"input{suffix}")
-        fs, path = storage.filesystem(url)
-        fs.get_file(path, target)
-        yield target
+from lipforcing.data import SAMPLE_RATE
 
 
 @dataclass
@@ -146,21 +131,54 @@ def read_audio(path: str, sample_rate: int) -> np.ndarray:
     return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
 
 
-def encode_mp4(frames: np.ndarray, fps: float, crf: int = 20, preset: str = "veryfast") -> bytes:
-    """H.264 (yuv420p) mp4 of RGB frames, in memory."""
+def encode_mp4(
+    frames: Iterable[np.ndarray],
+    fps: float,
+    crf: int = 20,
+    preset: str = "veryfast",
+    audio: np.ndarray | None = None,
+    sample_rate: int = SAMPLE_RATE,
+) -> bytes:
+    """H.264 (yuv420p) mp4 of RGB uint8 frames [H, W, 3], in memory; with `audio` (float in [-1, 1],
+    [samples] or [samples, channels]) an AAC track too. The one mp4 writer: shards, the sample
+    generator, eval and training sample videos. Frames may be a generator (memory stays one frame)."""
+    frames = iter(frames)
+    first = next(frames)
     buffer = io.BytesIO()
     with av.open(buffer, "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.width, stream.height = first.shape[1], first.shape[0]
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": str(crf), "preset": preset}
         stream.codec_context.thread_count = 1
-        for frame in frames:
+        if audio is not None:  # every stream is declared before the first packet is written
+            audio = audio if audio.ndim == 2 else audio[:, None]
+            sound = container.add_stream("aac", rate=sample_rate, layout="stereo" if audio.shape[1] == 2 else "mono")
+        for frame in itertools.chain([first], frames):
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+        if audio is not None:
+            _mux_audio(container, sound, audio, sample_rate)
     return buffer.getvalue()
+
+
+def _mux_audio(container: av.container.OutputContainer, stream: av.audio.AudioStream, audio: np.ndarray, sample_rate: int) -> None:
+    """Float audio [samples, channels] into its AAC stream, in 1024-sample frames."""
+    layout = stream.layout.name
+    step = 1024
+    for start in range(0, len(audio), step):
+        chunk = np.ascontiguousarray(audio[start : start + step].T, dtype=np.float32)
+        frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=layout)
+        frame.sample_rate, frame.pts = sample_rate, start
+        container.mux(stream.encode(frame))
+    container.mux(stream.encode(None))
+
+
+def to_uint8(frames: torch.Tensor) -> torch.Tensor:
+    """[T, 3, H, W] in [0, 1] -> [T, H, W, 3] uint8 (what SyncNet and the video encoder read)."""
+    return (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 def encode_wav(audio: np.ndarray, sample_rate: int) -> bytes:

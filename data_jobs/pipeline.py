@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from data_jobs.media import MediaInfo, cfr_indices
+from lipforcing.data import FPS, SAMPLE_RATE
 
 
 @dataclass
@@ -45,9 +46,9 @@ class Sample:
     info: MediaInfo | None = None
     # Source frame start times and the constant-rate timeline built on them.
     timestamps: np.ndarray | None = None
-    fps: float = 25.0
+    fps: float = float(FPS)
     num_frames: int = 0
-    sample_rate: int = 16000
+    sample_rate: int = SAMPLE_RATE
     audio: np.ndarray | None = None
     segments: list[tuple[int, int]] = field(default_factory=list)
     # Segment-level fields: frames [start_frame, end_frame) of the constant-rate timeline.

@@ -19,13 +19,11 @@ import io
 import os
 import sys
 from dataclasses import dataclass
-from fractions import Fraction
 
-import av
 import cv2
 import numpy as np
-import soundfile
 
+from data_jobs.media import encode_mp4, encode_wav
 from lipforcing import storage
 
 FACE_WIDTH_FRACTION = 0.36  # face box width / shorter frame side
@@ -318,41 +316,9 @@ def encode_clip(spec: ClipSpec, rng: np.random.Generator) -> tuple[bytes, bytes 
     times = np.arange(frame_count) / spec.fps
     openings = speech.envelope(times)
     phase = rng.uniform(0, 2 * np.pi)
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mp4") as container:
-        video = container.add_stream("libx264", rate=Fraction(spec.fps).limit_denominator(1001))
-        video.width, video.height, video.pix_fmt = spec.size[0], spec.size[1], "yuv420p"
-        video.options = {"crf": "18", "preset": "veryfast"}
-        sound = None
-        if spec.audio_in_container:
-            sound = container.add_stream(
-                "aac", rate=spec.sample_rate, layout="stereo" if spec.channels == 2 else "mono"
-            )
-        for t, opening in zip(times, openings):
-            frame = av.VideoFrame.from_ndarray(
-                render_frame(spec, float(t), float(opening), phase), format="rgb24"
-            )
-            container.mux(video.encode(frame))
-        container.mux(video.encode())
-        if sound is not None:
-            _mux_audio(container, sound, audio, spec.sample_rate)
-    wav = None
-    if spec.paired_wav:
-        wav_buffer = io.BytesIO()
-        soundfile.write(wav_buffer, audio, spec.sample_rate, format="WAV", subtype="PCM_16")
-        wav = wav_buffer.getvalue()
-    return buffer.getvalue(), wav
-
-
-def _mux_audio(container, stream, audio: np.ndarray, sample_rate: int) -> None:
-    layout = "stereo" if audio.shape[1] == 2 else "mono"
-    step = 1024
-    for start in range(0, len(audio), step):
-        chunk = np.ascontiguousarray(audio[start : start + step].T)
-        frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=layout)
-        frame.sample_rate, frame.pts = sample_rate, start
-        container.mux(stream.encode(frame))
-    container.mux(stream.encode(None))
+    frames = (render_frame(spec, float(t), float(opening), phase) for t, opening in zip(times, openings))
+    video = encode_mp4(frames, spec.fps, crf=18, audio=audio if spec.audio_in_container else None, sample_rate=spec.sample_rate)
+    return video, encode_wav(audio, spec.sample_rate) if spec.paired_wav else None
 
 
 def generate_sample(output: str, seed: int = 0) -> str:

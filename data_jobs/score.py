@@ -14,8 +14,8 @@ tasks and a killed pass resumes without duplicates.
 from __future__ import annotations
 
 import json
+import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,15 +24,17 @@ import numpy as np
 import torch
 
 from data_jobs.config import DataJobConfig, ScoreConfig
+from data_jobs.job import JobSummary, Layout, commit_task, finalize, require_ray
 from data_jobs.manifest import manifest_row
 from data_jobs.media import encode_wav
 from data_jobs.writer import ShardWriter
 from lipforcing import storage
-from lipforcing.config import ConfigError, to_yaml
+from lipforcing.config import to_yaml
+from lipforcing.data import FPS
 from lipforcing.data.shards import Reader, decode_mp4, decode_wav, epoch_samples
 from lipforcing.models.syncnet import SyncModel, SyncNetConfig, SyncNetV2, load_syncnet, score_clip
 
-FPS = 25
+log = logging.getLogger("lipforcing.data")
 
 
 @dataclass
@@ -112,76 +114,33 @@ def score_task(source_stats_url: str, config: DataJobConfig, weights: str) -> di
             members["json"] = json.dumps(metadata).encode()
             written_to = writer.add(key, members)
             samples.append({**rows.get(key, {}), **manifest_row(metadata, written_to)})
-    shards = writer.close()
-    stats = {
-        **source,
-        "shards": [{"name": s.name, "samples": s.samples, "bytes": s.bytes, "keys": s.keys} for s in shards],
-        "samples": samples,
-        "rejects": rejects,
-        "clip_seconds_out": sum(row["num_frames"] / row["fps"] for row in samples),
-        "timings_s": {**source["timings_s"], "score": time.perf_counter() - started},
-        "scored_with": weights,
-    }
-    storage.write_text(storage.join(config.output, "stats", f"{task}.json"), json.dumps(stats, indent=1))
-    return stats
+    fields = {**source, "timings_s": {**source["timings_s"], "score": time.perf_counter() - started}, "scored_with": weights}
+    return commit_task(Layout(config.output).stats_url(task), writer.close(), samples, rejects, **fields)
 
 
-def resolve_weights(config: DataJobConfig, aligned: str) -> str:
-    """The SyncNet file to score with: the configured one, or one trained now on the aligned shards."""
-    from pipelines import tracking
-
-    reference = config.score.syncnet
-    if reference.startswith("models:/"):
-        tracking.setup_tracking()
-        try:
-            return tracking.fetch_registered(reference, tempfile.mkdtemp(prefix="lipforcing-syncnet-"))
-        except Exception as err:  # not registered (yet): train one below, or say what to set
-            missing = f"{reference} is not in the MLflow registry ({type(err).__name__})"
-    elif reference and storage.exists(reference):
-        return reference
-    else:
-        missing = f"no SyncNet weights at {reference!r}"
-    if not config.score.train_if_missing:
-        raise ConfigError(
-            f"{missing}: set config key 'score.syncnet' to syncnet_v2.model or a trained SyncNet, "
-            "set score.train_if_missing=true to train one on these shards, or score.enabled=false"
-        )
-    from pipelines.jobs import resolve_config
-    from pipelines.syncnet import SyncNetJobConfig
-    from pipelines.syncnet import main as train_syncnet
-
-    print(f"score: {missing}; training a SyncNet on {aligned} first")
-    syncnet_config = resolve_config(SyncNetJobConfig, [
-        f"profile={config.profile}", f"data={aligned}", f"output={config.score.syncnet_output}",
-        f"train.steps={config.score.syncnet_steps}", f"seed={config.seed}",
-    ])  # fmt: skip
-    train_syncnet(syncnet_config)
-    return storage.join(config.score.syncnet_output, "syncnet.pt")
+def score_plan(config: DataJobConfig) -> tuple[list[str], list[str]]:
+    """(the stats URL of every committed ingest task under <output>/aligned, those not scored yet)."""
+    layout = Layout(config.output)
+    sources = storage.glob(storage.join(config.output, "aligned", "stats", "*.json"))
+    return sources, [u for u in sources if not storage.exists(layout.stats_url(_task(u)))]
 
 
-def run_scored_job(config: DataJobConfig):
-    """The whole data job: ingest into <output>/aligned, then score into <output> (final shards)."""
-    import dataclasses
-
+def run_score_pass(config: DataJobConfig, weights: str, started: float) -> JobSummary:
+    """Score the pending ingest tasks on Ray (already initialised) with the SyncNet at `weights`,
+    then rebuild the final tables from every task's commit marker."""
     import ray
 
-    from data_jobs.job import Layout, finalize, run_data_job
-    from pipelines.ray_cluster import init_ray
-
-    if not config.score.enabled:
-        return run_data_job(config)
-    started = time.perf_counter()
-    aligned = storage.join(config.output, "aligned")
-    run_data_job(dataclasses.replace(config, output=aligned))
     layout = Layout(config.output)
-    sources = storage.glob(storage.join(aligned, "stats", "*.json"))
-    pending = [u for u in sources if not storage.exists(layout.stats_url(os.path.basename(u)[: -len(".json")]))]
-    print(f"score: {len(sources)} tasks, {len(sources) - len(pending)} already scored, {len(pending)} to score")
+    sources, pending = score_plan(config)
+    log.info("score: %d tasks, %d already scored, %d to score", len(sources), len(sources) - len(pending), len(pending))
     if pending:
-        weights = resolve_weights(config, aligned)
-        init_ray(num_cpus=config.execution.local_num_cpus or None)
+        require_ray()
         remote = ray.remote(score_task).options(num_cpus=config.execution.num_cpus_per_task)
         ray.get([remote.remote(url, config, weights) for url in pending])
-    stats = [json.loads(storage.read_text(layout.stats_url(os.path.basename(u)[: -len(".json")]))) for u in sources]
+    stats = [json.loads(storage.read_text(layout.stats_url(_task(u)))) for u in sources]
     storage.write_text(layout.file("config.yaml"), to_yaml(config))
     return finalize(layout, stats, time.perf_counter() - started, len(pending))
+
+
+def _task(stats_url: str) -> str:
+    return os.path.basename(stats_url)[: -len(".json")]

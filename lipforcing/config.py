@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,6 +27,15 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A configuration problem, reported before any work starts."""
+
+
+@dataclass
+class ClusterConfig:
+    """How a job reaches a Ray cluster when RAY_ADDRESS is set (ignored for the local Ray); every job
+    config has this section."""
+
+    # Forward AWS/MLflow credentials from this shell into the submitted job's runtime env.
+    forward_credentials: bool = False
 
 
 def load_config(

@@ -6,13 +6,18 @@ read them; `AWS_ENDPOINT_URL` selects a non-AWS server). Nothing here logs crede
 Writes are atomic: a reader sees either no file or the whole file. Locally we write a hidden
 temporary file beside the target and rename it; on object stores the object appears only when its
 single upload completes.
+
+Code that needs a local path (decoders, `from_pretrained` folders) asks `cached` (weights: copied
+once per machine, kept) or `temporary_local` (inputs: copied for the duration of a block).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import posixpath
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -117,6 +122,58 @@ def upload_file(local_path: str | Path, url: str | Path) -> None:
                 target.write(chunk)
     else:
         fs.put_file(str(local_path), path)
+
+
+CACHE = os.path.join(tempfile.gettempdir(), "lipforcing-cache")
+
+
+def require(url: str, key: str) -> None:
+    """A config value that must name an existing file or folder: a ConfigError naming `key` otherwise."""
+    from lipforcing.config import ConfigError
+
+    if not url:
+        raise ConfigError(f"config key '{key}' is empty: give the path or URL of the weights")
+    if not exists(url):
+        raise ConfigError(f"config key '{key}': {url} does not exist")
+
+
+def cached(url: str | Path) -> str:
+    """A local path holding `url`, a file or a folder: the path itself when local, else a copy made
+    once per machine under CACHE (keyed by the URL) and shared by every process there. Concurrent
+    first uses each download to a private name; the first rename wins."""
+    fs, path = filesystem(url)
+    if isinstance(fs, LocalFileSystem):
+        return path
+    folder = os.path.join(CACHE, hashlib.sha1(str(url).encode()).hexdigest()[:16])
+    target = os.path.join(folder, posixpath.basename(path.rstrip("/")))
+    if os.path.exists(target):
+        return target
+    os.makedirs(folder, exist_ok=True)
+    partial = f"{target}.part-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    if fs.isdir(path):
+        fs.get(path.rstrip("/") + "/", partial, recursive=True)
+    else:
+        fs.get_file(path, partial)
+    try:
+        os.replace(partial, target)
+    except OSError:  # a folder another process finished first: keep theirs
+        shutil.rmtree(partial, ignore_errors=True)
+        if not os.path.exists(target):
+            raise
+    return target
+
+
+@contextlib.contextmanager
+def temporary_local(url: str | Path) -> Iterator[str]:
+    """A local path holding the bytes of `url` for the block (the path itself when already local)."""
+    fs, path = filesystem(url)
+    if isinstance(fs, LocalFileSystem):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="lipforcing-in-") as folder:
+        target = os.path.join(folder, f"input{os.path.splitext(path)[1]}")
+        fs.get_file(path, target)
+        yield target
 
 
 def _with_scheme(original: str, fs: fsspec.AbstractFileSystem, path: str) -> str:

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 
 import ray
 
+from lipforcing.config import ClusterConfig
 from pipelines.jobs import run_job
-from pipelines.ray_cluster import ClusterConfig, in_submitted_job, init_ray
+from pipelines.ray_cluster import in_submitted_job, init_ray
 
 
 @dataclass

@@ -46,9 +46,9 @@ def validate(config: DistillConfig) -> None:
 
 
 def resolve_syncnet(config: DistillConfig, scratch: str) -> None:
-    """Turn `models:/syncnet@champion` into a file the workers can read (they have no MLflow)."""
-    if config.dmd.syncnet.startswith("models:/"):
-        config.dmd.syncnet = tracking.fetch_registered(config.dmd.syncnet, scratch)
+    """Turn `models:/syncnet@champion` into a location the workers can read (they have no MLflow)."""
+    if config.dmd.syncnet:
+        config.dmd.syncnet = tracking.resolve_model(config.dmd.syncnet, scratch, "dmd.syncnet")[0]
 
 
 def run_stage(stage_class, config: DistillConfig, trainer: TrainerConfig, name: str, parent_id: str) -> None:
@@ -85,10 +85,9 @@ def distill(config: DistillConfig) -> int:
                     pass
                 continue
             if stage == "teacher":
-                if config.teacher.base_steps > 0:
-                    base = TrainerConfig(**{**config.teacher.base.__dict__, "steps": config.teacher.base_steps})
+                if config.teacher.base.steps > 0:
                     mlflow.log_param("teacher.base_init", "random init, trained in full before LoRA (no pretrained base)")
-                    run_stage(TeacherBase, config, base, "teacher_base", parent_id)
+                    run_stage(TeacherBase, config, config.teacher.base, "teacher_base", parent_id)
                 run_stage(TeacherLora, config, config.teacher.train, "teacher", parent_id)
             elif stage == "student":
                 run_stage(StudentDiffusionForcing, config, config.student.train, "student", parent_id)

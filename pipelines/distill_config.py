@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lipforcing.config import ClusterConfig
 from lipforcing.data.windows import WindowConfig
 from lipforcing.models.config import ModelConfig, model_config
-from pipelines.ray_cluster import ClusterConfig
 from pipelines.trainer import TrainerConfig
 
 STAGES = ("teacher", "student", "dmd")
@@ -17,9 +17,8 @@ class TeacherConfig:
     """LoRA finetune of the bidirectional DiT on V2V inpainting (flow matching, audio dropout)."""
 
     weights: str = ""  # an existing merged teacher (Wan layout): the stage is skipped
-    # Full training from random init before the LoRA step: only for profiles with no pretrained
-    # base (tiny). 0 means the base comes from model.dit_weights.
-    base_steps: int = 0
+    # Full training from random init before the LoRA step, base.steps iterations: only for profiles
+    # with no pretrained base (tiny). 0 means the base comes from teacher_model.dit_weights.
     base: TrainerConfig = field(default_factory=lambda: TrainerConfig(steps=0, lr=1e-4))
     train: TrainerConfig = field(default_factory=lambda: TrainerConfig(steps=5000, lr=1e-5, warmup_steps=1000))
     audio_dropout: float = 0.1  # share of samples trained on the null condition (for CFG)

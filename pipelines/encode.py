@@ -22,14 +22,13 @@ import numpy as np
 import torch
 
 from lipforcing import storage
-from lipforcing.config import to_yaml
+from lipforcing.config import ClusterConfig, to_yaml
 from lipforcing.data.encode import LatentEncoder, to_records
 from lipforcing.data.shards import decode_clip, shard_urls
 from lipforcing.data.windows import WindowConfig, collate, cut_window
 from lipforcing.models.config import ModelConfig, model_config
 from lipforcing.models.text import text_embeddings
 from pipelines.jobs import run_job
-from pipelines.ray_cluster import ClusterConfig
 from pipelines.stages.common import TEXT_FILE
 
 

@@ -21,7 +21,6 @@ clip's audio) and an MLflow run `eval` tagged with the student's registered vers
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import resource
@@ -29,20 +28,19 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import Any
 
-import av
 import numpy as np
 import torch
 from torch import Tensor
 
-from data_jobs.weights import local_folder
+from data_jobs.media import encode_mp4, to_uint8
 from lipforcing import storage
-from lipforcing.config import ConfigError, to_yaml
+from lipforcing.config import ClusterConfig, ConfigError, to_yaml
+from lipforcing.data import FPS, SAMPLE_RATE
 from lipforcing.data.encode import LatentEncoder
 from lipforcing.data.shards import Clip, Reader, decode_clip, epoch_samples, shard_urls
-from lipforcing.data.windows import FPS, WindowConfig, lower_face_mask, resize_frames
+from lipforcing.data.windows import WindowConfig, lower_face_mask, resize_frames
 from lipforcing.inference.streaming import StreamChunk, stream_generate
 from lipforcing.metrics.csim import IdentityEmbedder, csim
 from lipforcing.metrics.fid import (
@@ -58,10 +56,8 @@ from lipforcing.models import build_student, build_tae
 from lipforcing.models.config import ModelConfig, model_config
 from lipforcing.models.syncnet import SyncModel, SyncNetConfig, load_syncnet, score_clip
 from pipelines.jobs import run_job
-from pipelines.ray_cluster import ClusterConfig
 
 TINY_WARNING = "tiny profile, random-init models: not a quality result"
-SAMPLE_RATE = 16_000
 FEATURE_BATCH = 32  # frames per call of the FID feature network
 
 
@@ -141,11 +137,6 @@ def prepare_clip(clip: Clip, size: int, min_frames: int, max_frames: int = 0) ->
     return EvalClip(clip.key, resize_frames(clip.frames[:frames], size), audio)
 
 
-def to_uint8(frames: Tensor) -> Tensor:
-    """[T, 3, H, W] in [0, 1] -> [T, H, W, 3] uint8 (what SyncNet and the video encoder read)."""
-    return (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-
-
 class Evaluator:
     """The models of one eval, built once: encoder, student, stream decoder, optional SyncNet."""
 
@@ -162,7 +153,8 @@ class Evaluator:
             self.syncnet = load_syncnet(SyncNetConfig(weights=syncnet_path), key="syncnet_weights").to(device)
         self.identity: IdentityEmbedder | None = None
         if config.csim_model_pack:
-            pack = local_folder(config.csim_model_pack, "csim_model_pack")
+            storage.require(config.csim_model_pack, "csim_model_pack")
+            pack = storage.cached(config.csim_model_pack)
             self.identity = IdentityEmbedder(pack, "csim_model_pack")
         self.first_chunk_frames = 4 * config.model.chunk_frames - 3
         mouth = 1 - lower_face_mask(config.window.size, config.window.mask_box)[0, 0]
@@ -251,36 +243,6 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def encode_sample(
-    frames: np.ndarray, audio: np.ndarray, fps: int = FPS, sample_rate: int = SAMPLE_RATE
-) -> bytes:
-    """H.264 + AAC mp4 of RGB frames [T, H, W, 3] with their mono audio: a lip-sync sample needs sound."""
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mp4") as container:
-        video = container.add_stream("libx264", rate=Fraction(fps))
-        video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        video.options = {"crf": "18", "preset": "veryfast"}
-        sound = container.add_stream("aac", rate=sample_rate)
-        sound.layout = "mono"
-        for frame in frames:
-            container.mux(video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(video.encode())
-        pcm = av.AudioFrame.from_ndarray(audio.astype(np.float32)[None], format="flt", layout="mono")
-        pcm.sample_rate = sample_rate
-        container.mux(sound.encode(pcm))
-        container.mux(sound.encode())
-    return buffer.getvalue()
-
-
-def resolve_weights(uri: str, scratch: str) -> tuple[str, str]:
-    """A readable path for a registered model or a path/URL, and its version ('' when not registered)."""
-    from pipelines import tracking
-
-    if not uri.startswith("models:/"):
-        return uri, ""  # a path/URL, or "" for none
-    return tracking.fetch_registered(uri, tempfile.mkdtemp(dir=scratch)), str(tracking.registered_version(uri).version)
 
 
 def feature_networks(
@@ -469,8 +431,10 @@ def run_eval(config: EvalConfig, scratch: str) -> int:
     with tracking.start_run(
         "eval", config=config, tags={"job": "eval", "student": config.student_weights}
     ) as run:
-        student_path, student_version = resolve_weights(config.student_weights, scratch)
-        syncnet_path, syncnet_version = resolve_weights(config.syncnet_weights, scratch)
+        student_path, student_version = tracking.resolve_model(config.student_weights, scratch, "student_weights")
+        syncnet_path, syncnet_version = (
+            tracking.resolve_model(config.syncnet_weights, scratch, "syncnet_weights") if config.syncnet_weights else ("", "")
+        )
         mlflow.set_tags(
             {
                 "student_version": student_version or "unregistered",
@@ -505,7 +469,7 @@ def run_eval(config: EvalConfig, scratch: str) -> int:
             if len(rows) < config.samples:
                 side_by_side = to_uint8(torch.cat([clip.video, generated], dim=-1)).numpy()
                 with open(os.path.join(folder, "samples", f"{clip.key}.mp4"), "wb") as handle:
-                    handle.write(encode_sample(side_by_side, clip.audio.numpy()))
+                    handle.write(encode_mp4(side_by_side, FPS, crf=18, audio=clip.audio.numpy(), sample_rate=SAMPLE_RATE))
             tracking.log_metrics({f"clip/{k}": v for k, v in row.items() if k != "key"}, step=len(rows))
             print(f"[eval] {clip.key}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "key"))
             rows.append(row)

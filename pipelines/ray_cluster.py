@@ -14,7 +14,6 @@ import shlex
 import sys
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -53,12 +52,6 @@ FORWARDED_SECRETS = (
 SUBMITTED_FLAG = "LIPFORCING_SUBMITTED"
 
 
-@dataclass
-class ClusterConfig:
-    """How a job reaches a Ray cluster when RAY_ADDRESS is set (ignored for the local Ray)."""
-
-    # Forward AWS/MLflow credentials from this shell into the submitted job's runtime env.
-    forward_credentials: bool = False
 UPLOAD_EXCLUDES = [".venv/", ".git/", "outputs/", "**/__pycache__/", ".pytest_cache/", ".ruff_cache/"]
 
 

@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from lipforcing import storage
-from lipforcing.config import to_yaml
+from lipforcing.config import ClusterConfig, to_yaml
+from lipforcing.data import FPS
 from lipforcing.data.shards import Clip, decode_clip, shard_urls, stream_samples, worker_reader
 from lipforcing.models.syncnet import StableSyncNet, SyncNetConfig, save_syncnet, score_clip
 from pipelines.jobs import run_job
-from pipelines.ray_cluster import ClusterConfig
 from pipelines.trainer import Stage, TrainerConfig, fit
 
 REGISTERED_NAME = "syncnet"
@@ -140,7 +140,7 @@ def validate(model: StableSyncNet, config: SyncNetJobConfig) -> dict[str, float]
             video, sound, label = (torch.stack([torch.as_tensor(p[k]) for p in pairs]) for k in range(3))
             correct += int(((model.sync_logits(video, sound) > 0).float() == label).sum())
             total += len(pairs)
-        frame_samples = clip.sample_rate // 25
+        frame_samples = clip.sample_rate // FPS
         for shift in SHIFTS_TESTED:
             shifted = np.roll(clip.audio, shift * frame_samples)  # audio delayed by `shift` frames
             found = score_clip(model, torch.from_numpy(clip.frames), shifted).offset

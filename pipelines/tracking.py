@@ -126,7 +126,24 @@ def registered_version(uri: str):
     return client.get_model_version(*reference.rsplit("/", 1))
 
 
-def fetch_registered(uri: str, destination: str | Path) -> str:
-    """Download the files behind a registered-model URI; returns the local path."""
-    source = registered_version(uri).source
-    return mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(destination))
+def resolve_model(uri: str, destination: str | Path, key: str = "weights") -> tuple[str, str]:
+    """(a location the caller can read, the registered version or ''), for a path or URL (returned as
+    it is) or a registered model (`models:/name@alias`, `models:/name/version`). A registered model
+    stored on a filesystem or object store is read in place; one behind the tracking server's artifact
+    proxy is downloaded into `destination`. A missing model raises FileNotFoundError naming `key`."""
+    from lipforcing import storage
+
+    if not uri.startswith("models:/"):
+        if not uri or not storage.exists(uri):
+            raise FileNotFoundError(f"no weights at {uri!r} (config key '{key}')")
+        return uri, ""
+    try:
+        version = registered_version(uri)
+    except mlflow.exceptions.MlflowException as err:
+        raise FileNotFoundError(f"{uri} is not in the MLflow registry (config key '{key}'): {err.message}") from None
+    source = version.source
+    if source.startswith("file://"):
+        return source.removeprefix("file://"), str(version.version)
+    if "://" in source and source.split("://", 1)[0] in ("s3", "gs", "gcs", "az", "abfs"):
+        return source, str(version.version)
+    return mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(destination)), str(version.version)

@@ -188,7 +188,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     engines: dict[str, Any] = {}
     for name, module in stage.networks().items():
         if trainer_config.activation_checkpointing:
-            _checkpoint_blocks(module)
+            checkpoint_blocks(module)
         ds_config = deepspeed_config(trainer_config, world, stage.learning_rate(name), stage.gradient_clipping(name))
         engine, *_ = deepspeed.initialize(
             model=module.to(device),
@@ -298,7 +298,7 @@ def _device(config: TrainerConfig, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _checkpoint_blocks(module: torch.nn.Module) -> None:
+def checkpoint_blocks(module: torch.nn.Module) -> None:
     """Recompute each transformer block in backward instead of keeping its activations."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 

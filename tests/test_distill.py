@@ -31,7 +31,7 @@ def distilled(sample_shards, trained_syncnet, tmp_path_factory):
         DistillConfig,
         [
             f"data={sample_shards}", f"output={output}",
-            "teacher.base_steps=4", "teacher.base.checkpoint_every=2",
+            "teacher.base.steps=4", "teacher.base.checkpoint_every=2",
             "teacher.train.steps=3", "teacher.train.checkpoint_every=3",
             "student.train.steps=3", "student.train.checkpoint_every=3", "student.train.sample_every=2",
             "dmd.train.steps=6", "dmd.train.checkpoint_every=3", "dmd.student_every=5",
@@ -111,7 +111,7 @@ def test_zero3_every_stage_exports_whole_weights(distilled, tmp_path):
     zero3 = resolve_config(
         DistillConfig,
         [
-            f"data={config.data}", f"output={tmp_path}", "run_name=zero3", "teacher.base_steps=0",
+            f"data={config.data}", f"output={tmp_path}", "run_name=zero3", "teacher.base.steps=0",
             "teacher.train.zero_stage=3", "teacher.train.steps=2", "teacher.train.checkpoint_every=2",
             "teacher.train.sample_every=1",
             "student.train.zero_stage=3", "student.train.steps=2", "student.train.checkpoint_every=2",

@@ -154,7 +154,7 @@ def test_a_smaller_student_needs_its_own_base(tmp_path):
     from pipelines.stages.common import DiffusionStage
 
     config = resolve_config(DistillConfig, ["profile=1.3b"])
-    stage = SimpleNamespace(context=SimpleNamespace(config=config), scratch=str(tmp_path))
+    stage = SimpleNamespace(context=SimpleNamespace(config=config))
     with pytest.raises(ConfigError, match="model.dit_weights"):
         DiffusionStage.student_base(stage)
     config.model.dit_weights = str(tmp_path / "wan2.1-t2v-1.3b.safetensors")

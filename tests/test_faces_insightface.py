@@ -12,7 +12,6 @@ import os
 import numpy as np
 import pytest
 
-from data_jobs import weights
 from data_jobs.config import FacesConfig
 from data_jobs.faces import Faces, InsightFaceBackend
 from data_jobs.media import MediaInfo, encode_mp4
@@ -51,7 +50,7 @@ def upload_pack(pack: str, bucket: str) -> str:
 
 @pytest.mark.integration
 def test_model_pack_loads_from_s3(pack, s3_bucket, tmp_path, monkeypatch):
-    monkeypatch.setattr(weights, "CACHE", str(tmp_path / "cache"))  # really download, not a stale copy
+    monkeypatch.setattr(storage, "CACHE", str(tmp_path / "cache"))  # really download, not a stale copy
     url = upload_pack(pack, s3_bucket)
     assert_planted(InsightFaceBackend(url).detect(np.zeros((720, 1280, 3), np.uint8)), scale=2.0)
 
@@ -72,13 +71,13 @@ class RacingDownload:
 
 @pytest.mark.integration
 def test_a_pack_another_worker_downloaded_first_is_used(pack, s3_bucket, tmp_path, monkeypatch):
-    monkeypatch.setattr(weights, "CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(storage, "CACHE", str(tmp_path / "cache"))
     url = upload_pack(pack, s3_bucket)
     real = storage.filesystem
     monkeypatch.setattr(storage, "filesystem", lambda u: (RacingDownload(real(u)[0]), real(u)[1]))
-    folder = weights.local_folder(url, "faces.model_pack")
+    folder = storage.cached(url)
     assert sorted(os.listdir(folder)) == list(PACK_FILES)
-    assert os.listdir(tmp_path / "cache") == [os.path.basename(folder)]  # our partial copy is gone
+    assert os.listdir(os.path.dirname(folder)) == ["buffalo_l"]  # our partial copy is gone
 
 
 def faces_sample(folder, frames: int = 12, width: int = 960, height: int = 540) -> Sample:

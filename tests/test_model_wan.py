@@ -102,10 +102,17 @@ def test_matches_diffusers_wan_transformer(tmp_path) -> None:
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+def test_activation_checkpointing_gives_the_same_gradients() -> None:
+    """The trainer's `train.activation_checkpointing` wraps every block; gradients must not change."""
+    from pipelines.trainer import checkpoint_blocks
+
     grads = []
     for ckpt in (False, True):
-        model = build_student(model_config("tiny", gradient_checkpointing=ckpt))
+        model = build_student(model_config("tiny"))
+        if ckpt:
+            checkpoint_blocks(model)
+            wrapped = [m for m in model.modules() if type(m).__name__ == "CheckpointWrapper"]
+            assert len(wrapped) == model.cfg.num_layers
         cond = random_condition(model.cfg, 1, 6, 4, 4, torch.Generator().manual_seed(0))
         x = torch.randn(1, 16, 6, 4, 4, generator=torch.Generator().manual_seed(1))
         model(

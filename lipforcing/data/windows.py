@@ -18,9 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lipforcing.data import FPS
 from lipforcing.data.shards import Clip
-
-FPS = 25
 
 
 @dataclass

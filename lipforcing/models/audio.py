@@ -9,21 +9,19 @@ to the hidden states before blocks 2..L/2.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lipforcing import storage
 from lipforcing.models.config import ModelConfig, resolve_config
 from lipforcing.models.seeding import seeded
 
 if TYPE_CHECKING:
     from transformers import Wav2Vec2Model
 
-SAMPLE_RATE = 16_000
-VIDEO_FPS = 25
 
 
 class AudioEncoder(nn.Module):
@@ -55,16 +53,16 @@ class AudioEncoder(nn.Module):
 
 
 def build_audio_encoder(profile: str | ModelConfig = "tiny", path: str | None = None) -> AudioEncoder:
-    """wav2vec2-base-960h from a local folder (`path`, else cfg.audio_encoder_weights), or with no
+    """wav2vec2-base-960h from a folder, local or a URL (`path`, else cfg.audio_encoder_weights), or with no
     path a tiny random wav2vec2 of the same code."""
     from transformers import Wav2Vec2Config, Wav2Vec2Model  # heavy: only when an encoder is wanted
 
     cfg = resolve_config(profile)
     path = cfg.audio_encoder_weights if path is None else path
     if path:
-        if not Path(path).exists():
+        if not storage.exists(path):
             raise FileNotFoundError(f"audio encoder weights not found: {path} (model.audio_encoder_weights)")
-        wav2vec = Wav2Vec2Model.from_pretrained(path, local_files_only=True)
+        wav2vec = Wav2Vec2Model.from_pretrained(storage.cached(path), local_files_only=True)
     else:
         with seeded(cfg.seed):
             wav2vec = Wav2Vec2Model(

@@ -36,7 +36,6 @@ class ModelConfig:
     eps: float = 1e-6
     rope_theta: float = 10000.0
     timestep_scale: float = 1000.0  # the DiT sees t * 1000, like Wan's scheduler timesteps
-    gradient_checkpointing: bool = False  # recompute each block in backward (training at 1.3B / 14B)
 
     # audio (wav2vec2 features -> Audio Pack -> per-block projections)
     audio_encoder_hidden: int = 32  # wav2vec2 hidden size (768 for wav2vec2-base-960h)

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from scipy.fft import dct
 
-SAMPLE_RATE = 16000
+from lipforcing.data import SAMPLE_RATE
+
 FEATURES_PER_SECOND = 100
 INT16_SCALE = 32768.0  # float audio in [-1, 1] -> the int16 sample values syncnet_python computes on
 

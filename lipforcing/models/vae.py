@@ -7,13 +7,12 @@ latents_std, which is the space the DiT works in. 81 frames -> 21 latent frames 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
 from torch import Tensor, nn
 
+from lipforcing import storage
 from lipforcing.models.config import ModelConfig, resolve_config
 from lipforcing.models.seeding import seeded
 
@@ -81,14 +80,14 @@ class VAEStreamDecoder:
 
 
 def build_vae(profile: str | ModelConfig = "tiny", path: str | None = None) -> WanVAE:
-    """The real Wan 2.1 VAE from a local diffusers folder (config.json + weights; `path`, else
+    """The real Wan 2.1 VAE from a diffusers folder (config.json + weights; local or a URL; `path`, else
     cfg.vae_weights), or with no path a tiny random one of the profile's widths."""
     cfg = resolve_config(profile)
     path = cfg.vae_weights if path is None else path
     if path:
-        if not Path(path).exists():
+        if not storage.exists(path):
             raise FileNotFoundError(f"VAE weights not found: {path} (model.vae_weights)")
-        return WanVAE(AutoencoderKLWan.from_pretrained(path, local_files_only=True).eval())
+        return WanVAE(AutoencoderKLWan.from_pretrained(storage.cached(path), local_files_only=True).eval())
     with seeded(cfg.seed):
         vae = AutoencoderKLWan(
             base_dim=cfg.vae_base_dim, z_dim=cfg.latent_channels, num_res_blocks=cfg.vae_num_res_blocks

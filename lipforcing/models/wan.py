@@ -12,7 +12,6 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from lipforcing.models.attention import Rope3D, apply_rope, attention
 from lipforcing.models.audio import AudioPack
@@ -210,10 +209,7 @@ class WanModel(nn.Module):
             if i in audio_blocks:
                 tokens = tokens + self.audio_cond_projs[audio_blocks[i]](audio).unsqueeze(2)
             args = (tokens, e6, context, rope_q, rope_k, attn_mask, None if past is None else past[i])
-            if self.cfg.gradient_checkpointing and torch.is_grad_enabled():
-                tokens, kv = checkpoint(block, *args, use_reentrant=False)
-            else:
-                tokens, kv = block(*args)
+            tokens, kv = block(*args)
             if keep_kv:
                 new_kv.append(kv)
         return self.unpatchify(self.head(tokens, e), (f, h, w)).to(x.dtype), new_kv

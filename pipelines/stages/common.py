@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 
 import torch
 from safetensors.torch import save_file
 
 from lipforcing import storage
+from lipforcing.data import FPS, SAMPLE_RATE
 from lipforcing.data.encode import EncodedBatch, LatentEncoder, from_records
 from lipforcing.data.shards import decode_clip, shard_urls, stream_samples, worker_reader
 from lipforcing.data.windows import collate, lower_face_mask, windows
@@ -25,15 +25,6 @@ TEXT_FILE = "text.pt"  # written by `make encode` beside the latent shards
 def stage_weights(output: str, stage: str) -> str:
     """Where a stage's merged (Wan-layout) weights are written: the next stage's starting point."""
     return storage.join(output, stage, WEIGHTS_FILE)
-
-
-def local_copy(url: str, directory: str) -> str:
-    """A local path for a weights URL (downloads object-store files; local paths pass through)."""
-    if storage.is_local(url):
-        return url.removeprefix("file://")
-    path = os.path.join(directory, os.path.basename(url))
-    storage.filesystem(url)[0].get_file(storage.filesystem(url)[1], path)
-    return path
 
 
 class WindowStream(torch.utils.data.IterableDataset):
@@ -79,10 +70,8 @@ class DiffusionStage(Stage):
     def __init__(self, context):
         super().__init__(context)
         config = context.config
-        self._scratch = tempfile.TemporaryDirectory(prefix=f"lipforcing-{self.name}-")  # removed with the stage
         self._preview: tuple | None = None  # the condition every sample video is rendered from
         self.tae: torch.nn.Module | None = None  # decodes sample videos; built on first use
-        self.scratch = self._scratch.name
         if config.latents:
             texts = torch.load(io.BytesIO(storage.read_bytes(storage.join(config.latents, TEXT_FILE))), weights_only=True)
             self.text = texts["text"].to(context.device)
@@ -113,7 +102,7 @@ class DiffusionStage(Stage):
         """Local path of an earlier stage's output (or the configured teacher)."""
         config = self.context.config
         url = config.teacher.weights if stage == "teacher" and config.teacher.weights else stage_weights(config.output, stage)
-        return local_copy(url, self.scratch)
+        return storage.cached(url)
 
     def student_base(self) -> str | None:
         """Where the student and the fake score start: the teacher when sizes match, else None, the
@@ -149,8 +138,8 @@ class DiffusionStage(Stage):
         """
         if self.context.rank != 0:
             return
+        from data_jobs.media import encode_mp4, to_uint8
         from lipforcing.models import build_tae
-        from pipelines.evaluate import encode_sample, to_uint8
 
         if self._preview is None:
             encoded = self.encode(next(self.batches(loader_workers=0)))
@@ -163,7 +152,7 @@ class DiffusionStage(Stage):
         if self.tae is None:
             self.tae = build_tae(self.context.config.model).to(self.context.device).eval()
         frames = self.tae.decode(latents.float())
-        video = encode_sample(to_uint8(frames[0].cpu()).numpy(), audio)
+        video = encode_mp4(to_uint8(frames[0].cpu()).numpy(), FPS, crf=18, audio=audio, sample_rate=SAMPLE_RATE)
         os.makedirs(os.path.join(output_dir, "samples"), exist_ok=True)
         with open(os.path.join(output_dir, "samples", f"{tag}.mp4"), "wb") as handle:
             handle.write(video)

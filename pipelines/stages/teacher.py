@@ -81,5 +81,5 @@ class TeacherLora(TeacherBase):
 
     def build(self) -> torch.nn.Module:
         config = self.context.config
-        base = self.weights("teacher_base") if config.teacher.base_steps > 0 else None
+        base = self.weights("teacher_base") if config.teacher.base.steps > 0 else None
         return self.adapt(build_teacher(config.teacher_model, device="cpu", weights=base))
