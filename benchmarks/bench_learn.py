@@ -120,10 +120,14 @@ def plot(curves: dict[str, dict[str, list[tuple[int, float]]]], path: Path) -> N
     figure, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3.2))
     for axis, stage in zip(axes, stages):
         for key, points in curves[stage].items():
+            points = [(step, value) for step, value in points if value > 0]  # log scale
             if not points:
                 continue
             steps, values = zip(*points)
-            axis.plot(steps, values, label=key, linewidth=1)
+            line = axis.plot(steps, values, linewidth=0.6, alpha=0.35)[0]
+            width = max(1, len(values) // 30)  # a running mean over ~3 % of the run
+            smooth = [sum(values[max(0, i - width + 1) : i + 1]) / len(values[max(0, i - width + 1) : i + 1]) for i in range(len(values))]
+            axis.plot(steps, smooth, color=line.get_color(), linewidth=1.5, label=f"{key} (running mean)")
         axis.set_title(stage)
         axis.set_xlabel("iteration")
         axis.set_yscale("log")

@@ -1,4 +1,4 @@
-"""Stage 5: warp every frame so the smoothed landmarks land on a canonical 5-point template.
+"""Transform 5: warp every frame so the smoothed landmarks land on a canonical 5-point template.
 
 The per-frame 2x3 affine (source pixels -> crop pixels) is kept with the sample: inference pastes
 generated crops back into the original frames with its inverse.
@@ -11,7 +11,7 @@ import numpy as np
 
 from data_jobs.config import AlignConfig
 from data_jobs.media import VideoFrames
-from data_jobs.pipeline import Sample, Stage, chunked
+from data_jobs.pipeline import Sample, Transform, chunked
 
 # InsightFace's ArcFace template (112x112 crop), normalised to [0, 1]: left eye, right eye, nose tip,
 # left and right mouth corners.
@@ -52,7 +52,7 @@ def apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     return points @ matrix[:, :2].T + matrix[:, 2]
 
 
-class Align(Stage):
+class Align(Transform):
     name = "align"
 
     def __init__(self, config: AlignConfig):

@@ -9,6 +9,7 @@ runs that differ only there share a config hash.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from lipforcing.config import ClusterConfig
 from lipforcing.data import FPS, SAMPLE_RATE
@@ -36,7 +37,7 @@ class IngestConfig:
 
 @dataclass
 class FacesConfig:
-    backend: str = field(default="dlib", metadata={"choices": ("dlib", "insightface")})
+    backend: Literal["dlib", "insightface"] = "dlib"
     # InsightFace model-pack folder (e.g. .../buffalo_l), local or s3://; required for insightface.
     model_pack: str = ""
     # Detection runs on a copy whose longer side is at most this many pixels.
@@ -59,12 +60,12 @@ class FacesConfig:
 class AlignConfig:
     size: int = 512
     # "loose": the ArcFace 5-point layout shrunk so forehead and chin fit; "arcface": the tight one.
-    template: str = field(default="loose", metadata={"choices": ("loose", "arcface")})
+    template: Literal["loose", "arcface"] = "loose"
 
 
 @dataclass
 class IqaConfig:
-    backend: str = field(default="sharpness", metadata={"choices": ("sharpness", "hyperiqa")})
+    backend: Literal["sharpness", "hyperiqa"] = "sharpness"
     # HyperIQA KonIQ checkpoint (koniq_pretrained.pkl), local or s3://; required for hyperiqa.
     weights: str = ""
     threshold: float = 40.0

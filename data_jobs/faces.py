@@ -1,4 +1,4 @@
-"""Stage 4: one face per segment, tracked with 5 landmarks per frame, smoothed over time.
+"""Transform 4: one face per segment, tracked with 5 landmarks per frame, smoothed over time.
 
 The detector runs every `stride` frames on a copy downscaled to `detect_size`; in between, the
 face box is interpolated and (dlib) the landmark predictor refines it on every frame, or
@@ -27,7 +27,7 @@ from scipy.ndimage import gaussian_filter1d
 
 from data_jobs.config import FacesConfig
 from data_jobs.media import VideoFrames
-from data_jobs.pipeline import Sample, Stage, chunked
+from data_jobs.pipeline import Sample, Transform, chunked
 from lipforcing import storage
 
 CHUNK_FRAMES = 64
@@ -129,7 +129,7 @@ def smooth_landmarks(landmarks: np.ndarray, sigma: float) -> np.ndarray:
     return gaussian_filter1d(landmarks, sigma, axis=0, mode="nearest") if sigma > 0 else landmarks
 
 
-class Faces(Stage):
+class Faces(Transform):
     name = "faces"
 
     def __init__(self, config: FacesConfig):

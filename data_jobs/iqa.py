@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 
 from data_jobs.config import IqaConfig
-from data_jobs.pipeline import Sample, Stage
+from data_jobs.pipeline import Sample, Transform
 
 ANALYSIS_SIZE = 256
 SHARPNESS_SCALE = 23.0
@@ -55,7 +55,7 @@ def iqa_scorer(backend: str, weights: str = ""):
     return HyperIQAScorer(weights) if backend == "hyperiqa" else sharpness_score
 
 
-class Iqa(Stage):
+class Iqa(Transform):
     name = "iqa"
 
     def __init__(self, config: IqaConfig):

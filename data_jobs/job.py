@@ -7,15 +7,17 @@ segment's first frame. So a rerun (after a crash, a kill or on purpose) runs exa
 without a matching commit marker, rewrites the same shard names with the same keys, and rebuilds
 the Parquet tables from the markers: no duplicates, no partial shards left visible.
 
-Stage order (a list, so the SyncNet `score` stage slots in after `iqa`):
+Ingest transforms, in order:
   per input:    probe -> resample -> shots
-  per segment:  faces -> align -> iqa -> [score] -> encode -> shard writer
+  per segment:  faces -> align -> iqa -> encode -> shard writer
+The SyncNet score pass (`score.py`) runs after ingest, over its committed shards.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import time
 from collections import Counter
@@ -28,7 +30,7 @@ from data_jobs.faces import Faces
 from data_jobs.inputs import InputItem, list_inputs
 from data_jobs.iqa import Iqa
 from data_jobs.manifest import MANIFEST_SCHEMA, REJECTS_SCHEMA, manifest_row, reject_row, write_table
-from data_jobs.pipeline import Sample, Stage, run_stages
+from data_jobs.pipeline import Sample, Transform, run_stages
 from data_jobs.probe import Probe
 from data_jobs.resample import Resample
 from data_jobs.shots import Shots
@@ -36,17 +38,19 @@ from data_jobs.writer import Encode, ShardWriter
 from lipforcing import storage
 from lipforcing.config import ConfigError, config_hash, to_yaml
 
+log = logging.getLogger("lipforcing.data")
+
 
 def data_config_hash(config: DataJobConfig) -> str:
     """Hash of what shapes the data (not where it goes or how many workers make it)."""
     return config_hash(config, exclude=HASH_EXCLUDE)
 
 
-def input_stages(config: DataJobConfig) -> list[Stage]:
+def input_stages(config: DataJobConfig) -> list[Transform]:
     return [Probe(), Resample(config.ingest), Shots(config.ingest)]
 
 
-def segment_stages(config: DataJobConfig, digest: str) -> list[Stage]:
+def segment_stages(config: DataJobConfig, digest: str) -> list[Transform]:
     return [Faces(config.faces), Align(config.align), Iqa(config.iqa), Encode(config.write, digest)]
 
 
@@ -224,7 +228,7 @@ def run_data_job(config: DataJobConfig) -> JobSummary:
     storage.makedirs(layout.stats)
     storage.write_text(layout.file("config.yaml"), to_yaml(config))
     pending = [i for i in range(len(tasks)) if i not in committed]
-    print(f"data job {digest}: {len(tasks)} tasks, {len(committed)} already committed, {len(pending)} to run")
+    log.info("data job %s: %d tasks, %d already committed, %d to run", digest, len(tasks), len(committed), len(pending))
     if pending:
         require_ray()
         _run_on_ray(ray, config, tasks, pending, digest)
@@ -256,7 +260,7 @@ def _prepare_input(config: DataJobConfig) -> None:
     if config.input == DEFAULT_INPUT and not storage.exists(DEFAULT_INPUT):
         from data_jobs.sample import generate_sample
 
-        print(f"generating the embedded sample under {DEFAULT_SAMPLE}")
+        log.info("generating the embedded sample under %s", DEFAULT_SAMPLE)
         generate_sample(DEFAULT_SAMPLE, seed=config.seed)
 
 

@@ -1,9 +1,9 @@
-"""What flows between ingest stages, and how a list of stages runs on it.
+"""What flows between ingest transforms, and how a list of them runs on it.
 
-Every stage is a small class whose `__call__(sample) -> sample` either fills in more of the
-sample or marks it failed with a reason (`sample.fail(...)`); it never raises for bad input.
+Every ingest stage is a small `Transform` whose `__call__(sample) -> sample` either fills in more of
+the sample or marks it failed with a reason (`sample.fail(...)`); it never raises for bad input.
 Input-level stages (probe, resample, shots) see one whole input file; the shots stage fans it out
-into segments, and segment-level stages (faces, align, iqa, [score], encode) see one segment each.
+into segments, and segment-level stages (faces, align, iqa, encode) see one segment each.
 An exception escaping a stage is still turned into a reject (reason `error`), so one odd file can
 never kill a shard.
 """
@@ -106,8 +106,9 @@ class Sample:
         )
 
 
-class Stage:
-    """Base of every ingest stage: a name (the `stage` column of rejects) and `__call__`."""
+class Transform:
+    """Base of every ingest stage: a name (the `stage` column of rejects) and `__call__`. (Not the
+    trainer's `Stage`, which is a training stage.)"""
 
     name = "stage"
 
@@ -115,7 +116,7 @@ class Stage:
         raise NotImplementedError
 
 
-def run_stages(sample: Sample, stages: Sequence[Stage], timings: dict[str, float]) -> Sample:
+def run_stages(sample: Sample, stages: Sequence[Transform], timings: dict[str, float]) -> Sample:
     """Apply stages in order until one fails; accumulate seconds spent per stage in `timings`."""
     for stage in stages:
         started = time.perf_counter()

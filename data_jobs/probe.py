@@ -1,14 +1,14 @@
-"""Stage 1: can this input become training data at all? (streams, duration, audio presence)."""
+"""Transform 1: can this input become training data at all? (streams, duration, audio presence)."""
 
 from __future__ import annotations
 
 import os
 
 from data_jobs.media import probe_media
-from data_jobs.pipeline import Sample, Stage
+from data_jobs.pipeline import Sample, Transform
 
 
-class Probe(Stage):
+class Probe(Transform):
     name = "probe"
 
     def __call__(self, sample: Sample) -> Sample:

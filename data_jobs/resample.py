@@ -1,4 +1,4 @@
-"""Stage 2: put every input on the same clock: a 25 fps constant-rate timeline and 16 kHz mono.
+"""Transform 2: put every input on the same clock: a 25 fps constant-rate timeline and 16 kHz mono.
 
 Video frames are not decoded here: the timeline is a map from output frame to the source frame
 on screen at that instant (frame-exact with VFR sources), and later stages decode only the frames
@@ -11,10 +11,10 @@ import math
 
 from data_jobs.config import IngestConfig
 from data_jobs.media import VideoFrames, read_audio
-from data_jobs.pipeline import Sample, Stage
+from data_jobs.pipeline import Sample, Transform
 
 
-class Resample(Stage):
+class Resample(Transform):
     name = "resample"
 
     def __init__(self, config: IngestConfig):

@@ -1,4 +1,4 @@
-"""Stage 3: shot boundaries (PySceneDetect's content detector on small frames), then 5-10 s
+"""Transform 3: shot boundaries (PySceneDetect's content detector on small frames), then 5-10 s
 segments inside each shot. Shots shorter than the minimum are dropped with a reason; long shots
 are cut into equal segments, as few as fit under the maximum.
 """
@@ -13,7 +13,7 @@ from scenedetect.common import FrameTimecode
 
 from data_jobs.config import IngestConfig
 from data_jobs.media import VideoFrames, cfr_indices
-from data_jobs.pipeline import Reject, Sample, Stage, chunked
+from data_jobs.pipeline import Reject, Sample, Transform, chunked
 
 CHUNK_FRAMES = 64
 
@@ -36,7 +36,7 @@ def split_shot(start: int, end: int, min_frames: int, max_frames: int) -> list[t
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-class Shots(Stage):
+class Shots(Transform):
     name = "shots"
 
     def __init__(self, config: IngestConfig):

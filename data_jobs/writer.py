@@ -1,4 +1,4 @@
-"""Stage 6 and the shard files: encode a segment into its WebDataset members, then pack members
+"""Transform 6 and the shard files: encode a segment into its WebDataset members, then pack members
 into size-capped tar shards on any fsspec URL.
 
 A sample is `<key>.mp4` (H.264 aligned crops, 25 fps), `<key>.wav` (16 kHz mono PCM),
@@ -22,7 +22,7 @@ import numpy as np
 
 from data_jobs.config import WriteConfig
 from data_jobs.media import encode_mp4, encode_wav
-from data_jobs.pipeline import Sample, Stage
+from data_jobs.pipeline import Sample, Transform
 from lipforcing import storage
 
 
@@ -52,7 +52,7 @@ def sample_metadata(sample: Sample, config_hash: str) -> dict[str, Any]:
     }
 
 
-class Encode(Stage):
+class Encode(Transform):
     """Turn the aligned frames, audio slice and affines into the sample's four members."""
 
     name = "encode"

@@ -2,17 +2,21 @@
 
 Every job has one root dataclass (its schema). `load_config` starts from the schema's defaults,
 merges YAML files in order, then `key=value` overrides, and returns a validated instance. An
-unknown key, a value of the wrong type or a value outside a field's `choices` raises `ConfigError`
-before any work starts, naming the key and what is allowed.
+unknown key, a value of the wrong type or a value outside a field's allowed set raises
+`ConfigError` before any work starts, naming the key and what is allowed.
 
-Fields may declare allowed values with `field(default=..., metadata={"choices": (...)})`.
+Fields declare allowed values with their type, `Literal["a", "b"]`. OmegaConf cannot hold Literal
+fields, so it merges a twin of the schema whose Literal fields are plain `str` / `int`; the result
+is turned back into the schema's own classes and every Literal is checked.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +54,7 @@ def load_config(
     `lenient_files` (profiles shared by several jobs) may hold sections this schema lacks; those
     are dropped. Keys in `files` and `overrides` must all exist in the schema.
     """
-    base = OmegaConf.structured(schema)
+    base = OmegaConf.structured(_twin_instance(schema) if not isinstance(schema, type) else _twin(schema))
     for source in lenient_files:
         base = _merge(base, _keep_known(_as_dict(source), base), _describe(source))
     for source in files:
@@ -61,9 +65,10 @@ def load_config(
         dotlist = [f"{item}''" if item.endswith("=") else item for item in overrides]
         base = _merge(base, OmegaConf.to_container(OmegaConf.from_dotlist(dotlist)), "overrides")
     try:
-        instance = OmegaConf.to_object(base)
+        merged = OmegaConf.to_object(base)
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err, base, "config")) from None
+    instance = _untwin(merged, schema if isinstance(schema, type) else type(schema))
     _check_choices(instance, prefix="")
     return instance
 
@@ -174,12 +179,58 @@ def _explain(err: OmegaConfBaseException, base: DictConfig, origin: str) -> str:
 
 
 def _check_choices(instance: Any, prefix: str) -> None:
+    hints = typing.get_type_hints(type(instance))
     for field in dataclasses.fields(instance):
         value = getattr(instance, field.name)
         dotted = f"{prefix}{field.name}"
-        choices = field.metadata.get("choices")
+        choices = _literal_choices(hints[field.name])
         if choices is not None and value not in choices:
             allowed = ", ".join(repr(c) for c in choices)
             raise ConfigError(f"config key '{dotted}' is {value!r}; allowed values: {allowed}")
         if dataclasses.is_dataclass(value):
             _check_choices(value, prefix=f"{dotted}.")
+
+
+def _literal_choices(annotation: Any) -> tuple | None:
+    return typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else None
+
+
+@functools.cache
+def _twin(cls: type) -> type:
+    """`cls` with every Literal field typed by its values' type and nested dataclasses twinned too,
+    defaults kept: the class OmegaConf merges."""
+    hints = typing.get_type_hints(cls)
+    specs = []
+    for field in dataclasses.fields(cls):
+        annotation = hints[field.name]
+        choices = _literal_choices(annotation)
+        if choices is not None:
+            annotation = type(choices[0])
+        elif dataclasses.is_dataclass(annotation):
+            annotation = _twin(annotation)
+        default: Any = dataclasses.MISSING
+        factory: Any = dataclasses.MISSING
+        if field.default_factory is not dataclasses.MISSING:
+            original = field.default_factory
+            factory = (lambda make=original: _twin_instance(make())) if dataclasses.is_dataclass(annotation) else original
+        else:
+            default = field.default
+        specs.append((field.name, annotation, dataclasses.field(default=default, default_factory=factory)))
+    return dataclasses.make_dataclass(cls.__name__, specs)
+
+
+def _twin_instance(instance: Any) -> Any:
+    """An instance of `_twin(type(instance))` with the same values."""
+    values = {f.name: getattr(instance, f.name) for f in dataclasses.fields(instance)}
+    converted = {k: _twin_instance(v) if dataclasses.is_dataclass(v) else v for k, v in values.items()}
+    return _twin(type(instance))(**converted)
+
+
+def _untwin(merged: Any, cls: type) -> Any:
+    """The merged twin instance as an instance of the schema's own class `cls`."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for field in dataclasses.fields(cls):
+        value = getattr(merged, field.name)
+        values[field.name] = _untwin(value, hints[field.name]) if dataclasses.is_dataclass(value) else value
+    return cls(**values)

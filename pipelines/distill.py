@@ -8,6 +8,7 @@ is skipped unless `force=true`. The DMD stage registers the student as `lipforci
 
 from __future__ import annotations
 
+import logging
 import sys
 import tempfile
 
@@ -23,6 +24,8 @@ from pipelines.stages.common import WEIGHTS_FILE, stage_weights
 from pipelines.trainer import TrainerConfig, fit
 
 TRAINED = ("teacher_base", "teacher", "student", "dmd")
+
+log = logging.getLogger("lipforcing.distill")
 
 
 def validate(config: DistillConfig) -> None:
@@ -77,10 +80,10 @@ def distill(config: DistillConfig) -> int:
         for stage in config.stages:
             done = storage.exists(stage_weights(config.output, stage))
             if stage == "teacher" and config.teacher.weights:
-                print(f"[distill] teacher: using {config.teacher.weights}")
+                log.info("teacher: using %s", config.teacher.weights)
                 continue
             if done and not config.force:
-                print(f"[distill] {stage}: output exists at {stage_weights(config.output, stage)}, skipped (force=true reruns)")
+                log.info("%s: output exists at %s, skipped (force=true reruns)", stage, stage_weights(config.output, stage))
                 with tracking.start_run(stage, parent_run_id=parent_id, tags={"stage": stage, "skipped": "true"}):
                     pass
                 continue
@@ -107,7 +110,7 @@ def register_student(config: DistillConfig, parent_id: str) -> None:
     )
     name, alias = config.dmd.registered_name, config.dmd.registered_alias
     version = tracking.register_artifact(name, runs[0].info.run_id, WEIGHTS_FILE, alias=alias)
-    print(f"[distill] registered models:/{name}@{alias} (version {version})")
+    log.info("registered models:/%s@%s (version %s)", name, alias, version)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from lipforcing.config import ClusterConfig
 from lipforcing.data.windows import WindowConfig
@@ -33,7 +34,7 @@ class StudentConfig:
     # so a third of the chunks are clean context, as the streaming cache always is.
     noise_levels: list[float] = field(default_factory=lambda: [0.999, 0.769, 0.0])
     # x0: 0.5 * MSE on the clean estimate (released); velocity: flow-matching MSE (our earlier variant)
-    loss: str = field(default="x0", metadata={"choices": ("x0", "velocity")})
+    loss: Literal["x0", "velocity"] = "x0"
 
 
 @dataclass
@@ -50,11 +51,11 @@ class DMDConfig:
     window_steps: list[int] = field(default_factory=lambda: [20, 40])  # teacher ODE steps that get CFG
     # Re-noising time: shifted_uniform (released Lip Forcing) shifts u ~ U[timestep_bounds];
     # index_range (Self Forcing) shifts an index uniform in timestep_range of 1000.
-    timestep_sampling: str = field(default="shifted_uniform", metadata={"choices": ("shifted_uniform", "index_range")})
+    timestep_sampling: Literal["shifted_uniform", "index_range"] = "shifted_uniform"
     timestep_bounds: list[float] = field(default_factory=lambda: [0.001, 0.999])
     timestep_range: list[int] = field(default_factory=lambda: [20, 980])
     reward_beta: float = 2.0
-    reward_weighting: str = field(default="per_sample", metadata={"choices": ("per_sample", "self_normalised")})
+    reward_weighting: Literal["per_sample", "self_normalised"] = "per_sample"
     # SyncNet for the reward: models:/name@alias, a path/URL, or "" to train without the reward
     syncnet: str = "models:/syncnet@champion"
     # EMA of the student, exported instead of the raw weights. Off as released; when on it starts at

@@ -12,6 +12,7 @@ the cache; without `latents` the stages encode on the fly.
 from __future__ import annotations
 
 import io
+import logging
 import random
 import sys
 import tarfile
@@ -30,6 +31,8 @@ from lipforcing.models.config import ModelConfig, model_config
 from lipforcing.models.text import text_embeddings
 from pipelines.jobs import run_job
 from pipelines.stages.common import TEXT_FILE
+
+log = logging.getLogger("lipforcing.encode")
 
 
 @dataclass
@@ -109,7 +112,7 @@ def encode(config: EncodeConfig) -> int:
     sources = shard_urls(config.data)
     done = {u.rsplit("/", 1)[-1] for u in storage.glob(storage.join(config.output, "shards", "*.tar"))}
     pending = [u for u in sources if u.rsplit("/", 1)[-1] not in done]
-    print(f"encode: {len(sources)} shards, {len(sources) - len(pending)} already encoded, {len(pending)} to encode")
+    log.info("encode: %d shards, %d already encoded, %d to encode", len(sources), len(sources) - len(pending), len(pending))
     storage.write_text(storage.join(config.output, "config.yaml"), to_yaml(config))
     text, negative = text_embeddings(config.model)
     buffer = io.BytesIO()
@@ -130,7 +133,7 @@ def encode(config: EncodeConfig) -> int:
         )
         .take_all()
     )
-    print(f"encode: wrote {sum(int(r['windows']) for r in results)} windows into {len(results)} latent shards")
+    log.info("encode: wrote %d windows into %d latent shards", sum(int(r["windows"]) for r in results), len(results))
     return 0
 
 

@@ -22,13 +22,14 @@ clip's audio) and an MLflow run `eval` tagged with the student's registered vers
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -60,6 +61,8 @@ from pipelines.jobs import run_job
 TINY_WARNING = "tiny profile, random-init models: not a quality result"
 FEATURE_BATCH = 32  # frames per call of the FID feature network
 
+log = logging.getLogger("lipforcing.eval")
+
 
 @dataclass
 class EvalConfig:
@@ -72,12 +75,12 @@ class EvalConfig:
     output: str = "outputs/eval"  # report.json, report.md, samples/, config.yaml
     clips: int = 8  # at most this many clips, in the seed's shard order
     max_frames: int = 0  # evaluate at most this many frames of each clip (0: the whole clip)
-    decoder: str = field(default="tae", metadata={"choices": ("tae", "vae")})  # streaming decoder
+    decoder: Literal["tae", "vae"] = "tae"  # streaming decoder
     samples: int = 2  # side-by-side sample videos written and logged
     fid_weights: str = ""  # TorchScript Inception-v3 (inception-2015-12-05.pt); "" skips FID
     fvd_weights: str = ""  # TorchScript I3D (i3d_torchscript.pt); "" skips FVD
     csim_model_pack: str = ""  # InsightFace model-pack folder (buffalo_l), local or s3://; "" skips CSIM
-    device: str = field(default="auto", metadata={"choices": ("auto", "cpu", "cuda")})
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0  # shard order and the student's sampling noise
     window: WindowConfig = field(default_factory=WindowConfig)  # size and mask_box are used
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -471,7 +474,7 @@ def run_eval(config: EvalConfig, scratch: str) -> int:
                 with open(os.path.join(folder, "samples", f"{clip.key}.mp4"), "wb") as handle:
                     handle.write(encode_mp4(side_by_side, FPS, crf=18, audio=clip.audio.numpy(), sample_rate=SAMPLE_RATE))
             tracking.log_metrics({f"clip/{k}": v for k, v in row.items() if k != "key"}, step=len(rows))
-            print(f"[eval] {clip.key}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "key"))
+            log.info("%s: %s", clip.key, ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "key"))
             rows.append(row)
         if not rows:
             raise RuntimeError(f"no clip in {config.data!r} could be evaluated: {skipped_clips}")
@@ -501,7 +504,7 @@ def run_eval(config: EvalConfig, scratch: str) -> int:
         }
         tracking.log_metrics({**report["mean"], **set_metrics})
         write_outputs(report, folder, config.output)
-    print(f"[eval] {len(rows)} clips; report at {storage.join(config.output, 'report.md')}")
+    log.info("%d clips; report at %s", len(rows), storage.join(config.output, "report.md"))
     return 0
 
 

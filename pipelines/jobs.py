@@ -10,6 +10,7 @@ the same argument list is what a cluster submission runs.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,6 +39,18 @@ def resolve_config(schema: type[T], argv: Sequence[str]) -> T:
     return load_config(defaults, files=files, overrides=overrides, lenient_files=[CONFIG_DIR / f"{profile}.yaml"])
 
 
+def configure_logging() -> None:
+    """Progress of every job goes through the `lipforcing` loggers to stdout, once per process
+    (errors of the command line itself are printed to stderr)."""
+    root = logging.getLogger("lipforcing")
+    if not any(getattr(h, "lipforcing", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+        handler.lipforcing = True
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+
+
 def run_job(
     module: str,
     schema: type[T],
@@ -48,6 +61,7 @@ def run_job(
     """Entry point of `python -m <module>`: validate (the schema, then the job's own `validate` of
     values that depend on each other), then submit to `RAY_ADDRESS` or run locally."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    configure_logging()
     try:
         config = resolve_config(schema, argv)
         if validate is not None:

@@ -9,8 +9,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shlex
+import socket
 import sys
 import time
 import uuid
@@ -51,6 +53,8 @@ FORWARDED_SECRETS = (
 )
 SUBMITTED_FLAG = "LIPFORCING_SUBMITTED"
 
+log = logging.getLogger("lipforcing.cluster")
+
 
 UPLOAD_EXCLUDES = [".venv/", ".git/", "outputs/", "**/__pycache__/", ".pytest_cache/", ".ruff_cache/"]
 
@@ -73,13 +77,25 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     for key, value in LOCAL_ENV.items():
         os.environ.setdefault(key, value)
+    # With the dashboard Ray serves its State API, which Ray Train's placement-group cleaner polls
+    # every few seconds: without it each poll fails ("Failed to query Ray Train Controller actor
+    # state", between every training step) and a crashed run's GPUs would never be released.
     ray.init(
         num_cpus=num_cpus or os.cpu_count(),
         _node_ip_address="127.0.0.1",
-        include_dashboard=False,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=_free_port(),
         logging_level="WARNING",
         configure_logging=True,
     )
+
+
+def _free_port() -> int:
+    """A port nobody listens on now (8265 may belong to another local Ray or a cluster's tunnel)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def submit_job(
@@ -106,14 +122,14 @@ def submit_job(
         submission_id=f"lipforcing-{module.rsplit('.', 1)[-1]}-{uuid.uuid4().hex[:8]}",
         runtime_env={"working_dir": str(REPO_ROOT), "excludes": UPLOAD_EXCLUDES, "env_vars": env_vars},
     )
-    print(f"submitted Ray job {job_id} to {address}", flush=True)
+    log.info("submitted Ray job %s to %s", job_id, address)
     if not wait:
         return 0
     asyncio.run(_stream_logs(client, job_id))
     terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
     while (status := client.get_job_status(job_id)) not in terminal:
         time.sleep(0.5)
-    print(f"Ray job {job_id}: {status.value}", flush=True)
+    log.info("Ray job %s: %s", job_id, status.value)
     return 0 if status == JobStatus.SUCCEEDED else 1
 
 

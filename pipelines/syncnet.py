@@ -10,6 +10,7 @@ The data job's sync filter, the DMD reward and the metrics read `models:/syncnet
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 import sys
 from collections.abc import Iterator
@@ -30,6 +31,8 @@ from pipelines.trainer import Stage, TrainerConfig, fit
 REGISTERED_NAME = "syncnet"
 ALIAS = "champion"
 SHIFTS_TESTED = (-8, -4, 0, 4, 8)  # frames; validation's planted offsets
+
+log = logging.getLogger("lipforcing.syncnet")
 
 
 @dataclass
@@ -93,7 +96,7 @@ class PairStream(torch.utils.data.IterableDataset):
                 yield torch.stack(video), torch.stack(sound), torch.tensor(label)
 
 
-class SyncNetStage(Stage):
+class SyncNetStage(Stage[SyncNetJobConfig]):
     name = "syncnet"
 
     def networks(self):
@@ -118,14 +121,14 @@ class SyncNetStage(Stage):
             return {}
         model: StableSyncNet = engines["syncnet"].module
         model.eval()
-        metrics = validate(model, self.context.config)
+        metrics = held_out_metrics(model, self.context.config)
         save_syncnet(model, storage.join(output_dir, "syncnet.pt"))
         save_syncnet(model, storage.join(self.context.config.output, "syncnet.pt"))
         return metrics
 
 
 @torch.no_grad()
-def validate(model: StableSyncNet, config: SyncNetJobConfig) -> dict[str, float]:
+def held_out_metrics(model: StableSyncNet, config: SyncNetJobConfig) -> dict[str, float]:
     """Pair accuracy and offset recovery on held-out clips (all clips when none is held out)."""
     from lipforcing.data.shards import Reader, epoch_samples
 
@@ -173,7 +176,7 @@ def main(config: SyncNetJobConfig) -> int:
         if result.error is not None:
             raise result.error
         version = tracking.register_artifact(REGISTERED_NAME, run.info.run_id, "syncnet.pt", alias=ALIAS)
-        print(f"registered models:/{REGISTERED_NAME}@{ALIAS} (version {version})")
+        log.info("registered models:/%s@%s (version %s)", REGISTERED_NAME, ALIAS, version)
     return 0
 
 

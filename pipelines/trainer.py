@@ -16,6 +16,7 @@ iterations, and the loop checks after every iteration that each engine stepped e
 from __future__ import annotations
 
 import abc
+import json
 import logging
 import math
 import os
@@ -23,7 +24,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import torch
 
@@ -43,12 +44,12 @@ class TrainerConfig:
     grad_accum: int = 1  # micro-batches per worker in one iteration
     lr: float = 1e-5
     warmup_steps: int = 0  # iterations of linear warmup from 0 to lr
-    schedule: str = field(default="constant", metadata={"choices": ("constant", "cosine", "linear")})
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 10.0
-    zero_stage: int = field(default=2, metadata={"choices": (0, 1, 2, 3)})
-    precision: str = field(default="fp32", metadata={"choices": ("fp32", "bf16")})
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["fp32", "bf16"] = "fp32"
     activation_checkpointing: bool = False
     num_workers: int = 2
     use_gpu: bool = False
@@ -61,15 +62,24 @@ class TrainerConfig:
     seed: int = 0
 
 
+class JobConfig(Protocol):
+    """What the trainer needs of a job's config: its seed (stages read their own sections)."""
+
+    seed: int
+
+
+ConfigT = TypeVar("ConfigT", bound=JobConfig)
+
+
 @dataclass
-class WorkerContext:
+class WorkerContext(Generic[ConfigT]):
     """What a stage sees of the distributed run it executes in."""
 
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
-    config: Any  # the whole job config (with a `seed`), so stages read their own section
+    config: ConfigT  # the whole job config, so stages read their own section
     trainer: TrainerConfig
     run_id: str | None
     tracking_uri: str | None
@@ -90,7 +100,7 @@ def stream_seed(seed: int, iteration: int, micro: int, rank: int) -> int:
     return ((seed * 1_000_003 + iteration) * 1_009 + micro) * 65_537 + rank + 1
 
 
-class Stage(abc.ABC):
+class Stage(abc.ABC, Generic[ConfigT]):
     """One training stage. Instances are built on every worker from the job config."""
 
     name: str = "stage"
@@ -98,7 +108,7 @@ class Stage(abc.ABC):
     # under ZeRO-3: at 14B a whole copy of every network would not fit on one GPU.
     whole_networks: tuple[str, ...] | None = None
 
-    def __init__(self, context: WorkerContext):
+    def __init__(self, context: WorkerContext[ConfigT]):
         self.context = context
 
     @abc.abstractmethod
@@ -308,6 +318,7 @@ def checkpoint_blocks(module: torch.nn.Module) -> None:
 
 
 CHECKPOINT_TAG = "state"
+PROGRESS_FILE = "progress.json"
 
 
 def _save_and_report(engines: dict[str, Any], stage: Stage, iteration: int, metrics: dict[str, float]) -> None:
@@ -318,6 +329,9 @@ def _save_and_report(engines: dict[str, Any], stage: Stage, iteration: int, metr
         for name, engine in engines.items():
             client_state = {"iteration": iteration, "stage": stage.state()} if name == next(iter(engines)) else {}
             engine.save_checkpoint(os.path.join(directory, name), tag=CHECKPOINT_TAG, client_state=client_state)
+        if stage.context.rank == 0:  # readable without unpickling anything: which iteration this is
+            with open(os.path.join(directory, PROGRESS_FILE), "w") as handle:
+                json.dump({"stage": stage.name, "iteration": iteration, "optimizer_steps": {n: e.global_steps for n, e in engines.items()}}, handle)
         checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report({"iteration": iteration, **metrics}, checkpoint=checkpoint)
 

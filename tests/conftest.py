@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,7 +81,7 @@ def s3_bucket(s3_server: str, request: pytest.FixtureRequest) -> str:
     """A fresh, empty bucket on the local S3 server; yields `s3://<bucket>`."""
     import boto3
 
-    name = "t-" + "".join(c for c in request.node.name.lower() if c.isalnum())[:40]
+    name = "t-" + "".join(c for c in request.node.name.lower() if c.isalnum())[:30] + "-" + uuid.uuid4().hex[:8]
     client = boto3.client("s3", endpoint_url=s3_server)
     client.create_bucket(Bucket=name)
     return f"s3://{name}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import pytest
 
@@ -14,7 +15,7 @@ from pipelines.jobs import resolve_config
 class Optim:
     lr: float = 1e-5
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    zero_stage: int = field(default=2, metadata={"choices": (0, 1, 2, 3)})
+    zero_stage: Literal[0, 1, 2, 3] = 2
 
 
 @dataclass

@@ -94,7 +94,6 @@ def test_sharpness_calibration_keeps_sharp_sample_frames_and_drops_the_blurred_c
     blurred_score = sharpness_score(render_frame(blurred, 1.0, 0.5, 0.0))
     assert min(sharp_scores) >= 40.0, sharp_scores
     assert blurred_score < 40.0
-    assert 0.0 <= blurred_score <= 100.0 and max(sharp_scores) <= 100.0
 
 
 def test_resnet50_has_torchvision_key_layout():

@@ -19,14 +19,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from data_jobs.media import encode_mp4, encode_wav
+from data_jobs.media import encode_mp4, encode_wav, to_uint8
 from lipforcing.config import ConfigError
+from lipforcing.data.shards import Reader, decode_clip, epoch_samples, shard_urls
 from lipforcing.metrics.fid import i3d_extractor, load_torchscript
 from lipforcing.models import build_student
 from lipforcing.models.config import model_config
-from lipforcing.models.syncnet import StableSyncNet, SyncNetConfig, save_syncnet
+from lipforcing.models.syncnet import StableSyncNet, SyncNetConfig, load_syncnet, save_syncnet, score_clip
 from pipelines import tracking
-from pipelines.evaluate import TINY_WARNING, EvalConfig, FeatureSets, evaluate, validate
+from pipelines.evaluate import TINY_WARNING, EvalConfig, FeatureSets, evaluate, prepare_clip, validate
 from pipelines.jobs import run_job
 from tests.insightface_pack import write_pack
 
@@ -125,12 +126,17 @@ def test_eval_end_to_end_on_a_tiny_student(workspace):
     frames = {row["key"]: row["frames"] for row in report["clips"]}
     assert frames == {"talk-a": 41, "talk-b": 33}
     assert [c["key"] for c in report["skipped_clips"]] == ["too-short"]
+    syncnet = load_syncnet(SyncNetConfig(weights=str(root / "syncnet.pt")))
+    sources = {s["__key__"]: decode_clip(s) for s in epoch_samples(shard_urls(str(root / "data")), Reader(), 0, 0)}
     for row in report["clips"]:
         for name in PER_CLIP_METRICS:
             assert math.isfinite(row[name]), (row["key"], name, row[name])
-        assert -1 <= row["ssim"] <= 1 and -1 <= row["csim"] <= 1
+        assert row["ssim"] < 0.5  # a random student does not reproduce the source crops
         assert row["ttff_ms"] > 0 and row["fps"] > 0 and row["peak_memory_mb"] > 0
-        assert abs(row["av_offset"]) <= 15 and abs(row["gt_av_offset"]) <= 15
+        # the GT columns score the source crops it evaluated, with their own audio
+        clip = prepare_clip(sources[row["key"]], SIZE, 9)
+        truth = score_clip(syncnet, to_uint8(clip.video), clip.audio.numpy())
+        assert (row["gt_sync_c"], row["gt_av_offset"]) == (pytest.approx(truth.confidence, abs=1e-5), truth.offset)
     assert report["mean"]["ssim"] == pytest.approx(np.mean([r["ssim"] for r in report["clips"]]))
     assert set(report["skipped_metrics"]) == {"FID", "FVD"}
     assert report["student_version"] == str(version)
@@ -184,6 +190,27 @@ def test_a_65_channel_student_streams_with_the_source_as_its_reference_sequence(
     assert torch.equal(batch["reference_sequence"], clip.video[None])
     generation = evaluator.generate(clip)
     assert generation.frames.shape == (13, 3, SIZE, SIZE) and generation.chunks == 2
+
+
+def test_fidelity_metrics_on_planted_frames():
+    """Generated == source: SSIM 1 and no mouth error; the mouth box blacked out: the mouth L1 is the
+    source's mean there, and nothing outside the box counts."""
+    from pipelines.evaluate import EvalClip, Evaluator
+
+    config = EvalConfig(syncnet_weights="")
+    config.window.size = SIZE
+    evaluator = Evaluator(config, student_path="", syncnet_path="", device=torch.device("cpu"))
+    video, audio = synthetic_clip(9, seed=3)
+    source = torch.from_numpy(video).permute(0, 3, 1, 2).float() / 255
+    clip = EvalClip("planted", source, torch.from_numpy(audio))
+    same = evaluator.fidelity(clip, source)
+    assert same["ssim"] == pytest.approx(1.0) and same["mouth_l1"] == 0.0
+    mouth = evaluator.mouth.bool()
+    blacked = source.clone()
+    blacked[..., mouth] = 0
+    planted = evaluator.fidelity(clip, blacked)
+    assert planted["mouth_l1"] == pytest.approx(float(source[..., mouth].mean()), rel=1e-5)
+    assert planted["ssim"] < 0.99
 
 
 class MeanFeatures(torch.nn.Module):

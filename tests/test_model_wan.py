@@ -1,6 +1,5 @@
 """The Wan DiT: real-size parameter counts, profile rules, and equivalence with diffusers' Wan."""
 
-import time
 
 import pytest
 import torch
@@ -45,21 +44,18 @@ def test_profiles_and_rope_split() -> None:
         model_config("7b")
 
 
-def test_tiny_forward_is_fast_and_uses_every_input() -> None:
+def test_tiny_forward_uses_every_input() -> None:
     model = build_teacher("tiny").eval()
     cond = random_condition(model.cfg, 1, 21, 8, 8, torch.Generator().manual_seed(0))  # 81 frames at 64x64
     x = torch.randn(1, 16, 21, 8, 8)
     t = torch.tensor([0.5])
     with torch.no_grad():
-        model(x, t, cond)
-        start = time.perf_counter()
         v = model(x, t, cond)
-        elapsed = time.perf_counter() - start
         v_frames = model(x, torch.full((1, 21), 0.5), cond)
         v_time = model(x, torch.tensor([0.9]), cond)
         cond.audio.normal_()
         v_audio = model(x, t, cond)
-    assert v.shape == x.shape and elapsed < 1.0
+    assert v.shape == x.shape
     assert not torch.allclose(v, v_audio) and not torch.allclose(v, v_time)
     torch.testing.assert_close(v, v_frames)  # per-frame timesteps generalise the per-sample one
 

@@ -90,3 +90,12 @@ def test_config_error_stops_before_submission(ray_head):
     assert done.returncode == 2
     assert "unknown config key 'expect_nodez'" in done.stderr
     assert "submitted Ray job" not in done.stdout
+
+
+def test_the_local_ray_serves_the_state_api(local_ray):
+    """Ray Train's placement-group cleaner polls the State API; without the dashboard every poll
+    failed ("Failed to query Ray Train Controller actor state") and a dead run's resources leaked."""
+    import ray
+    from ray.util.state import list_nodes
+
+    assert [node.state for node in list_nodes(address=ray.get_runtime_context().gcs_address)] == ["ALIVE"]

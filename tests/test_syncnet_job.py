@@ -25,31 +25,37 @@ def history(run_id: str, key: str) -> list:
     return sorted(mlflow.tracking.MlflowClient().get_metric_history(run_id, key), key=lambda m: m.step)
 
 
-def syncnet_runs() -> list:
+def syncnet_runs(output: str) -> list:
     return mlflow.search_runs(
-        experiment_names=["lipforcing"], filter_string="tags.job = 'syncnet'", order_by=["start_time ASC"], output_format="list"
-    )
+        experiment_names=["lipforcing"], filter_string=f"tags.job = 'syncnet' and params.output = '{output}'",
+        order_by=["start_time ASC"], output_format="list",
+    )  # fmt: skip
 
 
 def test_syncnet_job_trains_registers_and_recovers_offsets(trained_syncnet):
-    run = syncnet_runs()[0]
+    output = os.path.dirname(trained_syncnet)
+    [run] = syncnet_runs(output)
     losses = [m.value for m in history(run.info.run_id, "loss")]
     assert len(losses) == 40
     assert sum(losses[-5:]) < sum(losses[:5])
     assert run.data.metrics["offset_recovery_rate"] >= 0.6
-    assert 0.0 <= run.data.metrics["val_accuracy"] <= 1.0
+    assert run.data.metrics["val_accuracy"] > 0.5  # better than a coin on held-out pairs
     assert storage.exists(trained_syncnet)
-    assert "train:" in storage.read_text(storage.join(os.path.dirname(trained_syncnet), "config.yaml"))
-    version = mlflow.tracking.MlflowClient().get_model_version_by_alias("syncnet", "champion")
-    assert version.run_id == run.info.run_id
+    assert "train:" in storage.read_text(storage.join(output, "config.yaml"))
+    registered = mlflow.tracking.MlflowClient().search_model_versions(f"run_id = '{run.info.run_id}'")
+    assert [v.name for v in registered] == ["syncnet"]
 
 
-def test_rerun_resumes_from_the_last_checkpoint(trained_syncnet, sample_shards):
-    output = trained_syncnet.rsplit("/", 1)[0]
-    config = resolve_config(
-        SyncNetJobConfig, [f"data={sample_shards}", f"output={output}", "train.steps=46", "train.checkpoint_every=20"]
-    )
-    assert train_syncnet(config) == 0
-    resumed = syncnet_runs()[-1]
-    steps = [m.step for m in history(resumed.info.run_id, "loss")]
-    assert steps == list(range(41, 47))  # continued after iteration 40 instead of starting over
+def test_rerun_resumes_from_the_last_checkpoint(sample_shards, tmp_path, monkeypatch):
+    """Its own short run in its own MLflow store: the session's SyncNet and its alias stay as they are."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    output = str(tmp_path / "syncnet")
+    for steps in (4, 6):
+        config = resolve_config(
+            SyncNetJobConfig, [f"data={sample_shards}", f"output={output}", f"train.steps={steps}", "train.checkpoint_every=2"]
+        )
+        assert train_syncnet(config) == 0
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    first, resumed = syncnet_runs(output)
+    assert [m.step for m in history(first.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert [m.step for m in history(resumed.info.run_id, "loss")] == [5, 6]  # continued after iteration 4

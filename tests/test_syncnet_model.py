@@ -95,3 +95,16 @@ def test_windows_line_up_video_and_audio():
     video_windows, audio_windows = model.video_windows(frames), model.audio_windows(audio)
     assert video_windows.shape == (21, 15, 16, 32)  # lower half of a 32-px face, 5 frames on channels
     assert audio_windows.shape == (21, 1, 40, 20)  # 4 audio frames per video frame
+
+
+def test_log_mel_puts_a_tone_in_its_mel_band():
+    """Our SyncNet's features: 100 frames per second, and a 1 kHz tone peaks in the band whose
+    centre (HTK mel scale, 40 bands up to 8 kHz) is nearest 1 kHz."""
+    from lipforcing.models.sync_audio import log_mel
+
+    seconds = np.arange(16000) / 16000
+    mel = log_mel((0.5 * np.sin(2 * np.pi * 1000 * seconds)).astype(np.float32))
+    assert mel.shape == (40, 100)
+    to_mel, to_hz = (lambda hz: 2595 * np.log10(1 + hz / 700)), (lambda m: 700 * (10 ** (m / 2595) - 1))
+    centres = to_hz(np.linspace(0, to_mel(8000), 42))[1:-1]
+    assert int(mel[:, 50].argmax()) == int(np.abs(centres - 1000).argmin())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ class WindowConfig:
     frames: int = 81  # 4k + 1 so the VAE maps it to k + 1 latent frames
     size: int = 512  # frames are resized to size x size (the aligned crops are square)
     # window_first: the window's first frame (released code); clip_uniform: any frame of the clip (paper)
-    reference: str = field(default="window_first", metadata={"choices": ("window_first", "clip_uniform")})
+    reference: Literal["window_first", "clip_uniform"] = "window_first"
     # mouth region to regenerate, as fractions of the aligned face: top, bottom, left, right
     mask_box: list[float] = field(default_factory=lambda: [0.55, 0.95, 0.2, 0.8])
     # dataset tag -> relative weight; tags not listed weigh 1.0; empty = the shards' natural mix

@@ -41,23 +41,23 @@ def syncnet_mfcc(audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarra
     return ceps.T.astype(np.float32)
 
 
-def log_mel(
-    audio: np.ndarray | torch.Tensor, mel_bins: int = 40, sample_rate: int = SAMPLE_RATE
-) -> torch.Tensor:
-    """Log-mel spectrogram [mel_bins, frames] at 100 frames/s, centred windows (frame i ~ i*10 ms)."""
-    waveform = torch.as_tensor(audio, dtype=torch.float32)
-    step, window = sample_rate // FEATURES_PER_SECOND, int(0.025 * sample_rate)
-    spectrum = torch.stft(
-        waveform, n_fft=512, hop_length=step, win_length=window, window=torch.hann_window(window),
-        center=True, return_complex=True,
+def log_mel(audio: np.ndarray | torch.Tensor, mel_bins: int = 40, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+    """Log-mel spectrogram [mel_bins, frames] at 100 frames/s (librosa: 512-point FFT over 25 ms Hann
+    windows, centred, so frame i sits at i * 10 ms), for our trainable SyncNet."""
+    import librosa
+
+    waveform = np.asarray(audio, dtype=np.float32)
+    step = sample_rate // FEATURES_PER_SECOND
+    power = librosa.feature.melspectrogram(
+        y=waveform, sr=sample_rate, n_fft=512, hop_length=step, win_length=int(0.025 * sample_rate),
+        window="hann", center=True, power=2.0, n_mels=mel_bins, htk=True, norm=None,
     )  # fmt: skip
-    power = spectrum.abs() ** 2  # [257, frames]
-    bank = torch.from_numpy(_mel_filterbank(mel_bins, 512, sample_rate)).float()
-    return torch.log(bank @ power + 1e-6)[:, : len(waveform) // step]
+    return torch.from_numpy(np.log(power + 1e-6)).float()[:, : len(waveform) // step]
 
 
 def _mel_filterbank(count: int, nfft: int, sample_rate: int) -> np.ndarray:
-    """Triangular filters [count, nfft//2+1] evenly spaced on the mel scale (HTK formula)."""
+    """python_speech_features' triangular filters [count, nfft//2+1]: evenly spaced on the mel scale,
+    edges floored to FFT bins (what syncnet_v2 was trained on; librosa's filters differ slightly)."""
 
     def to_mel(hz):
         return 2595 * np.log10(1 + hz / 700.0)

@@ -16,6 +16,7 @@ from lipforcing.data.windows import collate, lower_face_mask, windows
 from lipforcing.models.conditioning import Condition
 from lipforcing.models.lora import apply_lora, export_state_dict
 from lipforcing.models.vae import mask_to_latent
+from pipelines.distill_config import DistillConfig
 from pipelines.trainer import Stage
 
 WEIGHTS_FILE = "dit.safetensors"
@@ -61,7 +62,7 @@ class LatentStream(torch.utils.data.IterableDataset):
                 pending = []
 
 
-class DiffusionStage(Stage):
+class DiffusionStage(Stage[DistillConfig]):
     """A stage that trains DiTs on encoded windows; subclasses build networks and define the step.
 
     With `latents` set it reads the `make encode` cache; otherwise it encodes windows on the fly.
