@@ -146,7 +146,7 @@ def history_mean(client: Any, run_id: str) -> dict[str, float]:
     }
 
 
-def ray_fit(config: DistillConfig, workers: int, storage_path: str, steps: int = STEPS) -> dict[str, float]:
+def ray_fit(config: DistillConfig, workers: int, output: str, steps: int = STEPS) -> dict[str, float]:
     """`SyntheticStudent` through `fit` (ZeRO-2, `workers` Ray Train workers); numbers from MLflow."""
     import mlflow
 
@@ -158,7 +158,7 @@ def ray_fit(config: DistillConfig, workers: int, storage_path: str, steps: int =
     )
     with tracking.start_run(f"bench_fit_{workers}w", tags={"benchmark": "train"}) as run:
         start = time.perf_counter()
-        result = fit(SyntheticStudent, config, trainer, f"bench-fit-{workers}w", storage_path, run.info.run_id, mlflow.get_tracking_uri())
+        result = fit(SyntheticStudent, config, trainer, f"bench-fit-{workers}w", output, run.info.run_id, mlflow.get_tracking_uri())
         wall = time.perf_counter() - start
     if result.error is not None:
         raise result.error
@@ -184,7 +184,7 @@ def overhead(config: DistillConfig, scratch: str) -> dict[str, dict[str, float]]
     init_ray()
     try:
         for workers in (1, 2):
-            results[f"fit_{workers}w"] = ray_fit(config, workers, os.path.join(scratch, "ray"))
+            results[f"fit_{workers}w"] = ray_fit(config, workers, scratch)
     finally:
         ray.shutdown()
     for threads in (1, 2):

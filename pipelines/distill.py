@@ -56,10 +56,9 @@ def resolve_syncnet(config: DistillConfig, scratch: str) -> None:
 
 def run_stage(stage_class, config: DistillConfig, trainer: TrainerConfig, name: str, parent_id: str) -> None:
     run_name = f"{config.run_name}-{name}"
-    storage_path = storage.join(config.output, "ray")
     with tracking.start_run(name, parent_run_id=parent_id, tags={"stage": name, "ray_run": run_name}) as run:
         mlflow.log_params({f"train.{k}": v for k, v in tracking.safe_params(trainer.__dict__).items()})
-        result = fit(stage_class, config, trainer, run_name, storage_path, run.info.run_id, mlflow.get_tracking_uri())
+        result = fit(stage_class, config, trainer, run_name, config.output, run.info.run_id, mlflow.get_tracking_uri())
         if result.error is not None:
             raise result.error
 

@@ -169,7 +169,7 @@ def main(config: SyncNetJobConfig) -> int:
             config,
             config.train,
             run_name=config.run_name,
-            storage_path=storage.join(config.output, "ray"),
+            output=config.output,
             run_id=run.info.run_id,
             tracking_uri=tracking.mlflow.get_tracking_uri(),
         )

@@ -28,6 +28,7 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import torch
 
+from lipforcing import storage
 from pipelines.deepspeed_setup import deepspeed_config, frozen_deepspeed_config, whole_modules
 
 # Workers log rather than print: Ray Train tees a worker's print to its logger and to stdout, and
@@ -317,6 +318,7 @@ def checkpoint_blocks(module: torch.nn.Module) -> None:
         apply_activation_checkpointing(module, check_fn=lambda m: type(m) in blocks)
 
 
+CHECKPOINT_FOLDER = "ray"  # under a job's output
 CHECKPOINT_TAG = "state"
 PROGRESS_FILE = "progress.json"
 
@@ -444,14 +446,16 @@ def fit(
     config: Any,
     trainer: TrainerConfig,
     run_name: str,
-    storage_path: str,
+    output: str,
     run_id: str | None = None,
     tracking_uri: str | None = None,
 ) -> Any:
     """Run `stage_class` on Ray Train workers; returns Ray's `Result`.
 
-    A rerun with the same `run_name` and `storage_path` continues from the latest checkpoint, and a
-    worker that dies is restarted (up to `max_failures`) from that checkpoint.
+    Checkpoints live under `<output>/ray/<run_name>` and nowhere else: a rerun with the same
+    `run_name` and `output` continues from the latest one, and a worker that dies is restarted (up to
+    `max_failures`) from it. Resuming unpickles DeepSpeed's files, so only a job's own output is ever
+    read back (see the README, "Checkpoints and trust").
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -459,7 +463,7 @@ def fit(
     # Workers stay in the job's working directory, so relative local paths mean what they mean to
     # the user (Ray Train would otherwise move each worker into its run folder).
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-    storage_path, filesystem = _ray_storage(storage_path)
+    storage_path, filesystem = _ray_storage(storage.join(output, CHECKPOINT_FOLDER))
     backend = "nccl" if trainer.use_gpu else "gloo"
     run = TorchTrainer(
         train_worker,

@@ -131,7 +131,7 @@ class WithFrozenTeacher(Stage):
         return {"loss": loss.item(), "teacher_bf16": float(dtype == torch.bfloat16)}
 
 
-def _run(tmp_path, name, storage_path=None, **overrides):
+def _run(tmp_path, name, output=None, **overrides):
     job = load_config(ToyJob, overrides=[f"marker_dir={tmp_path}", *[f"{k}={v}" for k, v in overrides.items()]])
     with tracking.start_run(name, root=tmp_path / "outputs") as run:
         result = fit(
@@ -139,7 +139,7 @@ def _run(tmp_path, name, storage_path=None, **overrides):
             job,
             job.train,
             run_name=name,
-            storage_path=storage_path or str(tmp_path / "ray"),
+            output=output or str(tmp_path),
             run_id=run.info.run_id,
             tracking_uri=mlflow.get_tracking_uri(),
         )
@@ -196,7 +196,7 @@ def test_an_iteration_is_one_optimizer_step_over_all_micro_batches(local_ray, tm
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     job = load_config(TwoRateJob, overrides=[f"marker_dir={tmp_path}"])
     with tracking.start_run("two-rates", root=tmp_path / "outputs") as run:
-        result = fit(TwoRates, job, job.train, "two-rates", str(tmp_path / "ray"), run.info.run_id, mlflow.get_tracking_uri())
+        result = fit(TwoRates, job, job.train, "two-rates", str(tmp_path), run.info.run_id, mlflow.get_tracking_uri())
     assert result.error is None
     client = mlflow.tracking.MlflowClient()
 
@@ -219,7 +219,7 @@ def test_a_frozen_network_is_held_in_training_precision_and_sharded_under_zero3(
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     job = load_config(ToyJob, overrides=[f"marker_dir={tmp_path}", "train.steps=2", "train.precision=bf16", f"train.zero_stage={zero_stage}"])
     with tracking.start_run("frozen", root=tmp_path / "outputs") as run:
-        result = fit(WithFrozenTeacher, job, job.train, f"frozen-{zero_stage}", str(tmp_path / "ray"), run.info.run_id, mlflow.get_tracking_uri())
+        result = fit(WithFrozenTeacher, job, job.train, f"frozen-{zero_stage}", str(tmp_path), run.info.run_id, mlflow.get_tracking_uri())
     assert result.error is None
     metrics = mlflow.get_run(run.info.run_id).data.metrics
     assert metrics["teacher_bf16"] == 1.0
@@ -270,15 +270,14 @@ def test_deepspeed_config_follows_trainer_config():
 
 
 def test_checkpoints_on_object_storage_and_resume_from_there(local_ray, s3_bucket, tmp_path, monkeypatch):
-    """`storage_path` on S3 (the local server): engine shards of both ranks land under the run's
+    """`output` on S3 (the local server): engine shards of both ranks land under the run's
     prefix, and a rerun with more steps continues from the checkpoint read back from the bucket."""
     from lipforcing import storage
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    storage_path = f"{s3_bucket}/ray"
-    _run(tmp_path, "toy-s3", storage_path, **{"train.steps": 4})
-    shards = storage.glob(f"{storage_path}/toy-s3/checkpoint_*/model/state/*optim_states*")
+    _run(tmp_path, "toy-s3", s3_bucket, **{"train.steps": 4})
+    shards = storage.glob(f"{s3_bucket}/ray/toy-s3/checkpoint_*/model/state/*optim_states*")
     assert len(shards) == 2  # one ZeRO-2 optimizer shard per rank, in the bucket
-    result, _, _ = _run(tmp_path, "toy-s3", storage_path, **{"train.steps": 8})
+    result, _, _ = _run(tmp_path, "toy-s3", s3_bucket, **{"train.steps": 8})
     assert (tmp_path / "resumed-0").read_text() == "yes"
     assert result.metrics["iteration"] == 8
