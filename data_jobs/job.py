@@ -119,7 +119,7 @@ def process_task(index: int, items: list[InputItem], config: DataJobConfig, dige
     return commit_task(layout.stats_url(name), shards, samples, rejects, timings_s=timings, wall_s=time.perf_counter() - started, **fields)
 
 
-def commit_task(stats_url: str, shards: list[Any], samples: list[dict], rejects: list[dict], **fields: Any) -> dict[str, Any]:
+def commit_task(stats_url: str, shards: list[Any], samples: list[dict], rejects: list[dict], /, **fields: Any) -> dict[str, Any]:
     """Write a task's stats, its commit marker: what it wrote (shards and their keys, manifest and
     reject rows) plus `fields`. Written last, so a task without one is not done."""
     stats = {

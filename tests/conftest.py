@@ -151,3 +151,11 @@ def trained_syncnet(sample_shards, mlflow_store, tmp_path_factory) -> str:
     )
     assert train_syncnet(config) == 0
     return storage.join(output, "syncnet.pt")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The random order's seed even under -q, so a failing order can be replayed with
+    `make test PYTEST_ARGS="--randomly-seed=<seed>"`."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if seed is not None:
+        terminalreporter.write_line(f"test order: --randomly-seed={seed}")

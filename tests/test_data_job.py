@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -144,8 +145,9 @@ def test_sample_job_output_contract(sample_job):
     assert rejects["detail"].str.len().gt(0).all()
 
 
-def test_rerun_skips_committed_work_and_refuses_a_different_config(sample_job, sample_list):
-    output, first = sample_job
+def test_rerun_skips_committed_work_and_refuses_a_different_config(sample_job, sample_list, tmp_path):
+    output = str(tmp_path / "data")
+    shutil.copytree(sample_job[0], output)  # a copy: the rerun rewrites summary.json and config.yaml
     before = read_table(storage.join(output, "manifest.parquet"))
     again = run_data_job(job_config(f"input={sample_list}", f"output={output}", "write.inputs_per_task=3"))
     assert again.tasks_run == 0 and again.tasks_skipped == 5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -163,7 +164,9 @@ def test_two_workers_zero2_train_and_log(local_ray, tmp_path, monkeypatch):
     assert metrics["data_stall_fraction"] < 0.5  # batches are generated in memory
     assert math.isfinite(metrics["grad_norm/model"])
     assert result.checkpoint is not None
-    assert sorted(os.listdir(result.checkpoint.path))  == ["model"]
+    assert sorted(os.listdir(result.checkpoint.path)) == ["model", "progress.json"]
+    progress = json.loads((Path(result.checkpoint.path) / "progress.json").read_text())
+    assert progress == {"stage": "toy", "iteration": 12, "optimizer_steps": {"model": 12}}
     files = sorted(os.listdir(os.path.join(result.checkpoint.path, "model", "state")))
     # ZeRO-2 keeps one optimizer shard per rank: both ranks' files were merged into one checkpoint.
     assert sum("optim_states" in f for f in files) == 2
