@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lipforcing.config import ConfigError
-from pipelines.jobs import resolve_config
+from pipelines.jobs import configure_logging, resolve_config
 
 
 def steps() -> list[tuple[str, type, Callable[[Any], int]]]:
@@ -37,6 +37,7 @@ def steps() -> list[tuple[str, type, Callable[[Any], int]]]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    configure_logging()
     plan = steps()
     try:  # every step's config is checked before the first one starts
         configs = [resolve_config(schema, argv) for _, schema, _ in plan]
