@@ -9,7 +9,6 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 export RAY_USAGE_STATS_ENABLED ?= 0
-export DS_ACCELERATOR ?= cpu
 export GLOO_SOCKET_IFNAME ?= lo
 export PYTHONUNBUFFERED := 1
 

@@ -92,7 +92,7 @@ class ScoreConfig:
     syncnet: str = "models:/syncnet@champion"
     # No weights found: train our SyncNet on the aligned shards first (the embedded default), or fail.
     train_if_missing: bool = False
-    syncnet_output: str = "outputs/syncnet"
+    syncnet_output: str = ""  # where a SyncNet trained here goes; "" is <output>/syncnet, beside the shards
     syncnet_steps: int = 60
     # Drop below this Sync-C, on the scale of the SyncNet that scores: 3.0 for the public syncnet_v2
     # (its embeddings are unnormalised); ours compares unit vectors, so its Sync-C is at most 2 and

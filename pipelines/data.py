@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-import tempfile
 import time
 
 from data_jobs.config import DataJobConfig
@@ -41,9 +40,8 @@ def run_data(config: DataJobConfig) -> JobSummary:
 
 def syncnet_for_scoring(config: DataJobConfig, aligned: str) -> str:
     """The SyncNet file to score with: the configured one, or one trained now on the aligned shards."""
-    reference = config.score.syncnet
     try:
-        return tracking.resolve_model(reference, tempfile.mkdtemp(prefix="lipforcing-syncnet-"), key="score.syncnet")[0]
+        return tracking.resolve_model_for_workers(config.score.syncnet, config.output, "score.syncnet")
     except FileNotFoundError as err:
         missing = str(err)
     if not config.score.train_if_missing:
@@ -54,13 +52,14 @@ def syncnet_for_scoring(config: DataJobConfig, aligned: str) -> str:
     from pipelines.syncnet import SyncNetJobConfig
     from pipelines.syncnet import main as train_syncnet
 
-    log.info("score: %s; training a SyncNet on %s first", missing, aligned)
+    output = config.score.syncnet_output or storage.join(config.output, "syncnet")
+    log.info("score: %s; training a SyncNet on %s first, into %s", missing, aligned, output)
     syncnet_config = resolve_config(SyncNetJobConfig, [
-        f"profile={config.profile}", f"data={aligned}", f"output={config.score.syncnet_output}",
+        f"profile={config.profile}", f"data={aligned}", f"output={output}",
         f"train.steps={config.score.syncnet_steps}", f"seed={config.seed}",
     ])  # fmt: skip
     train_syncnet(syncnet_config)
-    return storage.join(config.score.syncnet_output, "syncnet.pt")
+    return storage.join(output, "syncnet.pt")
 
 
 def main(config: DataJobConfig) -> int:

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             return status
         print(f"==== {name} done in {time.perf_counter() - started:.0f} s ====", flush=True)
     print(
-        "\nmake demo finished. Outputs: outputs/data (shards, manifest, rejects), outputs/syncnet, "
+        "\nmake demo finished. Outputs: outputs/data (shards, manifest, rejects, syncnet/), "
         "outputs/distill, outputs/eval (report.md). MLflow: `make ui` -> http://127.0.0.1:5000"
     )
     return 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import tempfile
 
 import mlflow
 
@@ -21,7 +20,7 @@ from pipelines.distill_config import STAGES, DistillConfig
 from pipelines.jobs import run_job
 from pipelines.ray_cluster import init_ray
 from pipelines.stages.common import WEIGHTS_FILE, stage_weights
-from pipelines.trainer import TrainerConfig, fit
+from pipelines.trainer import CHECKPOINT_FOLDER, TrainerConfig, fit
 
 TRAINED = ("teacher_base", "teacher", "student", "dmd")
 
@@ -48,16 +47,19 @@ def validate(config: DistillConfig) -> None:
         )
 
 
-def resolve_syncnet(config: DistillConfig, scratch: str) -> None:
-    """Turn `models:/syncnet@champion` into a location the workers can read (they have no MLflow)."""
+def resolve_syncnet(config: DistillConfig) -> None:
+    """Turn `models:/syncnet@champion` into a location every worker can read (on a cluster: an
+    object-storage URL, never a file on the driver's disk)."""
     if config.dmd.syncnet:
-        config.dmd.syncnet = tracking.resolve_model(config.dmd.syncnet, scratch, "dmd.syncnet")[0]
+        config.dmd.syncnet = tracking.resolve_model_for_workers(config.dmd.syncnet, config.output, "dmd.syncnet")
 
 
 def run_stage(stage_class, config: DistillConfig, trainer: TrainerConfig, name: str, parent_id: str) -> None:
     run_name = f"{config.run_name}-{name}"
-    with tracking.start_run(name, parent_run_id=parent_id, tags={"stage": name, "ray_run": run_name}) as run:
-        mlflow.log_params({f"train.{k}": v for k, v in tracking.safe_params(trainer.__dict__).items()})
+    checkpoints = storage.join(config.output, CHECKPOINT_FOLDER, run_name)
+    with tracking.start_run(name, parent_run_id=parent_id, tags={"stage": name, "ray_run": run_name}, resume_key=checkpoints) as run:
+        if mlflow.get_run(run.info.run_id).data.tags.get("resumed") != "true":  # a new run: record its settings
+            mlflow.log_params({f"train.{k}": v for k, v in tracking.safe_params(trainer.__dict__).items()})
         result = fit(stage_class, config, trainer, run_name, config.output, run.info.run_id, mlflow.get_tracking_uri())
         if result.error is not None:
             raise result.error
@@ -71,10 +73,8 @@ def distill(config: DistillConfig) -> int:
     validate(config)
     init_ray()
     storage.write_text(storage.join(config.output, "config.yaml"), to_yaml(config))
-    with (
-        tempfile.TemporaryDirectory(prefix="lipforcing-distill-") as scratch,
-        tracking.start_run("distill", config=config, tags={"job": "distill"}) as parent,
-    ):
+    resume = f"distill:{storage.join(config.output, config.run_name)}"
+    with tracking.start_run("distill", config=config, tags={"job": "distill"}, resume_key=resume) as parent:
         parent_id = parent.info.run_id
         for stage in config.stages:
             done = storage.exists(stage_weights(config.output, stage))
@@ -94,7 +94,7 @@ def distill(config: DistillConfig) -> int:
             elif stage == "student":
                 run_stage(StudentDiffusionForcing, config, config.student.train, "student", parent_id)
             else:
-                resolve_syncnet(config, scratch)
+                resolve_syncnet(config)
                 run_stage(DistributionMatching, config, config.dmd.train, "dmd", parent_id)
                 register_student(config, parent_id)
     return 0

@@ -57,6 +57,7 @@ from lipforcing.models import build_student, build_tae
 from lipforcing.models.config import ModelConfig, model_config
 from lipforcing.models.syncnet import SyncModel, SyncNetConfig, load_syncnet, score_clip
 from pipelines.jobs import run_job
+from pipelines.ray_cluster import in_submitted_job, run_on_worker
 
 TINY_WARNING = "tiny profile, random-init models: not a quality result"
 FEATURE_BATCH = 32  # frames per call of the FID feature network
@@ -415,8 +416,16 @@ def write_outputs(report: dict[str, Any], folder: str, output: str) -> None:
 
 
 def evaluate(config: EvalConfig) -> int:
-    """The job: downloaded weights and staged outputs live in a scratch folder removed at the end."""
+    """The job. Submitted to a cluster it runs on a worker node (a GPU one when the cluster has
+    GPUs), not on the head where the driver lands: FPS and TTFF are measured where a student runs."""
     validate(config)
+    if in_submitted_job():
+        return run_on_worker(evaluate_here, config)
+    return evaluate_here(config)
+
+
+def evaluate_here(config: EvalConfig) -> int:
+    """Evaluate in this process; downloaded weights and staged outputs live in a scratch folder."""
     with tempfile.TemporaryDirectory(prefix="lipforcing-eval-") as scratch:
         return run_eval(config, scratch)
 

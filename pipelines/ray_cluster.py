@@ -16,9 +16,13 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import ray
+
+T = TypeVar("T")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,7 +31,6 @@ LOCAL_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "GLOO_SOCKET_IFNAME": "lo",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "DS_ACCELERATOR": "cpu",
     "TOKENIZERS_PARALLELISM": "false",
 }
 
@@ -77,6 +80,8 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     for key, value in LOCAL_ENV.items():
         os.environ.setdefault(key, value)
+    if not _has_cuda():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would probe for an accelerator and warn
     # With the dashboard Ray serves its State API, which Ray Train's placement-group cleaner polls
     # every few seconds: without it each poll fails ("Failed to query Ray Train Controller actor
     # state", between every training step) and a crashed run's GPUs would never be released.
@@ -89,6 +94,22 @@ def init_ray(num_cpus: int | None = None) -> None:
         logging_level="WARNING",
         configure_logging=True,
     )
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run_on_worker(function: Callable[..., T], *args: Any) -> T:
+    """Run `function(*args)` as a Ray task on a worker node and return its result: on a GPU when the
+    cluster has one (the head of our manifests has no CPUs or GPUs for tasks, so it never runs there)."""
+    init_ray()
+    gpus = ray.cluster_resources().get("GPU", 0)
+    task = ray.remote(function).options(num_gpus=1, num_cpus=1) if gpus else ray.remote(function).options(num_cpus=1)
+    log.info("running %s on a %s worker", function.__name__, "GPU" if gpus else "CPU")
+    return ray.get(task.remote(*args))
 
 
 def _free_port() -> int:

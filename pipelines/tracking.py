@@ -8,8 +8,12 @@ runs per stage. Keys that look like credentials are never logged.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
+import shutil
+import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,7 @@ import yaml
 from lipforcing.config import config_hash, flatten, to_dict
 
 EXPERIMENT = "lipforcing"
+logger = logging.getLogger("lipforcing.tracking")
 DEFAULT_ROOT = Path("outputs")
 _SECRET = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key|private)", re.IGNORECASE)
 _MAX_PARAM_CHARS = 6000
@@ -53,16 +58,42 @@ def start_run(
     tags: Mapping[str, str] | None = None,
     experiment: str = EXPERIMENT,
     root: Path = DEFAULT_ROOT,
+    resume_key: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """Open a run (nested under `parent_run_id` when given) and log `config` into it."""
+    """Open a run (nested under `parent_run_id` when given) and log `config` into it.
+
+    With `resume_key` (e.g. where the run's checkpoints live), an unfinished run carrying the same
+    key is reopened instead: a job rerun after a crash continues its curves in the same run."""
     experiment_id = setup_tracking(root, experiment)
     all_tags = dict(tags or {})
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    with mlflow.start_run(run_name=name, experiment_id=experiment_id, tags=all_tags, nested=parent_run_id is not None) as run:
-        if config is not None:
+    if resume_key:
+        all_tags[RESUME_TAG] = resume_key
+    previous = _unfinished_run(experiment_id, resume_key) if resume_key else None
+    opened = (
+        mlflow.start_run(run_id=previous, nested=parent_run_id is not None)
+        if previous
+        else mlflow.start_run(run_name=name, experiment_id=experiment_id, tags=all_tags, nested=parent_run_id is not None)
+    )
+    with opened as run:
+        if previous:
+            mlflow.set_tags({**all_tags, "resumed": "true"})  # params stay as first logged
+        elif config is not None:
             log_config(config)
         yield run
+
+
+RESUME_TAG = "lipforcing.resume_key"
+
+
+def _unfinished_run(experiment_id: str, key: str) -> str | None:
+    """The newest run of the experiment with this resume key that did not finish, if any."""
+    runs = mlflow.search_runs(
+        experiment_ids=[experiment_id], filter_string=f"tags.`{RESUME_TAG}` = '{key}'",
+        order_by=["start_time DESC"], output_format="list", max_results=1,
+    )  # fmt: skip
+    return runs[0].info.run_id if runs and runs[0].info.status != "FINISHED" else None
 
 
 def log_config(config: Any, hash_exclude: tuple[str, ...] = ()) -> str:
@@ -126,6 +157,31 @@ def registered_version(uri: str):
     return client.get_model_version(*reference.rsplit("/", 1))
 
 
+def resolve_model_for_workers(uri: str, output: str, key: str) -> str:
+    """A location of `uri` (a path, URL or registered model) that every node of the job can read.
+
+    A registered model is resolved here, on the driver, once; when that yields a file on this
+    machine's disk (a local store, or a download from the tracking server's artifact proxy) while
+    the job writes to object storage, it is copied under `<output>/models/` and that URL is handed
+    to the workers: never a path that exists only where the driver runs."""
+    from lipforcing import storage
+
+    with tempfile.TemporaryDirectory(prefix="lipforcing-model-") as scratch:
+        location, version = resolve_model(uri, scratch, key)
+        if not storage.is_local(location):
+            return location  # object storage: every node reads it in place
+        if storage.is_local(output) and not location.startswith(scratch):
+            return location  # a single machine: its own files are everyone's
+        target = storage.join(output, "models", f"{_model_name(uri)}-v{version}" if version else "given", os.path.basename(location))
+        if not storage.exists(target):
+            storage.upload_file(location, target)
+        return target
+
+
+def _model_name(uri: str) -> str:
+    return uri.removeprefix("models:/").split("@")[0].split("/")[0]
+
+
 def resolve_model(uri: str, destination: str | Path, key: str = "weights") -> tuple[str, str]:
     """(a location the caller can read, the registered version or ''), for a path or URL (returned as
     it is) or a registered model (`models:/name@alias`, `models:/name/version`). A registered model
@@ -147,3 +203,81 @@ def resolve_model(uri: str, destination: str | Path, key: str = "weights") -> tu
     if "://" in source and source.split("://", 1)[0] in ("s3", "gs", "gcs", "az", "abfs"):
         return source, str(version.version)
     return mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(destination)), str(version.version)
+
+
+class ResilientLogger:
+    """Metrics and artifacts of a training run that survive a tracking-server outage.
+
+    Training must never fail, nor burn a Ray Train restart, because MLflow is briefly unreachable:
+    metrics queue up and are sent (in order, in batches) once the server answers again, with
+    exponential backoff between attempts; artifact folders are copied aside and uploaded later.
+    `flush` at the end retries for up to `flush_timeout_s`, then gives up with a warning.
+    """
+
+    BATCH = 1000  # MLflow's limit of metrics per log_batch
+
+    def __init__(self, run_id: str, tracking_uri: str | None, backoff_s: float = 1.0, max_backoff_s: float = 60.0):
+        from mlflow.tracking import MlflowClient
+
+        # MLflow's own client retries a dead server for minutes inside one call, which would stall
+        # the training step; this queue does the retrying, so each call may fail fast.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        self.run_id, self.client = run_id, MlflowClient(tracking_uri=tracking_uri)
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self.metrics: list[Any] = []
+        self.artifacts: list[str] = []  # spooled copies waiting for upload
+        self.failures = 0
+        self.next_attempt = 0.0
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.metrics.extend(Metric(key, float(value), now, step) for key, value in metrics.items())
+        self._send()
+
+    def log_artifacts(self, directory: str) -> None:
+        if os.listdir(directory):
+            spool = tempfile.mkdtemp(prefix="lipforcing-artifacts-")
+            shutil.copytree(directory, spool, dirs_exist_ok=True)
+            self.artifacts.append(spool)
+        self._send()
+
+    def flush(self, timeout_s: float = 120.0) -> bool:
+        """Send everything queued, retrying until `timeout_s`; True when nothing is left."""
+        deadline = time.monotonic() + timeout_s
+        while self.pending() and time.monotonic() < deadline:
+            self.next_attempt = 0.0
+            self._send()
+            if self.pending():
+                time.sleep(min(self.backoff_s * 2 ** min(self.failures, 6), self.max_backoff_s, max(deadline - time.monotonic(), 0)))
+        if self.pending():
+            logger.warning("MLflow unreachable: %d metrics and %d artifact folders of run %s not logged",
+                           len(self.metrics), len(self.artifacts), self.run_id)  # fmt: skip
+        return not self.pending()
+
+    def pending(self) -> bool:
+        return bool(self.metrics or self.artifacts)
+
+    def _send(self) -> None:
+        if not self.pending() or time.monotonic() < self.next_attempt:
+            return
+        try:
+            while self.metrics:
+                self.client.log_batch(self.run_id, metrics=self.metrics[: self.BATCH])
+                del self.metrics[: self.BATCH]
+            while self.artifacts:
+                self.client.log_artifacts(self.run_id, self.artifacts[0])
+                shutil.rmtree(self.artifacts.pop(0), ignore_errors=True)
+        except Exception as err:  # any transport or server error: keep everything, try again later
+            self.failures += 1
+            delay = min(self.backoff_s * 2 ** (self.failures - 1), self.max_backoff_s)
+            self.next_attempt = time.monotonic() + delay
+            if self.failures == 1 or self.failures % 10 == 0:
+                logger.warning("MLflow unreachable (%s: %s); %d metrics queued, retrying in %.0f s",
+                               type(err).__name__, str(err)[:200], len(self.metrics), delay)  # fmt: skip
+            return
+        if self.failures:
+            logger.info("MLflow reachable again after %d failed attempts; the queue is sent", self.failures)
+        self.failures = 0

@@ -235,6 +235,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         if logger:
             logger.log(final, trainer_config.steps)
             logger.upload(output_dir)
+            logger.flush()
 
 
 def _iteration(
@@ -414,31 +415,28 @@ class _Throughput:
 
 
 class _RankZeroLogger:
-    """Rank 0 writes metrics and artifacts into the stage's MLflow run opened by the driver."""
+    """Rank 0 writes metrics and artifacts into the stage's MLflow run opened by the driver, through
+    a queue that outlives tracking-server outages (a hiccup never fails a step)."""
 
     def __init__(self, context: WorkerContext):
-        self.run_id = context.run_id
-        self.step_started = time.perf_counter()
-        self.client = None
-        if self.run_id:
-            from mlflow.tracking import MlflowClient
+        from pipelines.tracking import ResilientLogger
 
-            self.client = MlflowClient(tracking_uri=context.tracking_uri)
+        self.sink = ResilientLogger(context.run_id, context.tracking_uri) if context.run_id else None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not metrics:
             return
         log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
-        if self.client:
-            from mlflow.entities import Metric
-
-            now = int(time.time() * 1000)
-            batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
-            self.client.log_batch(self.run_id, metrics=batch)
+        if self.sink:
+            self.sink.log_metrics(metrics, step)
 
     def upload(self, directory: str) -> None:
-        if self.client and os.listdir(directory):
-            self.client.log_artifacts(self.run_id, directory)
+        if self.sink:
+            self.sink.log_artifacts(directory)
+
+    def flush(self) -> None:
+        if self.sink:
+            self.sink.flush()
 
 
 def fit(
