@@ -7,12 +7,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
+IMAGE ?= ghcr.io/lipforcing/lipforcing
+TAG ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo latest)
 
 export RAY_USAGE_STATS_ENABLED ?= 0
 export GLOO_SOCKET_IFNAME ?= lo
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup demo data syncnet encode distill eval bench ui lint test clean
+.PHONY: help setup demo data syncnet encode distill eval bench ui lint test clean status logs stop box box-down image
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -46,6 +48,21 @@ eval: $(STAMP) ## streaming inference + metrics for a trained student
 bench: $(STAMP) ## benchmarks; results go to benchmarks/RESULTS.md
 	$(PY) -m benchmarks $(ARGS)
 
+status: $(STAMP) ## state of the last job submitted to RAY_ADDRESS (ARGS="job=<id>" for another)
+	$(PY) -m pipelines.job_control status $(ARGS)
+
+logs: $(STAMP) ## follow the logs of the last submitted job
+	$(PY) -m pipelines.job_control logs $(ARGS)
+
+stop: $(STAMP) ## stop the last submitted job
+	$(PY) -m pipelines.job_control stop $(ARGS)
+
+box: $(STAMP) ## a multi-node Ray cluster in a box on this machine (root): then `source outputs/box/env.sh`
+	$(PY) -m pipelines.cluster_box up $(ARGS)
+
+box-down: $(STAMP) ## stop the cluster in a box
+	$(PY) -m pipelines.cluster_box down $(ARGS)
+
 ui: $(STAMP) ## open the MLflow UI on 127.0.0.1 for the local store
 	$(PY) -m pipelines.ui $(ARGS)
 
@@ -55,6 +72,10 @@ lint: $(STAMP) ## ruff
 test: $(STAMP) ## the whole test suite (real Ray, DeepSpeed, MLflow, S3 API, codecs)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+image: ## build the cluster image $(IMAGE):$(TAG) (docker); the manifests take it from cluster/kuberay/kustomization.yaml
+	docker build -t $(IMAGE):$(TAG) .
+	@echo "push it, then: (cd cluster/kuberay && kustomize edit set image lipforcing=$(IMAGE):$(TAG))"
 
 clean: ## remove outputs and caches (keeps .venv)
 	rm -rf outputs .pytest_cache .ruff_cache

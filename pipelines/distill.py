@@ -60,7 +60,8 @@ def run_stage(stage_class, config: DistillConfig, trainer: TrainerConfig, name: 
     with tracking.start_run(name, parent_run_id=parent_id, tags={"stage": name, "ray_run": run_name}, resume_key=checkpoints) as run:
         if mlflow.get_run(run.info.run_id).data.tags.get("resumed") != "true":  # a new run: record its settings
             mlflow.log_params({f"train.{k}": v for k, v in tracking.safe_params(trainer.__dict__).items()})
-        result = fit(stage_class, config, trainer, run_name, config.output, run.info.run_id, mlflow.get_tracking_uri())
+        section = "teacher.base" if name == "teacher_base" else f"{name}.train"
+        result = fit(stage_class, config, trainer, run_name, config.output, run.info.run_id, mlflow.get_tracking_uri(), section)
         if result.error is not None:
             raise result.error
 

@@ -11,13 +11,18 @@ the same argument list is what a cluster submission runs.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from lipforcing import storage
 from lipforcing.config import ConfigError, load_config
-from pipelines.ray_cluster import should_submit, submit_job
+from pipelines.ray_cluster import in_submitted_job, init_ray, should_submit, submit_job
+
+# Config keys that name where a job reads and writes: on a cluster, every node must reach them.
+LOCATION_KEYS = ("input", "output", "data", "latents")
 
 T = TypeVar("T")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -37,6 +42,30 @@ def resolve_config(schema: type[T], argv: Sequence[str]) -> T:
         raise ConfigError(f"config key 'profile' is {profile!r}; allowed values: {', '.join(PROFILES)}")
     defaults: Any = schema.for_profile(profile) if hasattr(schema, "for_profile") else schema()
     return load_config(defaults, files=files, overrides=overrides, lenient_files=[CONFIG_DIR / f"{profile}.yaml"])
+
+
+def check_shared_locations(config: Any) -> None:
+    """On a multi-node cluster nodes share only object storage and the tracking server: refuse, before
+    any work, a local path where a job reads or writes, and a tracking store on the head's disk."""
+    import ray
+
+    init_ray()
+    nodes = sum(node["Alive"] for node in ray.nodes())
+    if nodes < 2:
+        return
+    for key in LOCATION_KEYS:
+        value = getattr(config, key, "")
+        if value and storage.is_local(value):
+            raise ConfigError(
+                f"config key '{key}' is the local path {value!r}, but this Ray cluster has {nodes} nodes, which share "
+                "only object storage: give an s3:// (or other object-store) URL"
+            )
+    tracked = hasattr(config, "output")  # every job that writes something logs it to MLflow
+    if tracked and not os.environ.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://", "databricks")):
+        raise ConfigError(
+            f"MLFLOW_TRACKING_URI is {os.environ.get('MLFLOW_TRACKING_URI') or 'unset'}, a store on one node of a "
+            f"{nodes}-node cluster: set it to your MLflow tracking server before submitting"
+        )
 
 
 def configure_logging() -> None:
@@ -73,6 +102,8 @@ def run_job(
         forward = bool(getattr(getattr(config, "cluster", None), "forward_credentials", False))
         return submit_job(module, argv, forward_credentials=forward)
     try:
+        if in_submitted_job():
+            check_shared_locations(config)
         result = main(config)
     except ConfigError as err:  # found while checking inputs or weights, before the work itself
         print(f"config error: {err}", file=sys.stderr)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shlex
@@ -25,6 +26,7 @@ import ray
 T = TypeVar("T")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+LAST_JOB = REPO_ROOT / "outputs" / "last_job.json"  # the job `make status / logs / stop` act on
 
 # A local single-node Ray: loopback only, no usage reporting, gloo over lo.
 LOCAL_ENV = {
@@ -128,25 +130,26 @@ def submit_job(
     wait: bool = True,
 ) -> int:
     """Submit `python -m module argv...` to the cluster's Jobs API; stream logs; return its exit code."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobStatus
 
     address = address or os.environ["RAY_ADDRESS"]
     names = FORWARDED_ENV + (FORWARDED_SECRETS if forward_credentials else ())
     env_vars = {name: os.environ[name] for name in names if name in os.environ}
     env_vars.update(extra_env or {})
     env_vars[SUBMITTED_FLAG] = "1"
-    _use_token_auth_when_available()
-    client = JobSubmissionClient(address)
+    client = job_client(address)
     job_id = _submit_when_ready(
         client,
         entrypoint=shlex.join(["python", "-m", module, *argv]),
         submission_id=f"lipforcing-{module.rsplit('.', 1)[-1]}-{uuid.uuid4().hex[:8]}",
         runtime_env={"working_dir": str(REPO_ROOT), "excludes": UPLOAD_EXCLUDES, "env_vars": env_vars},
     )
-    log.info("submitted Ray job %s to %s", job_id, address)
+    log.info("submitted Ray job %s to %s (make status / logs / stop)", job_id, address)
+    LAST_JOB.parent.mkdir(parents=True, exist_ok=True)
+    LAST_JOB.write_text(json.dumps({"job_id": job_id, "address": address}))
     if not wait:
         return 0
-    asyncio.run(_stream_logs(client, job_id))
+    asyncio.run(stream_logs(client, job_id))
     terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
     while (status := client.get_job_status(job_id)) not in terminal:
         time.sleep(0.5)
@@ -185,7 +188,15 @@ def _use_token_auth_when_available() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
-async def _stream_logs(client, job_id: str) -> None:
+def job_client(address: str | None = None) -> Any:
+    """A Jobs API client for `address` (default RAY_ADDRESS), with the cluster's token when one exists."""
+    from ray.job_submission import JobSubmissionClient
+
+    _use_token_auth_when_available()
+    return JobSubmissionClient(address or os.environ.get("RAY_ADDRESS"))
+
+
+async def stream_logs(client: Any, job_id: str) -> None:
     async for lines in client.tail_job_logs(job_id):
         sys.stdout.write(lines)
         sys.stdout.flush()

@@ -16,6 +16,7 @@ iterations, and the loop checks after every iteration that each engine stepped e
 from __future__ import annotations
 
 import abc
+import dataclasses
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 import torch
 
 from lipforcing import storage
+from lipforcing.config import ConfigError
 from pipelines.deepspeed_setup import deepspeed_config, frozen_deepspeed_config, whole_modules
 
 # Workers log rather than print: Ray Train tees a worker's print to its logger and to stdout, and
@@ -53,7 +55,7 @@ class TrainerConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     activation_checkpointing: bool = False
     num_workers: int = 2
-    use_gpu: bool = False
+    use_gpu: bool | None = None  # None: one GPU per worker when the Ray cluster has them
     cpus_per_worker: float = 1.0
     checkpoint_every: int = 5
     sample_every: int = 0  # also render the stage's sample video every N iterations (0: at the end only)
@@ -447,8 +449,10 @@ def fit(
     output: str,
     run_id: str | None = None,
     tracking_uri: str | None = None,
+    section: str = "train",
 ) -> Any:
-    """Run `stage_class` on Ray Train workers; returns Ray's `Result`.
+    """Run `stage_class` on Ray Train workers; returns Ray's `Result`. `section` names the trainer
+    config in error messages (e.g. `dmd.train`).
 
     Checkpoints live under `<output>/ray/<run_name>` and nowhere else: a rerun with the same
     `run_name` and `output` continues from the latest one, and a worker that dies is restarted (up to
@@ -462,6 +466,7 @@ def fit(
     # the user (Ray Train would otherwise move each worker into its run folder).
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     storage_path, filesystem = _ray_storage(storage.join(output, CHECKPOINT_FOLDER))
+    trainer = placed(trainer, section)
     backend = "nccl" if trainer.use_gpu else "gloo"
     run = TorchTrainer(
         train_worker,
@@ -487,6 +492,30 @@ def fit(
         ),
     )
     return run.fit()
+
+
+def placed(trainer: TrainerConfig, section: str = "train") -> TrainerConfig:
+    """`trainer` with `use_gpu` decided against the Ray cluster (None: GPUs when there is one per
+    worker), refused with the keys to change when the cluster cannot hold its workers: Ray Train
+    would otherwise wait for them forever."""
+    import ray
+
+    total = ray.cluster_resources()
+    gpus, cpus = total.get("GPU", 0.0), total.get("CPU", 0.0)
+    use_gpu = trainer.use_gpu if trainer.use_gpu is not None else gpus >= trainer.num_workers
+    if use_gpu and gpus < trainer.num_workers:
+        raise ConfigError(
+            f"config key '{section}.use_gpu' is true but the Ray cluster has {gpus:g} GPUs for "
+            f"{trainer.num_workers} workers ('{section}.num_workers'): add GPU nodes (an autoscaling cluster: "
+            f"start them first), lower num_workers, or set {section}.use_gpu=false"
+        )
+    needed = trainer.num_workers * trainer.cpus_per_worker
+    if cpus < needed:
+        raise ConfigError(
+            f"'{section}.num_workers' x '{section}.cpus_per_worker' = {needed:g} CPUs but the Ray cluster has "
+            f"{cpus:g}: add nodes or lower them"
+        )
+    return dataclasses.replace(trainer, use_gpu=use_gpu)
 
 
 def _ray_storage(url: str) -> tuple[str, Any]:

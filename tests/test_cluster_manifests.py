@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 import shlex
 from pathlib import Path
 
@@ -20,13 +21,14 @@ SCHEMAS = {
 
 
 def entrypoints(document: dict) -> list[str]:
-    """Every `entrypoint:` string anywhere in a manifest."""
+    """Every job command line in a manifest: RayJob `entrypoint:`s and container `args` that run one."""
     found = []
     stack = [document]
     while stack:
         node = stack.pop()
         if isinstance(node, dict):
             found += [v for k, v in node.items() if k == "entrypoint"]
+            found += [a for a in node.get("args", []) if isinstance(a, str) and a.startswith("python -m")]
             stack += list(node.values())
         elif isinstance(node, list):
             stack += node
@@ -41,7 +43,7 @@ def test_manifests_exist_and_parse():
         assert yaml.safe_load(path.read_text()), path
 
 
-@pytest.mark.parametrize("path", [p for p in MANIFESTS if "entrypoint" in p.read_text()], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [p for p in MANIFESTS if "python -m pipelines" in p.read_text()], ids=lambda p: p.name)
 def test_entrypoints_resolve_against_the_job_schemas(path, monkeypatch):
     monkeypatch.chdir(CLUSTER.parent)  # entrypoints run in the repository root, as in the image
     commands = entrypoints(yaml.safe_load(path.read_text()))
@@ -57,3 +59,79 @@ def test_entrypoints_resolve_against_the_job_schemas(path, monkeypatch):
             assert config.profile in ("1.3b", "14b")
             if hasattr(job, "validate"):
                 job.validate(config)  # e.g. distill: every pretrained weight it needs is given
+
+
+def kuberay_documents() -> dict[str, dict]:
+    return {path.name: yaml.safe_load(path.read_text()) for path in sorted((CLUSTER / "kuberay").glob("*.yaml"))}
+
+
+def pod_specs(document: dict) -> list[tuple[str, dict, int]]:
+    """(group, pod spec, replicas) of every pod template a manifest defines, wherever it sits."""
+    spec = document["spec"]
+    if document["kind"] == "RayCronJob":
+        spec = spec["jobTemplate"]["spec"]
+    if document["kind"] == "CronJob":
+        return [("submit", spec["jobTemplate"]["spec"]["template"]["spec"], 1)]
+    cluster = spec.get("rayClusterSpec", spec)
+    groups = [("head", cluster["headGroupSpec"]["template"]["spec"], 1)]
+    groups += [(g["groupName"], g["template"]["spec"], g["replicas"]) for g in cluster["workerGroupSpecs"]]
+    return groups
+
+
+def test_every_kuberay_manifest_runs_the_image_kustomize_names():
+    kustomization = yaml.safe_load((CLUSTER / "kuberay" / "kustomization.yaml").read_text())
+    manifests = {name: doc for name, doc in kuberay_documents().items() if "kind" in doc and doc["kind"] != "Kustomization"}
+    assert set(kustomization["resources"]) == set(manifests)
+    assert [image["name"] for image in kustomization["images"]] == ["lipforcing"]
+    paths = yaml.safe_load((CLUSTER / "kuberay" / "kustomizeconfig.yaml").read_text())["images"]
+    for name, document in manifests.items():
+        for _, pod, _ in pod_specs(document):
+            assert {c["image"] for c in pod["containers"]} == {"lipforcing"}, name
+        assert document["kind"] == "CronJob" or any(p["kind"] == document["kind"] for p in paths), name
+    launcher = yaml.safe_load((CLUSTER / "ray-cluster.yaml").read_text())["docker"]["image"]
+    assert launcher.rsplit(":", 1)[0] == kustomization["images"][0]["newName"]
+
+
+def test_gpu_pods_tolerate_gpu_taints_and_have_shared_memory_for_the_loaders():
+    for name, document in kuberay_documents().items():
+        if "kind" not in document or document["kind"] == "Kustomization":
+            continue
+        for group, pod, _ in pod_specs(document):
+            gpus = int(pod["containers"][0].get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+            if not gpus:
+                continue
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod.get("tolerations", []), (name, group)
+            mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0].get("volumeMounts", [])}
+            volume = next(v for v in pod["volumes"] if v["name"] == mounts["/dev/shm"])
+            size = volume["emptyDir"]["sizeLimit"]
+            assert volume["emptyDir"]["medium"] == "Memory" and int(size.removesuffix("Gi")) >= 8 * gpus, (name, group, size)
+
+
+@pytest.mark.parametrize("name", ["rayjob-distill.yaml", "raycronjob-retrain.yaml"])
+def test_gpu_count_matches_the_profile_the_job_trains(name, monkeypatch):
+    """The cluster a distill job brings up has exactly the GPUs its profile's stages ask for."""
+    monkeypatch.chdir(CLUSTER.parent)
+    document = kuberay_documents()[name]
+    gpus = sum(int(pod["containers"][0].get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0)) * replicas
+               for _, pod, replicas in pod_specs(document))  # fmt: skip
+    distill = next(c for e in entrypoints(document) for c in e.split("&&") if "pipelines.distill" in c)
+    from pipelines.distill_config import DistillConfig
+
+    config = resolve_config(DistillConfig, shlex.split(distill)[3:])
+    assert gpus == max(getattr(config, stage).train.num_workers for stage in ("teacher", "student", "dmd"))
+
+
+def test_the_raycronjob_says_what_it_needs_and_has_a_fallback():
+    text = (CLUSTER / "kuberay" / "raycronjob-retrain.yaml").read_text()
+    assert "alpha in KubeRay 1.6" in text and "--feature-gates=RayCronJob=true" in text and "cronjob-retrain.yaml" in text
+    fallback = kuberay_documents()["cronjob-retrain.yaml"]
+    assert fallback["kind"] == "CronJob" and fallback["spec"]["schedule"] == kuberay_documents()["raycronjob-retrain.yaml"]["spec"]["schedule"]
+
+
+def test_the_dockerfile_installs_the_pinned_torch_for_its_cuda():
+    dockerfile = (CLUSTER.parent / "Dockerfile").read_text()
+    pyproject = (CLUSTER.parent / "pyproject.toml").read_text()
+    pin = re.search(r'"torch==([0-9.]+)"', pyproject)[1]
+    assert f"torch=={pin} --index-url https://download.pytorch.org/whl/cu128" in dockerfile
+    assert re.search(r"^FROM nvidia/cuda:12\.8\.\d+-", dockerfile, re.M)  # the CUDA the wheel was built for
+    assert "python3.11" in dockerfile and "pip install -e ." in dockerfile

@@ -284,3 +284,16 @@ def test_checkpoints_on_object_storage_and_resume_from_there(local_ray, s3_bucke
     result, _, _ = _run(tmp_path, "toy-s3", s3_bucket, **{"train.steps": 8})
     assert (tmp_path / "resumed-0").read_text() == "yes"
     assert result.metrics["iteration"] == 8
+
+
+def test_a_cluster_without_the_resources_is_refused_with_the_keys(local_ray):
+    """The session's Ray has 2 CPUs and no GPU: GPUs are used only when present, and asking for
+    what is not there is a config error naming the keys, not a job waiting forever."""
+    from lipforcing.config import ConfigError
+    from pipelines.trainer import placed
+
+    assert placed(TrainerConfig(num_workers=2)).use_gpu is False  # None: GPUs only where the cluster has them
+    with pytest.raises(ConfigError, match=r"'dmd.train.use_gpu' is true but the Ray cluster has 0 GPUs for 2 workers"):
+        placed(TrainerConfig(num_workers=2, use_gpu=True), "dmd.train")
+    with pytest.raises(ConfigError, match=r"'student.train.num_workers' x 'student.train.cpus_per_worker' = 3 CPUs"):
+        placed(TrainerConfig(num_workers=3), "student.train")
