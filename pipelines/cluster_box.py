@@ -31,6 +31,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -138,17 +139,36 @@ class Box:
             os.killpg(self.pids.pop(name), signal.SIGKILL)
         self.save()
 
-    def alive_nodes(self) -> int:
-        """Nodes the cluster counts alive (head included), from the State API on the dashboard."""
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.dashboard_port}/api/v0/nodes", headers={"Authorization": f"Bearer {self.token}"}
-        )
+    def nodes(self) -> list[dict]:
+        """Every node the cluster knows (`node_id`, `is_head_node`, `state`, ...) from its State API."""
+        return self._state("nodes")
+
+    def tasks(self, name: str) -> list[dict]:
+        """Every attempt of the tasks called `name` (`state`, `node_id`, `attempt_number`, ...)."""
+        return self._state("tasks", filter_keys="name", filter_predicates="=", filter_values=name, detail="true")
+
+    def actors(self, class_name: str) -> list[dict]:
+        """The live actors of a class (`node_id`, `state`, ...), e.g. Ray Train's `RayTrainWorker`."""
+        found = self._state("actors", filter_keys="class_name", filter_predicates="=", filter_values=class_name, detail="true")
+        return [actor for actor in found if actor["state"] == "ALIVE"]
+
+    def node_of(self, node_id: str) -> str:
+        """The box's name of a worker node, from its Ray node id."""
+        resources = next(n["resources_total"] for n in self.nodes() if n["node_id"] == node_id)
+        return next(key.removeprefix("node:") for key in resources if key.startswith("node:worker"))
+
+    def _state(self, resource: str, **query: str) -> list[dict]:
+        url = f"http://127.0.0.1:{self.dashboard_port}/api/v0/{resource}?{urllib.parse.urlencode({'limit': 10000, **query})}"
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {self.token}"})
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
-                nodes = json.load(response)["data"]["result"]["result"]
+                return json.load(response)["data"]["result"]["result"]
         except (OSError, KeyError, ValueError):  # the dashboard may still be starting
-            return 0
-        return sum(node["state"] == "ALIVE" for node in nodes)
+            return []
+
+    def alive_nodes(self) -> int:
+        """Nodes the cluster counts alive, head included."""
+        return sum(node["state"] == "ALIVE" for node in self.nodes())
 
     def _spawn(self, name: str, command: list[str], **kwargs) -> int:
         logs = Path(self.root) / "logs"

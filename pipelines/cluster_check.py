@@ -3,10 +3,14 @@
 Runs one task per node that imports the project and reports the node's resources; exits 1 when
 the cluster has fewer nodes or CPUs than `expect_nodes` / `expect_cpus`. With `RAY_ADDRESS` set it
 is submitted through the Jobs API like every other job, so it also checks the runtime env.
+`paths=[...]` reports, per node, which of those paths exist there: a local path a job is handed
+must exist on every node that reads it (weights baked into the image), and a path of the machine
+you submit from exists on none.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -23,14 +27,16 @@ class ClusterCheckConfig:
     profile: str = "tiny"
     expect_nodes: int = 1
     expect_cpus: float = 1.0
+    paths: list[str] = field(default_factory=list)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 @ray.remote(num_cpus=0)
-def _node_report() -> dict:
+def _node_report(paths: list[str]) -> dict:
     import lipforcing  # noqa: F401  (the project must import on every node)
 
-    return {"host": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id()}
+    present = [path for path in paths if os.path.exists(path)]
+    return {"host": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(), "present": present}
 
 
 def check(config: ClusterCheckConfig) -> int:
@@ -43,14 +49,15 @@ def check(config: ClusterCheckConfig) -> int:
                 scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
                     node_id=n["NodeID"], soft=False
                 )
-            ).remote()
+            ).remote(config.paths)
             for n in nodes
         ]
     )
     print(f"submitted job: {in_submitted_job()}")
     print(f"nodes alive: {len(nodes)}  cpus: {resources.get('CPU', 0)}  gpus: {resources.get('GPU', 0)}")
     for report in reports:
-        print(f"  node {report['node_id'][:12]} on {report['host']}: imports ok")
+        seen = f"; present: {', '.join(report['present']) or 'none'} of {len(config.paths)} paths" if config.paths else ""
+        print(f"  node {report['node_id'][:12]} on {report['host']}: imports ok{seen}")
     ok = len(nodes) >= config.expect_nodes and resources.get("CPU", 0) >= config.expect_cpus
     print("cluster check: " + ("ok" if ok else f"FAILED (expected >= {config.expect_nodes} nodes, >= {config.expect_cpus} CPUs)"))
     return 0 if ok else 1

@@ -57,7 +57,7 @@ from lipforcing.models import build_student, build_tae
 from lipforcing.models.config import ModelConfig, model_config
 from lipforcing.models.syncnet import SyncModel, SyncNetConfig, load_syncnet, score_clip
 from pipelines.jobs import run_job
-from pipelines.ray_cluster import in_submitted_job, run_on_worker
+from pipelines.ray_cluster import in_submitted_job, ray_node, run_on_worker
 
 TINY_WARNING = "tiny profile, random-init models: not a quality result"
 FEATURE_BATCH = 32  # frames per call of the FID feature network
@@ -449,6 +449,7 @@ def run_eval(config: EvalConfig, scratch: str) -> int:
         )
         mlflow.set_tags(
             {
+                "ray_node": ray_node(),
                 "student_version": student_version or "unregistered",
                 "syncnet": config.syncnet_weights or "none",
                 "syncnet_version": syncnet_version or "unregistered",

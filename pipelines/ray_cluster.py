@@ -98,6 +98,11 @@ def init_ray(num_cpus: int | None = None) -> None:
     )
 
 
+def ray_node() -> str:
+    """The Ray node this process runs on ("" outside Ray): where a job's work really ran."""
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
 def _has_cuda() -> bool:
     import torch
 

@@ -1,0 +1,236 @@
+"""The cluster path for real: `make data`, `make distill` and `make eval` submitted to a multi-node
+cluster in a box (a head with no CPUs, two worker nodes in private mount namespaces, S3 and an
+MLflow server shared by nothing but the network), exactly as the README's cluster section tells a
+user; then a worker node dies (SIGKILL to its raylet and workers) in the middle of each job.
+
+The worker nodes cannot see the head's /tmp or the checkout's outputs/, so any path a driver hands
+to a worker that exists only where the driver runs fails the job here: the property is checked by
+construction, and a canary proves the isolation holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+
+from lipforcing import storage
+from pipelines.cluster_box import BoxConfig, down, up
+from tests.conftest import REPO_ROOT
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="worker nodes need their own mount namespaces (unshare -m, as root)"),
+]
+CLIPS = ("hdtf_astronaut_25fps.mp4", "hallo3_t1b_2997fps.mp4", "vox_t1a_30fps.mp4", "bad_text_named_mp4.mp4")
+# Short stages: the point is where things run and what survives, not how well they train.
+STEPS = " ".join(
+    f"{section}.steps=2 {section}.checkpoint_every=2" for section in ("teacher.base", "teacher.train", "student.train", "dmd.train")
+)
+
+
+@pytest.fixture(scope="module")
+def box(tmp_path_factory, sample_list):
+    running = up(BoxConfig(root=str(tmp_path_factory.mktemp("box")), workers=2))
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            for key, value in running.env().items():
+                patch.setenv(key, value)  # this process reads S3 and MLflow as the user's shell does
+            sample = sample_list.rsplit("/", 1)[0]
+            for name in CLIPS:
+                storage.upload_file(f"{sample}/videos/{name}", f"s3://{running.bucket}/raw/videos/{name}")
+            yield running
+    finally:
+        down(running.root)
+
+
+def user_env(box) -> dict[str, str]:
+    """The environment of a user's shell after `source outputs/box/env.sh`."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_"))}, **box.env()}
+
+
+def make(box, target: str, args: str = "", wait: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:
+    """`make <target> ARGS="..."` from a shell that sourced the box's env.sh, as the README says."""
+    env = user_env(box)
+    command = ["make", "-s", target, f"ARGS={args}"]
+    if not wait:
+        return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def pipeline(box):
+    """data -> distill -> eval, each submitted to the box, everything on s3:// and the tracking server."""
+    bucket = f"s3://{box.bucket}"
+    logs = {"data": make(box, "data", f"input={bucket}/raw output={bucket}/data execution.progress=false").stdout}
+    logs["distill"] = make(box, "distill", f"data={bucket}/data output={bucket}/distill {STEPS}").stdout
+    logs["eval"] = make(box, "eval", f"data={bucket}/data output={bucket}/eval").stdout
+    return logs
+
+
+def test_worker_nodes_see_nothing_of_the_head(box, tmp_path):
+    """The canary: a file on the head's disk (here, this test's tmp_path) and the checkout's outputs/
+    are absent on every worker node, present on the head."""
+    canaries = [tmp_path / "only-on-the-head", REPO_ROOT / "outputs" / "box-canary"]
+    for canary in canaries:
+        canary.parent.mkdir(exist_ok=True)
+        canary.write_text("x")
+    check = subprocess.run(
+        [sys.executable, "-m", "pipelines.cluster_check", "expect_nodes=3", f"paths=[{canaries[0]},{canaries[1]}]"],
+        cwd=REPO_ROOT, env=user_env(box), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert check.returncode == 0, check.stdout[-3000:] + check.stderr[-3000:]
+    nodes = [line for line in check.stdout.splitlines() if "imports ok" in line]
+    assert len(nodes) == 3
+    head = next(n["node_id"] for n in box.nodes() if n["is_head_node"])
+    for line in nodes:
+        on_head = line.split()[1] == head[:12]
+        assert ("present: none" in line) != on_head, line  # the head sees its own files, workers never
+    canaries[1].unlink()
+
+
+def test_data_distill_eval_leave_everything_where_the_readme_says(box, pipeline):
+    bucket = f"s3://{box.bucket}"
+    shards = storage.glob(f"{bucket}/data/shards/*.tar")
+    assert shards and storage.exists(f"{bucket}/data/manifest.parquet") and storage.exists(f"{bucket}/data/rejects.parquet")
+    assert storage.exists(f"{bucket}/data/syncnet/syncnet.pt")  # trained beside the shards, not on the head
+    for stage in ("teacher_base", "teacher", "student", "dmd"):
+        assert storage.exists(f"{bucket}/distill/{stage}/dit.safetensors"), stage
+    # the registered SyncNet sits behind the server's artifact proxy: the workers got a copy beside the run
+    assert storage.glob(f"{bucket}/distill/models/syncnet-v*/syncnet.pt")
+    report = json.loads(storage.read_text(f"{bucket}/eval/report.json"))
+    assert report["clips"] and storage.exists(f"{bucket}/eval/report.md")
+
+    client = mlflow.tracking.MlflowClient()
+    syncnet = client.get_model_version_by_alias("syncnet", "champion")
+    student = client.get_model_version_by_alias("lipforcing-student", "candidate")
+    assert syncnet.source.startswith("mlflow-artifacts:") and student.source.startswith("mlflow-artifacts:")
+    assert storage.glob(f"{bucket}/mlflow/*/*/artifacts/dit.safetensors")  # the proxy stored it in the bucket
+    # eval ran on a worker node (a GPU one when the cluster has GPUs), not on the head
+    evaluation = mlflow.get_run(report["mlflow_run_id"])
+    head = next(n["node_id"] for n in box.nodes() if n["is_head_node"])
+    assert evaluation.data.tags["ray_node"] not in ("", head)
+    assert "running evaluate_here on a CPU worker" in pipeline["eval"]
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(1)
+
+
+def replace_a_worker(box, victim: str) -> None:
+    """A worker node dies (SIGKILL to its raylet and every process it started); then a new one joins,
+    as an autoscaler or a rescheduled pod brings capacity back."""
+    box.kill_node(victim)
+    box.add_node(f"worker-{time.monotonic_ns()}")
+
+
+def finish(process: subprocess.Popen, timeout: float = 1200) -> str:
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-6000:]
+    return output
+
+
+def test_a_worker_node_dies_mid_data_job(box, pipeline):
+    """Node loss during ingest: the lost task reruns elsewhere (on a replacement node) and the job
+    ends with exactly the keys of the undisturbed run of the same input, no duplicates, no gaps."""
+    from data_jobs.manifest import read_table
+
+    bucket = f"s3://{box.bucket}"
+    args = f"input={bucket}/raw output={bucket}/data-kill execution.progress=false write.inputs_per_task=1"
+    args += f" score.syncnet={bucket}/data/syncnet/syncnet.pt"  # the undisturbed run's SyncNet: the same verdicts
+    job = make(box, "data", args, wait=False)
+    def a_task_running() -> list[dict]:
+        if not storage.glob(f"{bucket}/data-kill/aligned/stats/*.json"):
+            return []  # wait for one committed task first: the kill lands in the middle of the job
+        return [t for t in box.tasks("process_task") if t["state"] == "RUNNING"]
+
+    wait_for(a_task_running, 900, "a committed ingest task and another one running")
+    victim = box.node_of(a_task_running()[0]["node_id"])
+    replace_a_worker(box, victim)
+    finish(job)
+    retried = [t for t in box.tasks("process_task") if t["attempt_number"] > 0]
+    assert retried, "the killed node's task was not run again"
+    killed, undisturbed = read_table(f"{bucket}/data-kill/manifest.parquet"), read_table(f"{bucket}/data/manifest.parquet")
+    assert sorted(killed["key"]) == sorted(undisturbed["key"])
+    members = [name for url in storage.glob(f"{bucket}/data-kill/shards/*.tar") for name in _tar_keys(url)]
+    assert sorted(members) == sorted(killed["key"])  # each sample once
+
+
+def _tar_keys(url: str) -> list[str]:
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(url))) as tar:
+        return sorted({member.name.split(".", 1)[0] for member in tar.getmembers()})
+
+
+def test_a_worker_node_dies_mid_distill_stage(box, pipeline):
+    """Node loss during DMD (one of the two training workers dies with its node): Ray Train restarts
+    the group on the surviving and a replacement node from the last checkpoint; the iteration
+    counter and the 5:1 optimizer-step counters continue, in the same MLflow run."""
+    bucket = f"s3://{box.bucket}"
+    for stage in ("teacher", "student"):
+        storage.write_bytes(f"{bucket}/distill-kill/{stage}/dit.safetensors", storage.read_bytes(f"{bucket}/distill/{stage}/dit.safetensors"))
+    args = f"data={bucket}/data output={bucket}/distill-kill stages=[dmd] dmd.train.steps=8 dmd.train.checkpoint_every=2"
+    job = make(box, "distill", args, wait=False)
+
+    client = mlflow.tracking.MlflowClient()
+
+    def dmd_run():
+        runs = mlflow.search_runs(experiment_names=["lipforcing"], filter_string="tags.ray_run = 'distill-dmd'", output_format="list")
+        return next((r for r in runs if r.data.tags.get("lipforcing.resume_key", "").startswith(f"{bucket}/distill-kill")), None)
+
+    def past_a_checkpoint() -> bool:
+        """Iteration 2 is checkpointed and iteration 3 logged: work the restart must redo."""
+        progress = storage.glob(f"{bucket}/distill-kill/ray/distill-dmd/checkpoint_*/progress.json")
+        run = dmd_run() if any(json.loads(storage.read_text(p))["iteration"] >= 2 for p in progress) else None
+        return run is not None and any(m.step >= 3 for m in client.get_metric_history(run.info.run_id, "fake_score_loss"))
+
+    wait_for(past_a_checkpoint, 900, "a DMD checkpoint and one more iteration")
+    training_nodes = sorted({actor["node_id"] for actor in box.actors("RayTrainWorker")})
+    assert len(training_nodes) == 2  # one training worker per worker node
+    replace_a_worker(box, box.node_of(training_nodes[0]))
+    output = finish(job)
+    run = dmd_run()
+    logged = [m.step for m in client.get_metric_history(run.info.run_id, "fake_score_loss")]
+    assert sorted(set(logged)) == list(range(1, 9)), output[-3000:]
+    resumed = [int(n) for n in re.findall(r"\[dmd\] resumed from iteration (\d+)", output)]
+    assert resumed and all(n >= 2 and n % 2 == 0 for n in resumed), output[-3000:]  # from a checkpoint, not from 0
+    fake = sorted(client.get_metric_history(run.info.run_id, "optimizer_steps/fake_score"), key=lambda m: m.step)
+    student = sorted(client.get_metric_history(run.info.run_id, "optimizer_steps/student"), key=lambda m: m.step)
+    assert fake[-1].value == 8 and student[-1].value == 2  # iterations 0 and 5 updated the student
+    latest = max(storage.glob(f"{bucket}/distill-kill/ray/distill-dmd/checkpoint_*/progress.json"),
+                 key=lambda p: json.loads(storage.read_text(p))["iteration"])  # fmt: skip
+    assert json.loads(storage.read_text(latest))["optimizer_steps"] == {"student": 2, "fake_score": 8}
+    assert storage.exists(f"{bucket}/distill-kill/dmd/dit.safetensors")
+
+
+def test_status_logs_and_stop_act_on_the_last_submitted_job(box, pipeline):
+    env = user_env(box)
+    checked = subprocess.run([sys.executable, "-m", "pipelines.cluster_check"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert checked.returncode == 0
+    last = json.loads((REPO_ROOT / "outputs" / "last_job.json").read_text())
+    status = subprocess.run(["make", "-s", "status"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert f"{last['job_id']} on {last['address']}: SUCCEEDED" in status.stdout, status.stdout + status.stderr
+    logs = subprocess.run(["make", "-s", "logs"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert "cluster check: ok" in logs.stdout  # the job's own output, read again
+
+    running = make(box, "distill", f"data=s3://{box.bucket}/data output=s3://{box.bucket}/distill-stop", wait=False)
+    wait_for(lambda: json.loads((REPO_ROOT / "outputs" / "last_job.json").read_text())["job_id"] != last["job_id"], 120, "the submission")
+    stopped = subprocess.run(["make", "-s", "stop"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert "stop requested" in stopped.stdout, stopped.stdout + stopped.stderr
+    running.communicate(timeout=300)
+    assert running.returncode != 0  # the submitter reports the stopped job as not succeeded
+    wait_for(lambda: "STOPPED" in subprocess.run(["make", "-s", "status"], cwd=REPO_ROOT, env=env, capture_output=True, text=True).stdout,
+             120, "the job to stop")  # fmt: skip
