@@ -19,6 +19,7 @@ import time
 
 import mlflow
 import pytest
+import s3fs
 
 from lipforcing import storage
 from pipelines.cluster_box import BoxConfig, down, up
@@ -42,12 +43,23 @@ def box(tmp_path_factory, sample_list):
         with pytest.MonkeyPatch.context() as patch:
             for key, value in running.env().items():
                 patch.setenv(key, value)  # this process reads S3 and MLflow as the user's shell does
+            s3fs.S3FileSystem.clear_instance_cache()  # fsspec would reuse a client of the session's S3 server
             sample = sample_list.rsplit("/", 1)[0]
             for name in CLIPS:
                 storage.upload_file(f"{sample}/videos/{name}", f"s3://{running.bucket}/raw/videos/{name}")
             yield running
     finally:
+        s3fs.S3FileSystem.clear_instance_cache()  # and later tests must not reuse one of the box's
         down(running.root)
+
+
+@pytest.fixture(autouse=True)
+def query_the_box_tracking_server(box):
+    """Read runs from the box's server (another module may have pointed MLflow elsewhere)."""
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(box.env()["MLFLOW_TRACKING_URI"])
+    yield
+    mlflow.set_tracking_uri(previous)
 
 
 def user_env(box) -> dict[str, str]:
