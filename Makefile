@@ -13,6 +13,9 @@ TAG ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo latest)
 export RAY_USAGE_STATS_ENABLED ?= 0
 export GLOO_SOCKET_IFNAME ?= lo
 export PYTHONUNBUFFERED := 1
+# DeepSpeed's CPU ops compile into here: one build per checkout, not a shared cache that two
+# checkouts on one machine keep rebuilding for each other
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: help setup demo data syncnet encode distill eval bench ui lint test clean status logs stop box box-down image
 

@@ -12,6 +12,7 @@ micro-batch and activation checkpointing of each stage, so the table follows the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 
 from benchmarks.results import report
@@ -20,7 +21,7 @@ from lipforcing.models.config import ModelConfig
 from lipforcing.models.lora import adapted_parameter_count
 from pipelines.distill_config import DistillConfig
 from pipelines.jobs import resolve_config
-from pipelines.trainer import TrainerConfig
+from pipelines.trainer import TrainerConfig, accumulation
 
 HEADING = "## Training memory"
 COMMAND = "python -m benchmarks.bench_memory --write"
@@ -78,11 +79,21 @@ def activation_bytes(model: ModelConfig, train: TrainerConfig, count: int) -> fl
     return block_working_set(model, count) * model.num_layers
 
 
+PAPER_GPUS = 4  # the profiles leave num_workers to the cluster; the paper trains on 4 GPUs
+
+
+def trainer_on(config: DistillConfig, stage: str, gpus: int = PAPER_GPUS) -> TrainerConfig:
+    """A stage's trainer as it runs on `gpus` workers when the profile leaves the count to the cluster."""
+    train = getattr(config, stage).train
+    workers = train.num_workers or gpus
+    return dataclasses.replace(train, num_workers=workers, grad_accum=accumulation(train, workers, f"{stage}.train"))
+
+
 def stage_memory(config: DistillConfig, stage: str, frozen_teacher_fp32: bool = False) -> dict[str, float]:
     """Per-GPU GB of one stage by component. `frozen_teacher_fp32` gives the DMD teacher as it was held
     before (fp32, whole on every GPU) for comparison."""
     rank = config.model.lora_rank
-    train = getattr(config, stage).train
+    train = trainer_on(config, stage)
     count = tokens(config)
     if stage == "teacher":
         total, trainable = parameter_counts(config.teacher_model, rank)
@@ -126,7 +137,7 @@ def rows(profile: str) -> list[str]:
     config = resolve_config(DistillConfig, [f"profile={profile}"])
     lines = []
     for stage in ("teacher", "student", "dmd"):
-        train = getattr(config, stage).train
+        train = trainer_on(config, stage)
         memory = stage_memory(config, stage)
         fits = "yes" if memory["total"] <= GPU_GB else "**no**"
         setup = f"ZeRO-{train.zero_stage}, {train.num_workers} GPUs, act. ckpt {'on' if train.activation_checkpointing else 'off'}"

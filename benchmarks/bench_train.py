@@ -117,7 +117,7 @@ class SyntheticStudent(StudentDiffusionForcing):
     def networks(self) -> dict[str, torch.nn.Module]:
         return {"student": student_model(self.context.config)}
 
-    def batches(self) -> Iterator[tuple[torch.Tensor, Condition]]:
+    def batches(self, start: int) -> Iterator[tuple[torch.Tensor, Condition]]:
         return itertools.repeat(synthetic_batch(self.context.config, self.context.trainer.batch_size, self.context.rank))
 
     def encode(self, batch: tuple[torch.Tensor, Condition]) -> Any:

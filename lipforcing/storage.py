@@ -14,10 +14,11 @@ once per machine, kept) or `temporary_local` (inputs: copied for the duration of
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
+import json
 import os
 import posixpath
-import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -139,27 +140,28 @@ def require(url: str, key: str) -> None:
 
 def cached(url: str | Path) -> str:
     """A local path holding `url`, a file or a folder: the path itself when local, else a copy made
-    once per machine under CACHE (keyed by the URL) and shared by every process there. Concurrent
-    first uses each download to a private name; the first rename wins."""
+    once per machine under CACHE and shared by every process there (the first takes a lock and
+    downloads, the others wait for it). A file is keyed by its URL and version (ETag or mtime, and
+    size), so a rewritten object, like a stage rerun with force=true, is fetched anew."""
     fs, path = filesystem(url)
     if isinstance(fs, LocalFileSystem):
         return path
-    folder = os.path.join(CACHE, hashlib.sha1(str(url).encode()).hexdigest()[:16])
+    is_folder = fs.isdir(path)
+    version = "" if is_folder else json.dumps([str(fs.info(path).get(k)) for k in ("ETag", "mtime", "size")])
+    folder = os.path.join(CACHE, hashlib.sha1(f"{url}\n{version}".encode()).hexdigest()[:16])
     target = os.path.join(folder, posixpath.basename(path.rstrip("/")))
     if os.path.exists(target):
         return target
     os.makedirs(folder, exist_ok=True)
-    partial = f"{target}.part-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    if fs.isdir(path):
-        fs.get(path.rstrip("/") + "/", partial, recursive=True)
-    else:
-        fs.get_file(path, partial)
-    try:
-        os.replace(partial, target)
-    except OSError:  # a folder another process finished first: keep theirs
-        shutil.rmtree(partial, ignore_errors=True)
+    with open(os.path.join(folder, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other processes of this machine wait here, then find it
         if not os.path.exists(target):
-            raise
+            partial = f"{target}.part-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # a crash leaves no half copy
+            if is_folder:
+                fs.get(path.rstrip("/") + "/", partial, recursive=True)
+            else:
+                fs.get_file(path, partial)
+            os.replace(partial, target)
     return target
 
 

@@ -15,12 +15,13 @@ import mlflow
 
 from lipforcing import storage
 from lipforcing.config import ConfigError, to_yaml
+from lipforcing.data.shards import RAW_FIELDS, check_readable
 from pipelines import tracking
 from pipelines.distill_config import STAGES, DistillConfig
 from pipelines.jobs import run_job
 from pipelines.ray_cluster import init_ray
 from pipelines.stages.common import WEIGHTS_FILE, stage_weights
-from pipelines.trainer import CHECKPOINT_FOLDER, TrainerConfig, fit
+from pipelines.trainer import CHECKPOINT_FOLDER, TrainerConfig, accumulation, fit, placed
 
 TRAINED = ("teacher_base", "teacher", "student", "dmd")
 
@@ -45,6 +46,20 @@ def validate(config: DistillConfig) -> None:
             f"config keys {', '.join(missing)} are empty: the {config.model.profile} profile trains from "
             "pretrained weights (local paths or URLs); set them, or allow_random_init=true for a smoke test"
         )
+    for section, trainer in trainers(config).items():
+        if trainer.num_workers is not None:  # else the cluster's GPU count decides, checked at launch
+            accumulation(trainer, trainer.num_workers, section)
+    if config.latents:
+        check_readable(config.latents, ("pth",), "latents")
+    else:
+        check_readable(config.data, RAW_FIELDS, "data")
+
+
+def trainers(config: DistillConfig) -> dict[str, TrainerConfig]:
+    """The trainer config of every stage this run trains, by config key."""
+    sections = {"teacher.base": config.teacher.base, "teacher.train": config.teacher.train}
+    sections.update({"student.train": config.student.train, "dmd.train": config.dmd.train})
+    return {key: trainer for key, trainer in sections.items() if key.split(".")[0] in config.stages}
 
 
 def resolve_syncnet(config: DistillConfig) -> None:
@@ -57,10 +72,11 @@ def resolve_syncnet(config: DistillConfig) -> None:
 def run_stage(stage_class, config: DistillConfig, trainer: TrainerConfig, name: str, parent_id: str) -> None:
     run_name = f"{config.run_name}-{name}"
     checkpoints = storage.join(config.output, CHECKPOINT_FOLDER, run_name)
+    section = "teacher.base" if name == "teacher_base" else f"{name}.train"
+    trainer = placed(trainer, section)  # worker count, GPUs and accumulation as this cluster runs them
     with tracking.start_run(name, parent_run_id=parent_id, tags={"stage": name, "ray_run": run_name}, resume_key=checkpoints) as run:
         if mlflow.get_run(run.info.run_id).data.tags.get("resumed") != "true":  # a new run: record its settings
             mlflow.log_params({f"train.{k}": v for k, v in tracking.safe_params(trainer.__dict__).items()})
-        section = "teacher.base" if name == "teacher_base" else f"{name}.train"
         result = fit(stage_class, config, trainer, run_name, config.output, run.info.run_id, mlflow.get_tracking_uri(), section)
         if result.error is not None:
             raise result.error

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lipforcing.config import ClusterConfig
+from lipforcing.data.shards import LoaderConfig
 from lipforcing.data.windows import WindowConfig
 from lipforcing.models.config import ModelConfig, model_config
 from pipelines.trainer import TrainerConfig
@@ -80,7 +81,7 @@ class DistillConfig:
     # Real-size profiles start from pretrained weights; true lets them start from random init
     # (smoke tests and throughput runs only: the result is not a lip-sync model).
     allow_random_init: bool = False
-    loader_workers: int = 0  # torch DataLoader processes per training worker
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
     seed: int = 0
     window: WindowConfig = field(default_factory=WindowConfig)
     model: ModelConfig = field(default_factory=ModelConfig)  # the student (and its fake score)

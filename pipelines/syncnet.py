@@ -23,7 +23,19 @@ import torch.nn.functional as F
 from lipforcing import storage
 from lipforcing.config import ClusterConfig, to_yaml
 from lipforcing.data import FPS
-from lipforcing.data.shards import Clip, decode_clip, shard_urls, stream_samples, worker_reader
+from lipforcing.data.shards import (
+    RAW_FIELDS,
+    Clip,
+    DryStream,
+    LoaderConfig,
+    SkipCounter,
+    check_readable,
+    decode_clip,
+    loaded,
+    shard_urls,
+    training_samples,
+    worker_reader,
+)
 from lipforcing.models.syncnet import StableSyncNet, SyncNetConfig, save_syncnet, score_clip
 from pipelines.jobs import run_job
 from pipelines.trainer import Stage, TrainerConfig, fit
@@ -45,6 +57,7 @@ class SyncNetJobConfig:
     train: TrainerConfig = field(
         default_factory=lambda: TrainerConfig(steps=300, batch_size=32, lr=1e-3, zero_stage=2, checkpoint_every=100)
     )
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
     pairs_per_clip: int = 32  # pairs drawn from one decoded clip before the next is decoded
     val_fraction: float = 0.2  # share of clips (by key hash) held out for validation
     seed: int = 0
@@ -72,23 +85,34 @@ def clip_pairs(model: StableSyncNet, clip: Clip, count: int, rng: random.Random)
 
 
 class PairStream(torch.utils.data.IterableDataset):
-    """Endless batches of pairs for one rank (each dataloader worker reads its own share)."""
+    """Endless batches of training pairs for one rank (each dataloader worker reads its own stream)."""
 
-    def __init__(self, config: SyncNetJobConfig, rank: int, world_size: int, train: bool = True):
-        self.config, self.rank, self.world_size = config, rank, world_size
+    def __init__(self, config: SyncNetJobConfig, rank: int, world_size: int, start: int):
+        self.config, self.rank, self.world_size, self.start = config, rank, world_size, start
         self.windowing = StableSyncNet(config.syncnet)  # only its (parameter-free) window functions are used
-        self.train = train
+        self.skips = SkipCounter()
 
     def __iter__(self):
+        config = self.config
         reader = worker_reader(self.rank, self.world_size)
-        rng = random.Random(self.config.seed * 1000 + reader.index)
-        urls = shard_urls(self.config.data)
+        rng = random.Random(hash((config.seed, reader.index, self.start)))
+        urls = shard_urls(config.data)
+        samples = training_samples(urls, reader, config.seed, self.start, RAW_FIELDS, self.skips, config.loader.shuffle_buffer)
+        dry = DryStream(f"training pair (val_fraction={config.val_fraction}, clips of >= {2 * self.windowing.window + 1} windows)")
         pending: list[tuple] = []
-        batch = self.config.train.batch_size
-        for sample in stream_samples(urls, reader, seed=self.config.seed):
-            if is_validation(sample["__key__"], self.config.val_fraction) == self.train:
+        batch = config.train.batch_size
+        for sample in samples:
+            pairs = []
+            if not is_validation(sample["__key__"], config.val_fraction):
+                try:
+                    pairs = list(clip_pairs(self.windowing, decode_clip(sample), config.pairs_per_clip, rng))
+                except Exception as error:  # noqa: BLE001 - an undecodable sample is skipped and counted
+                    self.skips(error)
+            if not pairs:
+                dry.unused()
                 continue
-            pending.extend(clip_pairs(self.windowing, decode_clip(sample), self.config.pairs_per_clip, rng))
+            dry.used()
+            pending.extend(pairs)
             rng.shuffle(pending)
             while len(pending) >= batch:
                 chunk, pending = pending[:batch], pending[batch:]
@@ -103,9 +127,13 @@ class SyncNetStage(Stage[SyncNetJobConfig]):
         torch.manual_seed(self.context.config.seed)
         return {"syncnet": StableSyncNet(self.context.config.syncnet)}
 
-    def batches(self):
-        dataset = PairStream(self.context.config, self.context.rank, self.context.world_size)
-        return iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=0))
+    def batches(self, start):
+        dataset = PairStream(self.context.config, self.context.rank, self.context.world_size, start)
+        self.skips = dataset.skips
+        return loaded(dataset, self.context.config.loader)
+
+    def data_metrics(self):
+        return {"data/skipped_samples": float(self.skips.total)}
 
     def step(self, engines, batch, iteration, micro):
         video, sound, label = (t.to(self.context.device) for t in batch)
@@ -161,6 +189,7 @@ def main(config: SyncNetJobConfig) -> int:
     from pipelines import tracking
     from pipelines.ray_cluster import init_ray
 
+    check_readable(config.data, RAW_FIELDS, "data")
     init_ray()
     storage.write_text(storage.join(config.output, "config.yaml"), to_yaml(config))
     with tracking.start_run("syncnet", config=config, tags={"job": "syncnet"}) as run:
@@ -181,4 +210,4 @@ def main(config: SyncNetJobConfig) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_job("pipelines.syncnet", SyncNetJobConfig, main))
+    sys.exit(run_job("pipelines.syncnet", SyncNetJobConfig, main, validate=lambda config: check_readable(config.data, RAW_FIELDS, "data")))

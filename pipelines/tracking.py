@@ -281,3 +281,42 @@ class ResilientLogger:
         if self.failures:
             logger.info("MLflow reachable again after %d failed attempts; the queue is sent", self.failures)
         self.failures = 0
+
+
+class NodeMetrics:
+    """This node's CPU, memory, disk, network and (with NVML) GPU use, in a training run as
+    `system/<node>/...` every `interval_s`: MLflow's own collectors, sent through a `ResilientLogger`
+    so a tracking outage delays them instead of ending them (MLflow's monitor stops at the first
+    failed request). One per node: the worker with local rank 0 runs it."""
+
+    def __init__(self, run_id: str, tracking_uri: str | None, node: str, interval_s: float):
+        import threading
+
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.collector = SystemMetricsMonitor(run_id, sampling_interval=interval_s, node_id=node, tracking_uri=tracking_uri)
+        self.sink = ResilientLogger(run_id, tracking_uri)
+        self.prefix, self.interval_s = f"system/{node}/", interval_s
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="node-metrics", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        step, last = 0, False
+        while not last:
+            last = self.stopped.wait(self.interval_s)  # a last sample when stopped: short runs get one too
+            try:
+                self.collector.collect_metrics()
+                metrics = self.collector.aggregate_metrics()
+                for monitor in self.collector.monitors:
+                    monitor.clear_metrics()
+            except Exception as err:  # noqa: BLE001 - a sensor that fails must not end training
+                logger.warning("system metrics not collected: %s", err)
+                continue
+            self.sink.log_metrics({self.prefix + key: value for key, value in metrics.items()}, step)
+            step += 1
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=self.interval_s + 5)
+        self.sink.flush(timeout_s=30)

@@ -8,7 +8,9 @@ schedule, gradient accumulation, checkpoints written by the engines and reported
 
 An ITERATION is one optimizer step of each network the stage updates in it, over the whole
 effective batch (`batch_size * grad_accum * num_workers` samples): the loop feeds `grad_accum`
-micro-batches, the engines accumulate their gradients and step once at the end. `steps`,
+micro-batches, the engines accumulate their gradients and step once at the end. A profile states
+`effective_batch`, the contract; the worker count comes from the run (the config or the cluster's
+GPUs) and `grad_accum` is derived, so 4 or 64 GPUs train with the same dynamics. `steps`,
 `warmup_steps`, `checkpoint_every`, `sample_every` and the learning-rate schedule all count
 iterations, and the loop checks after every iteration that each engine stepped exactly as planned.
 """
@@ -21,6 +23,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -44,6 +47,9 @@ class TrainerConfig:
 
     steps: int = 10  # iterations: optimizer steps over the whole effective batch
     batch_size: int = 1  # per worker, per micro-batch
+    # samples per iteration over all workers; set, it derives grad_accum from the worker count
+    # (0: batch_size * grad_accum * num_workers as given)
+    effective_batch: int = 0
     grad_accum: int = 1  # micro-batches per worker in one iteration
     lr: float = 1e-5
     warmup_steps: int = 0  # iterations of linear warmup from 0 to lr
@@ -54,14 +60,17 @@ class TrainerConfig:
     zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["fp32", "bf16"] = "fp32"
     activation_checkpointing: bool = False
-    num_workers: int = 2
+    num_workers: int | None = 2  # None: one worker per GPU of the Ray cluster
     use_gpu: bool | None = None  # None: one GPU per worker when the Ray cluster has them
     cpus_per_worker: float = 1.0
     checkpoint_every: int = 5
+    # async: the loop goes on while Ray Train uploads the checkpoint (only the local write stalls it)
+    checkpoint_upload: Literal["async", "sync"] = "async"
     sample_every: int = 0  # also render the stage's sample video every N iterations (0: at the end only)
     keep_checkpoints: int = 2
     log_every: int = 1
     max_failures: int = 2
+    system_metrics_every_s: float = 10.0  # per-node CPU/memory/GPU into the run (0: off)
     seed: int = 0
 
 
@@ -138,8 +147,13 @@ class Stage(abc.ABC, Generic[ConfigT]):
         return self.context.trainer.grad_clip
 
     @abc.abstractmethod
-    def batches(self) -> Iterator[Any]:
-        """An endless iterator of this rank's micro batches."""
+    def batches(self, start: int) -> Iterator[Any]:
+        """An endless iterator of this rank's micro batches for iterations `start` onwards (a resumed
+        run draws a fresh stream rather than replaying the first batches)."""
+
+    def data_metrics(self) -> dict[str, float]:
+        """What the loader reports per logged iteration (e.g. samples it skipped)."""
+        return {}
 
     @abc.abstractmethod
     def step(self, engines: dict[str, Any], batch: Any, iteration: int, micro: int) -> dict[str, float]:
@@ -211,22 +225,37 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         )
         engines[name] = engine
     trained = dict(engines)
-    trainable = tuple(trained)
     for name, module in stage.frozen_networks().items():
         engines[name] = _place_frozen(module, trainer_config, world, device)
 
-    start = _restore(trained, stage)
+    start, restored = _restore(trained, stage)
     logger = _RankZeroLogger(context) if rank == 0 else None
-    batches = stage.batches()
+    if logger:
+        logger.log(restored, start)
+    node_metrics = _node_metrics(context) if context.local_rank == 0 else None
+    try:
+        _loop(stage, engines, trained, start, logger)
+    finally:
+        if node_metrics:
+            node_metrics.stop()
+
+
+def _loop(stage: Stage, engines: dict[str, Any], trained: dict[str, Any], start: int, logger: _RankZeroLogger | None) -> None:
+    """Iterations `start`..`steps`, with logging, checkpoints and samples, then `finish`."""
+    trainer_config = stage.context.trainer
+    trainable = tuple(trained)
+    batches = stage.batches(start)
     window = _Throughput()
     for iteration in range(start, trainer_config.steps):
         updated = stage.updates(iteration, trainable)
         metrics = _iteration(stage, engines, updated, batches, iteration, window)
         number = iteration + 1
         if logger and number % trainer_config.log_every == 0:
-            logger.log({**metrics, **_engine_metrics(engines, trainable), **window.metrics(), **_memory(device)}, number)
+            logger.log({**metrics, **_engine_metrics(engines, trainable), **window.metrics(), **stage.data_metrics(), **_memory(stage.context.device)}, number)
         if number % trainer_config.checkpoint_every == 0 or number == trainer_config.steps:
-            _save_and_report(trained, stage, number, metrics)
+            stall = _save_and_report(trained, stage, number, metrics)
+            if logger:
+                logger.log({"checkpoint_stall_s": stall}, number)
         if trainer_config.sample_every and number % trainer_config.sample_every == 0 and number < trainer_config.steps:
             with tempfile.TemporaryDirectory() as output_dir, whole_modules(stage.whole(trained)):
                 stage.render_samples(engines, output_dir, f"{stage.name}-step{number:06d}")
@@ -238,6 +267,18 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             logger.log(final, trainer_config.steps)
             logger.upload(output_dir)
             logger.flush()
+
+
+def _node_metrics(context: WorkerContext) -> Any:
+    """System metrics of this worker's node into the stage's run (None without a run or when off)."""
+    if not context.run_id or not context.trainer.system_metrics_every_s:
+        return None
+    import ray
+
+    from pipelines.tracking import NodeMetrics
+
+    node = f"{ray.util.get_node_ip_address()}-{ray.get_runtime_context().get_node_id()[:6]}"
+    return NodeMetrics(context.run_id, context.tracking_uri, node, context.trainer.system_metrics_every_s)
 
 
 def _iteration(
@@ -326,37 +367,94 @@ CHECKPOINT_TAG = "state"
 PROGRESS_FILE = "progress.json"
 
 
-def _save_and_report(engines: dict[str, Any], stage: Stage, iteration: int, metrics: dict[str, float]) -> None:
-    """Every rank writes its engine shards; Ray merges the ranks' files into one checkpoint."""
+def _save_and_report(engines: dict[str, Any], stage: Stage, iteration: int, metrics: dict[str, float]) -> float:
+    """Every rank writes its engine shards; Ray merges the ranks' files into one checkpoint and
+    uploads it (in the background unless `checkpoint_upload` is sync). Returns the seconds the loop
+    stood still for it."""
     import ray.train
 
-    with tempfile.TemporaryDirectory() as directory:
-        for name, engine in engines.items():
-            client_state = {"iteration": iteration, "stage": stage.state()} if name == next(iter(engines)) else {}
-            engine.save_checkpoint(os.path.join(directory, name), tag=CHECKPOINT_TAG, client_state=client_state)
-        if stage.context.rank == 0:  # readable without unpickling anything: which iteration this is
-            with open(os.path.join(directory, PROGRESS_FILE), "w") as handle:
-                json.dump({"stage": stage.name, "iteration": iteration, "optimizer_steps": {n: e.global_steps for n, e in engines.items()}}, handle)
-        checkpoint = ray.train.Checkpoint.from_directory(directory)
-        ray.train.report({"iteration": iteration, **metrics}, checkpoint=checkpoint)
+    started = time.perf_counter()
+    directory = tempfile.mkdtemp(prefix="lipforcing-checkpoint-")  # Ray deletes it once uploaded
+    for name, engine in engines.items():
+        client_state = {"iteration": iteration, "stage": stage.state()} if name == next(iter(engines)) else {}
+        engine.save_checkpoint(os.path.join(directory, name), tag=CHECKPOINT_TAG, client_state=client_state)
+    if stage.context.rank == 0:  # readable without unpickling anything: which iteration, at which world size
+        progress = {
+            "stage": stage.name,
+            "iteration": iteration,
+            "world_size": stage.context.world_size,
+            "optimizer_steps": {n: e.global_steps for n, e in engines.items()},
+        }
+        with open(os.path.join(directory, PROGRESS_FILE), "w") as handle:
+            json.dump(progress, handle)
+    mode = ray.train.CheckpointUploadMode.ASYNC if stage.context.trainer.checkpoint_upload == "async" else ray.train.CheckpointUploadMode.SYNC
+    ray.train.report(
+        {"iteration": iteration, **metrics},
+        checkpoint=ray.train.Checkpoint.from_directory(directory),
+        checkpoint_upload_mode=mode,
+        delete_local_checkpoint_after_upload=True,
+    )
+    return time.perf_counter() - started
 
 
-def _restore(engines: dict[str, Any], stage: Stage) -> int:
-    """Load the latest reported checkpoint, if any; returns the iteration to continue from."""
+def _restore(engines: dict[str, Any], stage: Stage) -> tuple[int, dict[str, float]]:
+    """Load the latest reported checkpoint, if any; returns the iteration to continue from and what
+    the restore cost (seconds, files fetched).
+
+    A rank fetches only its own share (the files every rank reads and its own ZeRO partitions); a
+    checkpoint written at another world size is fetched whole and resharded (`pipelines.reshard`)."""
     import ray.train
+
+    from pipelines.reshard import load_resharded
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return 0
-    iteration = 0
-    with checkpoint.as_directory() as directory:
+        return 0, {}
+    started, context = time.perf_counter(), stage.context
+    with tempfile.TemporaryDirectory(prefix="lipforcing-restore-") as scratch:
+        saved_world = json.loads(_read_checkpoint_file(checkpoint, PROGRESS_FILE)).get("world_size", context.world_size)
+        directory, fetched = _fetch(checkpoint, scratch, context.rank if saved_world == context.world_size else None)
         for index, (name, engine) in enumerate(engines.items()):
-            _, client_state = engine.load_checkpoint(os.path.join(directory, name), tag=CHECKPOINT_TAG)
+            if saved_world == context.world_size:
+                _, client_state = engine.load_checkpoint(os.path.join(directory, name), tag=CHECKPOINT_TAG)
+            else:
+                universal = os.path.join(scratch, "universal", name)  # never inside Ray's own checkpoint folder
+                client_state = load_resharded(engine, os.path.join(directory, name), CHECKPOINT_TAG, universal)
             if index == 0:
                 iteration = int(client_state["iteration"])
                 stage.load_state(client_state.get("stage", {}))
-    log.info("[%s] resumed from iteration %d", stage.name, iteration)
-    return iteration
+    log.info("[%s] resumed from iteration %d (saved by %d workers, now %d)", stage.name, iteration, saved_world, context.world_size)
+    return iteration, {"restore_s": time.perf_counter() - started, "restore_files": float(fetched), "restored_world_size": float(saved_world)}
+
+
+RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")  # DeepSpeed's per-rank partition files
+
+
+def _fetch(checkpoint: Any, scratch: str, rank: int | None) -> tuple[str, int]:
+    """A local folder holding the checkpoint, or, for `rank`, only the files that rank loads (the
+    checkpoint itself when it is already on this machine's disk), and how many files were copied."""
+    import pyarrow.fs
+
+    source, root = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    if isinstance(source, pyarrow.fs.LocalFileSystem):
+        return root, 0
+    local, fetched = pyarrow.fs.LocalFileSystem(), 0
+    for info in source.get_file_info(pyarrow.fs.FileSelector(root, recursive=True)):
+        if info.type != pyarrow.fs.FileType.File:
+            continue
+        match = RANK_FILE.search(info.base_name)
+        if rank is not None and match and int(match.group(1)) != rank:
+            continue
+        target = os.path.join(scratch, info.path[len(root) :].lstrip("/"))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        pyarrow.fs.copy_files(info.path, target, source_filesystem=source, destination_filesystem=local)
+        fetched += 1
+    return scratch, fetched
+
+
+def _read_checkpoint_file(checkpoint: Any, name: str) -> str:
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path.rstrip('/')}/{name}") as handle:
+        return handle.read().decode()
 
 
 def _engine_metrics(engines: dict[str, Any], trainable: tuple[str, ...]) -> dict[str, float]:
@@ -495,27 +593,50 @@ def fit(
 
 
 def placed(trainer: TrainerConfig, section: str = "train") -> TrainerConfig:
-    """`trainer` with `use_gpu` decided against the Ray cluster (None: GPUs when there is one per
-    worker), refused with the keys to change when the cluster cannot hold its workers: Ray Train
-    would otherwise wait for them forever."""
+    """`trainer` as it will run on this Ray cluster: the worker count (None: one per GPU there),
+    `use_gpu` (None: GPUs when there is one per worker) and `grad_accum` (from `effective_batch`).
+    What the cluster cannot hold is refused with the keys to change: Ray Train would otherwise wait
+    for the workers forever."""
     import ray
 
     total = ray.cluster_resources()
     gpus, cpus = total.get("GPU", 0.0), total.get("CPU", 0.0)
-    use_gpu = trainer.use_gpu if trainer.use_gpu is not None else gpus >= trainer.num_workers
-    if use_gpu and gpus < trainer.num_workers:
+    workers = trainer.num_workers
+    if workers is None:
+        if not gpus or trainer.use_gpu is False:
+            raise ConfigError(
+                f"config key '{section}.num_workers' is unset, which means one worker per GPU, but the "
+                f"{'run does not use GPUs' if trainer.use_gpu is False else 'Ray cluster has none'}: set it"
+            )
+        workers = int(gpus)
+    use_gpu = trainer.use_gpu if trainer.use_gpu is not None else gpus >= workers
+    if use_gpu and gpus < workers:
         raise ConfigError(
             f"config key '{section}.use_gpu' is true but the Ray cluster has {gpus:g} GPUs for "
-            f"{trainer.num_workers} workers ('{section}.num_workers'): add GPU nodes (an autoscaling cluster: "
+            f"{workers} workers ('{section}.num_workers'): add GPU nodes (an autoscaling cluster: "
             f"start them first), lower num_workers, or set {section}.use_gpu=false"
         )
-    needed = trainer.num_workers * trainer.cpus_per_worker
+    needed = workers * trainer.cpus_per_worker
     if cpus < needed:
         raise ConfigError(
             f"'{section}.num_workers' x '{section}.cpus_per_worker' = {needed:g} CPUs but the Ray cluster has "
             f"{cpus:g}: add nodes or lower them"
         )
-    return dataclasses.replace(trainer, use_gpu=use_gpu)
+    return dataclasses.replace(trainer, num_workers=workers, use_gpu=use_gpu, grad_accum=accumulation(trainer, workers, section))
+
+
+def accumulation(trainer: TrainerConfig, workers: int, section: str = "train") -> int:
+    """Micro-batches per worker per iteration that make `effective_batch` on `workers` workers."""
+    if not trainer.effective_batch:
+        return trainer.grad_accum
+    per_pass = trainer.batch_size * workers
+    if trainer.effective_batch % per_pass:
+        fits = [n for n in range(1, trainer.effective_batch // trainer.batch_size + 1) if trainer.effective_batch % (n * trainer.batch_size) == 0]
+        raise ConfigError(
+            f"config key '{section}.effective_batch' = {trainer.effective_batch} is not a multiple of "
+            f"'{section}.batch_size' x workers = {trainer.batch_size} x {workers}; worker counts that fit: {fits}"
+        )
+    return trainer.effective_batch // per_pass
 
 
 def _ray_storage(url: str) -> tuple[str, Any]:

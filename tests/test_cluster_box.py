@@ -27,6 +27,9 @@ from tests.conftest import REPO_ROOT
 
 pytestmark = [
     pytest.mark.integration,
+    # the module's pipeline fixture runs data -> distill -> eval on the box: ~7 min alone, over 15 on a
+    # loaded 2-core machine, more than the suite's per-test limit
+    pytest.mark.timeout(2400),
     pytest.mark.skipif(os.geteuid() != 0, reason="worker nodes need their own mount namespaces (unshare -m, as root)"),
 ]
 CLIPS = ("hdtf_astronaut_25fps.mp4", "hallo3_t1b_2997fps.mp4", "vox_t1a_30fps.mp4", "bad_text_named_mp4.mp4")

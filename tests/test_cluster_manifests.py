@@ -58,7 +58,11 @@ def test_entrypoints_resolve_against_the_job_schemas(path, monkeypatch):
             config = resolve_config(getattr(importlib.import_module(schema_module), schema_name), args)
             assert config.profile in ("1.3b", "14b")
             if hasattr(job, "validate"):
+                read = []  # the datasets it would open before submitting: none exist here
+                if hasattr(job, "check_readable"):
+                    monkeypatch.setattr(job, "check_readable", lambda location, fields, key: read.append(location))
                 job.validate(config)  # e.g. distill: every pretrained weight it needs is given
+                assert all(location.startswith("s3://") for location in read), read  # object storage on a cluster
 
 
 def kuberay_documents() -> dict[str, dict]:
@@ -109,7 +113,8 @@ def test_gpu_pods_tolerate_gpu_taints_and_have_shared_memory_for_the_loaders():
 
 @pytest.mark.parametrize("name", ["rayjob-distill.yaml", "raycronjob-retrain.yaml"])
 def test_gpu_count_matches_the_profile_the_job_trains(name, monkeypatch):
-    """The cluster a distill job brings up has exactly the GPUs its profile's stages ask for."""
+    """The cluster a distill job brings up has GPUs its profile's stages can use: every stage runs one
+    worker per GPU (num_workers unset) and its effective batch divides over them."""
     monkeypatch.chdir(CLUSTER.parent)
     document = kuberay_documents()[name]
     gpus = sum(int(pod["containers"][0].get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0)) * replicas
@@ -118,7 +123,12 @@ def test_gpu_count_matches_the_profile_the_job_trains(name, monkeypatch):
     from pipelines.distill_config import DistillConfig
 
     config = resolve_config(DistillConfig, shlex.split(distill)[3:])
-    assert gpus == max(getattr(config, stage).train.num_workers for stage in ("teacher", "student", "dmd"))
+    from pipelines.trainer import accumulation
+
+    for stage in ("teacher", "student", "dmd"):
+        train = getattr(config, stage).train
+        assert train.num_workers in (None, gpus) and train.effective_batch
+        assert accumulation(train, gpus) * train.batch_size * gpus == train.effective_batch
 
 
 def test_the_raycronjob_says_what_it_needs_and_has_a_fallback():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -113,14 +115,25 @@ def test_diffusion_forcing_overfits_one_batch(tiny):
     assert losses[-1] < 0.3 * losses[0]
 
 
-def test_config_validation_names_keys():
+def test_config_validation_names_keys(tmp_path):
+    import webdataset as wds
+
+    for folder, sample in (("data", {"mp4": b"v", "wav": b"a", "json": b"{}"}), ("cache", {"pth": b"t"})):
+        os.makedirs(tmp_path / folder / "shards")
+        with wds.TarWriter(str(tmp_path / folder / "shards" / "00000.tar")) as sink:
+            sink.write({"__key__": "k", **sample})
+    data = f"data={tmp_path / 'data'}"
     with pytest.raises(ConfigError, match="stages"):
-        validate(resolve_config(DistillConfig, ["stages=[teacher,gan]"]))
+        validate(resolve_config(DistillConfig, ["stages=[teacher,gan]", data]))
     with pytest.raises(ConfigError, match=r"model.tae_weights, teacher_model.dit_weights, model.dit_weights, model.vae_weights"):
-        validate(resolve_config(DistillConfig, ["profile=1.3b"]))  # would train random weights at 1.3B
-    weights = ["model.tae_weights=t", "teacher_model.dit_weights=w", "model.dit_weights=s", "latents=cache"]
+        validate(resolve_config(DistillConfig, ["profile=1.3b", data]))  # would train random weights at 1.3B
+    weights = ["model.tae_weights=t", "teacher_model.dit_weights=w", "model.dit_weights=s", f"latents={tmp_path / 'cache'}"]
     validate(resolve_config(DistillConfig, ["profile=1.3b", *weights]))  # a latent cache stands in for the encoders
-    validate(resolve_config(DistillConfig, ["profile=14b", "allow_random_init=true"]))
+    validate(resolve_config(DistillConfig, ["profile=14b", "allow_random_init=true", data]))
+    with pytest.raises(ConfigError, match="'data'.*no WebDataset shards"):  # before anything is submitted
+        validate(resolve_config(DistillConfig, [f"data={tmp_path / 'nothing'}"]))
+    with pytest.raises(ConfigError, match=r"'dmd.train.effective_batch' = 64 is not a multiple of .* 1 x 5"):
+        validate(resolve_config(DistillConfig, ["profile=14b", "allow_random_init=true", data, "dmd.train.effective_batch=64", "dmd.train.num_workers=5"]))
     with pytest.raises(ConfigError, match="reward_weighting.*'per_sample', 'self_normalised'"):
         resolve_config(DistillConfig, ["dmd.reward_weighting=softmax"])
 

@@ -69,7 +69,7 @@ def test_training_batches_come_from_the_cache(latents, sample_shards):
 
     stage = Probe(context)
     assert not hasattr(stage, "encoder")  # no VAE or wav2vec2 built when training from the cache
-    batch = stage.encode(next(stage.batches()))
+    batch = stage.encode(next(stage.batches(0)))
     frames = (config.window.frames - 1) // 4 + 1
     assert batch.x0.shape == (2, 16, frames, config.window.size // 8, config.window.size // 8)
     assert batch.cond.audio.shape[:2] == (2, frames)

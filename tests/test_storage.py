@@ -75,3 +75,29 @@ def test_s3_upload_file(s3_bucket, tmp_path):
 def test_join_keeps_scheme():
     assert storage.join("s3://bucket/x/", "y", "/z.tar") == "s3://bucket/x/y/z.tar"
     assert storage.join("outputs/data", "shards") == "outputs/data/shards"
+
+
+def test_a_remote_file_is_fetched_once_per_machine_and_again_when_rewritten(s3_bucket, tmp_path, monkeypatch):
+    """Eight workers of a node asking for the previous stage's weights at once cause one download;
+    a rewritten object (a stage rerun with force=true) is not served from the stale copy."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(storage, "CACHE", str(tmp_path / "cache"))
+    url = f"{s3_bucket}/distill/teacher/dit.safetensors"
+    storage.write_bytes(url, b"a" * 1_000_000)
+    fs = storage.filesystem(url)[0]
+    downloads: list[str] = []
+    real_get_file = fs.get_file
+
+    def counting_get_file(remote, local, *args, **kwargs):  # a spy on the real s3fs call
+        downloads.append(remote)
+        return real_get_file(remote, local, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "get_file", counting_get_file)  # fsspec shares this instance per location
+    with ThreadPoolExecutor(8) as pool:
+        paths = list(pool.map(lambda _: storage.cached(url), range(8)))
+    assert len(set(paths)) == 1 and len(downloads) == 1
+    assert open(paths[0], "rb").read() == b"a" * 1_000_000
+    storage.write_bytes(url, b"b" * 10)
+    fresh = storage.cached(url)
+    assert fresh != paths[0] and open(fresh, "rb").read() == b"b" * 10 and len(downloads) == 2

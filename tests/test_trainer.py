@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import math
 import os
@@ -12,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
+import psutil
 import pytest
+import ray
 import ray.cloudpickle
 import torch
 
@@ -42,7 +46,7 @@ class ToyRegression(Stage):
         torch.manual_seed(0)
         return {"model": torch.nn.Linear(4, 1)}
 
-    def batches(self):
+    def batches(self, start):
         generator = torch.Generator().manual_seed(self.context.rank)
         while True:
             x = torch.randn(self.context.trainer.batch_size, 4, generator=generator)
@@ -88,7 +92,7 @@ class TwoRates(Stage):
     def updates(self, iteration, names):
         return names if iteration % 2 == 0 else ("fast",)
 
-    def batches(self):
+    def batches(self, start):
         self.consumed = 0
         while True:
             self.consumed += 1
@@ -117,7 +121,7 @@ class WithFrozenTeacher(Stage):
         torch.manual_seed(1)
         return {"teacher": torch.nn.Linear(512, 255)}
 
-    def batches(self):
+    def batches(self, start):
         while True:
             yield torch.randn(4, 512)
 
@@ -166,7 +170,7 @@ def test_two_workers_zero2_train_and_log(local_ray, tmp_path, monkeypatch):
     assert result.checkpoint is not None
     assert sorted(os.listdir(result.checkpoint.path)) == ["model", "progress.json"]
     progress = json.loads((Path(result.checkpoint.path) / "progress.json").read_text())
-    assert progress == {"stage": "toy", "iteration": 12, "optimizer_steps": {"model": 12}}
+    assert progress == {"stage": "toy", "iteration": 12, "world_size": 2, "optimizer_steps": {"model": 12}}
     files = sorted(os.listdir(os.path.join(result.checkpoint.path, "model", "state")))
     # ZeRO-2 keeps one optimizer shard per rank: both ranks' files were merged into one checkpoint.
     assert sum("optim_states" in f for f in files) == 2
@@ -212,6 +216,88 @@ def test_an_iteration_is_one_optimizer_step_over_all_micro_batches(local_ray, tm
     assert history("micro") == [1.0] * 5  # the mean of micro-batch indices 0, 1, 2
     for rank in (0, 1):
         assert (tmp_path / f"consumed-{rank}").read_text() == "15"  # 5 iterations x 3 micro-batches
+
+
+@dataclass
+class GlobalBatchJob:
+    output: str = ""
+    seed: int = 0
+    train: TrainerConfig = field(
+        default_factory=lambda: TrainerConfig(steps=3, lr=0.05, batch_size=1, effective_batch=4, weight_decay=0.0, checkpoint_every=3)
+    )
+
+
+class GlobalBatch(Stage):
+    """Each sample is a function of its index in the global batch of its iteration, so any worker
+    count that makes the same effective batch sees the same samples and must reach the same weights."""
+
+    name = "global-batch"
+
+    def networks(self):
+        torch.manual_seed(0)
+        return {"model": torch.nn.Linear(4, 1)}
+
+    def batches(self, start):
+        trainer, rank = self.context.trainer, self.context.rank
+        for iteration in itertools.count(start):
+            for micro in range(trainer.grad_accum):
+                first = iteration * trainer.effective_batch + (rank * trainer.grad_accum + micro) * trainer.batch_size
+                x = torch.stack([torch.randn(4, generator=torch.Generator().manual_seed(i)) for i in range(first, first + trainer.batch_size)])
+                yield x, 0.5 * x.sum(dim=1, keepdim=True) + 0.2
+
+    def step(self, engines, batch, iteration, micro):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(engines["model"](x), y)
+        engines["model"].backward(loss)
+        return {"loss": loss.item()}
+
+    def finish(self, engines, output_dir):
+        if self.context.rank == 0:
+            path = Path(self.context.config.output) / f"weights-{self.context.world_size}.pt"
+            torch.save({k: v.detach().clone() for k, v in engines["model"].module.state_dict().items()}, path)
+        return {"grad_accum": float(self.context.trainer.grad_accum)}
+
+
+def test_the_effective_batch_trains_alike_on_any_worker_count(local_ray, tmp_path, monkeypatch):
+    """effective_batch=4: 2 workers accumulate 2 micro-batches, 1 worker 4; same samples, same weights."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    job = load_config(GlobalBatchJob, overrides=[f"output={tmp_path}"])
+    for workers in (2, 1):
+        trainer = dataclasses.replace(job.train, num_workers=workers)
+        with tracking.start_run(f"global-{workers}", root=tmp_path / "outputs") as run:
+            assert fit(GlobalBatch, job, trainer, f"global-{workers}", str(tmp_path), run.info.run_id, mlflow.get_tracking_uri()).error is None
+        assert mlflow.get_run(run.info.run_id).data.metrics["grad_accum"] == 4 / workers
+    start = GlobalBatch.networks(None)["model"].state_dict()
+    two, one = torch.load(tmp_path / "weights-2.pt"), torch.load(tmp_path / "weights-1.pt")
+    for key in start:
+        assert not torch.allclose(two[key], start[key])  # trained
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)
+
+
+def test_each_node_logs_its_system_metrics_into_the_stage_run(local_ray, tmp_path, monkeypatch):
+    """The worker with local rank 0 samples its node (one node here: one prefix, never two)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result, run, run_id = _run(tmp_path, "toy-system", **{"train.steps": 6, "train.system_metrics_every_s": 0.2})
+    assert result.error is None
+    nodes = {key.split("/")[1] for key in run.data.metrics if key.startswith("system/")}
+    node_id = ray.get_runtime_context().get_node_id()[:6]
+    assert len(nodes) == 1 and next(iter(nodes)).endswith(node_id)
+    node = next(iter(nodes))
+    assert 0 < run.data.metrics[f"system/{node}/system_memory_usage_megabytes"] < psutil.virtual_memory().total / 2**20
+    assert f"system/{node}/cpu_utilization_percentage" in run.data.metrics
+
+
+def test_the_worker_count_comes_from_the_cluster_and_derives_the_accumulation(local_ray):
+    from lipforcing.config import ConfigError
+    from pipelines.trainer import placed
+
+    assert placed(TrainerConfig(num_workers=2, batch_size=2, effective_batch=16)).grad_accum == 4
+    assert placed(TrainerConfig(num_workers=1, batch_size=2, effective_batch=16)).grad_accum == 8
+    assert placed(TrainerConfig(num_workers=2, grad_accum=3)).grad_accum == 3  # no contract: as given
+    with pytest.raises(ConfigError, match=r"'dmd.train.effective_batch' = 6 is not a multiple of 'dmd.train.batch_size' x workers = 2 x 2; worker counts that fit: \[1, 3\]"):
+        placed(TrainerConfig(num_workers=2, batch_size=2, effective_batch=6), "dmd.train")
+    with pytest.raises(ConfigError, match=r"'student.train.num_workers' is unset, which means one worker per GPU, but the Ray cluster has none"):
+        placed(TrainerConfig(num_workers=None), "student.train")
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
@@ -281,9 +367,32 @@ def test_checkpoints_on_object_storage_and_resume_from_there(local_ray, s3_bucke
     _run(tmp_path, "toy-s3", s3_bucket, **{"train.steps": 4})
     shards = storage.glob(f"{s3_bucket}/ray/toy-s3/checkpoint_*/model/state/*optim_states*")
     assert len(shards) == 2  # one ZeRO-2 optimizer shard per rank, in the bucket
-    result, _, _ = _run(tmp_path, "toy-s3", s3_bucket, **{"train.steps": 8})
+    files = storage.glob(f"{s3_bucket}/ray/toy-s3/checkpoint_*/**")
+    files = [f for f in files if not storage.filesystem(f)[0].isdir(storage.filesystem(f)[1])]
+    result, run, _ = _run(tmp_path, "toy-s3", s3_bucket, **{"train.steps": 8})
     assert (tmp_path / "resumed-0").read_text() == "yes"
     assert result.metrics["iteration"] == 8
+    assert run.data.metrics["restore_files"] == len(files) - 1  # all but the other rank's optimizer shard
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_a_stage_stopped_on_two_workers_continues_on_one(local_ray, tmp_path, monkeypatch, zero_stage):
+    """The checkpoint of 2 ZeRO ranks is resharded for 1 (DeepSpeed's universal checkpoint): the
+    iteration, the optimizer's step count and the learned weights carry on."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    name = f"toy-reshard-{zero_stage}"
+    _, _, first_id = _run(tmp_path, name, **{"train.steps": 4, "train.num_workers": 2, "train.zero_stage": zero_stage})
+    result, run, run_id = _run(tmp_path, name, **{"train.steps": 8, "train.num_workers": 1, "train.zero_stage": zero_stage})
+    assert result.error is None and result.metrics["iteration"] == 8
+    assert run.data.metrics["restored_world_size"] == 2
+    assert run.data.metrics["optimizer_steps/model"] == 8  # 4 restored + 4 on one worker
+    client = mlflow.tracking.MlflowClient()  # of the runs' store, which _run set
+
+    def losses(run_id):
+        return [m.value for m in sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)]
+
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [5, 6, 7, 8]
+    assert losses(run_id)[0] < 0.7 * losses(first_id)[0]  # it goes on from the trained weights, not from scratch
 
 
 def test_a_cluster_without_the_resources_is_refused_with_the_keys(local_ray):

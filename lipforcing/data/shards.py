@@ -1,12 +1,12 @@
-"""Reading the data job's WebDataset shards (local or s3://) for training.
+"""Reading the data job's WebDataset shards (local or s3://) for training and evaluation.
 
-An endless, epoch-structured stream. In every epoch the shard order is reshuffled from the seed,
-and the stream is split so that no sample goes to two readers (rank x dataloader worker):
-- with at least as many shards as readers, each reader takes every n-th shard;
-- with fewer shards (small datasets, the demo), every reader scans the shards and keeps every n-th
-  sample, so no reader is left without data and none hangs.
-Epochs repeat forever (the `resampled=True` behaviour); `with_epoch`-style length is the caller's
-`samples_per_epoch`.
+Training reads an endless stream built from webdataset's own pieces: every reader (a training
+rank x one of its DataLoader processes) resamples shards with replacement from its own seed, so no
+reader ever runs dry, however few shards there are; a shuffle buffer mixes samples across clips;
+a resumed run draws a fresh stream (the seed includes the iteration it resumes from) instead of
+replaying the first batches; and a corrupt tar, an undecodable sample or one missing a field is
+skipped and counted, never a crashed worker. Evaluation and the cache jobs read each sample once,
+in order (`epoch_samples`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import logging
+import multiprocessing
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +28,10 @@ import torch
 import webdataset as wds
 
 from lipforcing import storage
+from lipforcing.config import ConfigError
+
+log = logging.getLogger("lipforcing.data")
+RAW_FIELDS = ("mp4", "wav", "json")  # what a data-job sample holds
 
 
 def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any):
@@ -77,10 +83,118 @@ def epoch_samples(urls: list[str], reader: Reader, seed: int, epoch: int) -> Ite
     yield from itertools.islice(stream, reader.index, None, reader.count)
 
 
-def stream_samples(urls: list[str], reader: Reader, seed: int = 0) -> Iterator[dict[str, Any]]:
-    """Endless: epoch after epoch of `epoch_samples`, each epoch shuffled differently."""
-    for epoch in itertools.count():
-        yield from epoch_samples(urls, reader, seed, epoch)
+@dataclass
+class LoaderConfig:
+    """How training reads shards."""
+
+    workers: int = 0  # torch DataLoader processes per training worker (decode off the training loop)
+    shuffle_buffer: int = 64  # samples mixed before use (raw: compressed clips, a few MB each)
+    prefetch: int = 2  # batches each DataLoader process prepares ahead
+
+
+class SkipCounter:
+    """Samples a stream skipped (unreadable tar, undecodable or incomplete sample), counted across
+    the DataLoader processes of a rank: a webdataset `handler` that logs and continues."""
+
+    def __init__(self):
+        self._count = multiprocessing.get_context("fork").Value("q", 0)  # shared with forked loaders
+
+    def __call__(self, error: Exception) -> bool:
+        with self._count.get_lock():
+            self._count.value += 1
+        log.warning("skipped a sample: %s: %s", type(error).__name__, error)
+        return True
+
+    @property
+    def total(self) -> int:
+        return int(self._count.value)
+
+    def __getstate__(self):  # a spawned loader process counts on its own
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+
+def loaded(dataset: torch.utils.data.IterableDataset, config: LoaderConfig) -> Iterator[Any]:
+    """Iterate a self-batching dataset in `config.workers` DataLoader processes (0: in this one)."""
+    prefetch = config.prefetch if config.workers else None
+    return iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=config.workers, prefetch_factor=prefetch))
+
+
+class MissingFields(ValueError):
+    pass
+
+
+def require_fields(fields: tuple[str, ...]):
+    """A webdataset map that refuses (for the handler to skip) a sample lacking any of `fields`."""
+
+    def check(sample: dict[str, Any]) -> dict[str, Any]:
+        missing = [f for f in fields if f not in sample]
+        if missing:
+            raise MissingFields(f"sample {sample.get('__key__')!r} of {sample.get('__url__')!r} lacks {missing}")
+        return sample
+
+    return check
+
+
+def training_samples(
+    urls: list[str],
+    reader: Reader,
+    seed: int,
+    start: int,
+    fields: tuple[str, ...],
+    skips: SkipCounter,
+    shuffle_buffer: int,
+    *stages: Any,
+) -> Iterator[Any]:
+    """Endless samples for one reader: shards resampled with replacement (seeded by the job seed, the
+    reader and the iteration training starts at), complete samples only, shuffled, then `stages`
+    (webdataset filters, e.g. `wds.map(decode_clip, handler=skips)`)."""
+    stream_seed = (seed, reader.index, start)  # ints only: their hash is the same in every process
+    pipeline = wds.DataPipeline(
+        wds.ResampledShards(urls, seed=seed, worker_seed=lambda: hash(stream_seed), deterministic=True),
+        wds.tarfile_to_samples(handler=skips),
+        wds.map(require_fields(fields), handler=skips),
+        wds.shuffle(shuffle_buffer, initial=shuffle_buffer, seed=hash((*stream_seed, 1))),
+        *stages,
+    )
+    return iter(pipeline)
+
+
+class DryStream:
+    """Fails a reader after `limit` samples in a row gave nothing usable (all filtered out, too
+    short, held out): with resampled shards such a dataset would otherwise spin forever."""
+
+    def __init__(self, what: str, limit: int = 1000):
+        self.what, self.limit, self.unused_in_a_row = what, limit, 0
+
+    def used(self) -> None:
+        self.unused_in_a_row = 0
+
+    def unused(self) -> None:
+        self.unused_in_a_row += 1
+        if self.unused_in_a_row >= self.limit:
+            raise RuntimeError(f"{self.limit} samples in a row gave no {self.what}: check the data and the filters")
+
+
+def check_readable(location: str, fields: tuple[str, ...], key: str) -> list[str]:
+    """The shard URLs under `location`, after reading its first sample: an empty, unreadable or
+    incomplete dataset is a config error naming `key` before any worker is started."""
+    try:
+        urls = shard_urls(location)
+    except FileNotFoundError as error:
+        raise ConfigError(f"config key '{key}': {error}") from None
+    try:
+        first = next(wds.tarfile_to_samples()(iter([{"url": urls[0]}])), None)
+    except Exception as error:  # noqa: BLE001 - whatever the tar reader raises, the user needs the file
+        raise ConfigError(f"config key '{key}': cannot read {urls[0]}: {type(error).__name__}: {error}") from None
+    if first is None:
+        raise ConfigError(f"config key '{key}': {urls[0]} holds no samples")
+    missing = [f for f in fields if f not in first]
+    if missing:
+        raise ConfigError(f"config key '{key}': samples of {urls[0]} lack {missing} (expected {list(fields)})")
+    return urls
 
 
 def worker_reader(rank: int, world_size: int) -> Reader:

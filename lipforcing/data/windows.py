@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from lipforcing.data import FPS
-from lipforcing.data.shards import Clip
+from lipforcing.data.shards import Clip, DryStream
 
 
 @dataclass
@@ -88,12 +88,16 @@ def cut_window(clip: Clip, config: WindowConfig, rng: random.Random, reference_s
 
 def windows(clips: Iterator[Clip], config: WindowConfig, seed: int, reference_sequence: bool = False) -> Iterator[Window]:
     rng = random.Random(seed)
+    dry = DryStream(f"training window ({config.frames} frames, mixture {config.mixture or 'natural'})")
     for clip in clips:
-        if not keep_for_mixture(str(clip.metadata.get("dataset", "")), config.mixture, rng):
+        window = None
+        if keep_for_mixture(str(clip.metadata.get("dataset", "")), config.mixture, rng):
+            window = cut_window(clip, config, rng, reference_sequence)
+        if window is None:
+            dry.unused()
             continue
-        window = cut_window(clip, config, rng, reference_sequence)
-        if window is not None:
-            yield window
+        dry.used()
+        yield window
 
 
 def collate(batch: list[Window]) -> dict[str, object]:

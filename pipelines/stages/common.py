@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import io
+import itertools
 import os
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
+import webdataset as wds
 from safetensors.torch import save_file
 
 from lipforcing import storage
 from lipforcing.data import FPS, SAMPLE_RATE
 from lipforcing.data.encode import EncodedBatch, LatentEncoder, from_records
-from lipforcing.data.shards import decode_clip, shard_urls, stream_samples, worker_reader
+from lipforcing.data.shards import (
+    RAW_FIELDS,
+    SkipCounter,
+    decode_clip,
+    loaded,
+    shard_urls,
+    training_samples,
+    worker_reader,
+)
 from lipforcing.data.windows import collate, lower_face_mask, windows
 from lipforcing.models.conditioning import Condition
 from lipforcing.models.lora import apply_lora, export_state_dict
@@ -29,37 +41,51 @@ def stage_weights(output: str, stage: str) -> str:
 
 
 class WindowStream(torch.utils.data.IterableDataset):
-    """Raw training windows for one rank, batched; each dataloader worker reads its own share."""
+    """Raw training windows for one rank, batched; each dataloader worker reads its own stream."""
 
-    def __init__(self, config, rank: int, world_size: int, batch_size: int):
-        self.config, self.rank, self.world_size, self.batch_size = config, rank, world_size, batch_size
+    def __init__(self, config, rank: int, world_size: int, batch_size: int, start: int):
+        self.config, self.rank, self.world_size, self.batch_size, self.start = config, rank, world_size, batch_size, start
+        self.skips = SkipCounter()
 
     def __iter__(self):
+        config = self.config
         reader = worker_reader(self.rank, self.world_size)
-        clips = (decode_clip(s) for s in stream_samples(shard_urls(self.config.data), reader, self.config.seed))
-        pending = []
-        reference_sequence = self.config.model.use_reference_sequence
-        for window in windows(clips, self.config.window, self.config.seed * 1000 + reader.index, reference_sequence):
-            pending.append(window)
-            if len(pending) == self.batch_size:
-                yield collate(pending)
-                pending = []
+        decode = wds.map(decode_clip, handler=self.skips)
+        clips = training_samples(
+            shard_urls(config.data), reader, config.seed, self.start, RAW_FIELDS, self.skips, config.loader.shuffle_buffer, decode
+        )
+        seed = hash((config.seed, reader.index, self.start))
+        yield from batched(windows(clips, config.window, seed, config.model.use_reference_sequence), self.batch_size, collate)
 
 
 class LatentStream(torch.utils.data.IterableDataset):
     """Batches of cached latent records (from `make encode`) for one rank."""
 
-    def __init__(self, config, rank: int, world_size: int, batch_size: int):
-        self.config, self.rank, self.world_size, self.batch_size = config, rank, world_size, batch_size
+    def __init__(self, config, rank: int, world_size: int, batch_size: int, start: int):
+        self.config, self.rank, self.world_size, self.batch_size, self.start = config, rank, world_size, batch_size, start
+        self.skips = SkipCounter()
 
     def __iter__(self):
+        config = self.config
         reader = worker_reader(self.rank, self.world_size)
-        pending = []
-        for sample in stream_samples(shard_urls(self.config.latents), reader, self.config.seed):
-            pending.append(torch.load(io.BytesIO(sample["pth"]), weights_only=True))
-            if len(pending) == self.batch_size:
-                yield pending
-                pending = []
+        load = wds.map(load_record, handler=self.skips)
+        records = training_samples(
+            shard_urls(config.latents), reader, config.seed, self.start, ("pth",), self.skips, config.loader.shuffle_buffer, load
+        )
+        yield from batched(records, self.batch_size, list)
+
+
+def load_record(sample: dict) -> dict[str, torch.Tensor]:
+    return torch.load(io.BytesIO(sample["pth"]), weights_only=True)
+
+
+def batched(items: Iterator[Any], size: int, collate_fn: Callable[[list], Any]) -> Iterator[Any]:
+    """Consecutive groups of `size` items, each passed through `collate_fn`."""
+    while True:
+        chunk = list(itertools.islice(items, size))
+        if len(chunk) < size:
+            return
+        yield collate_fn(chunk)
 
 
 class DiffusionStage(Stage[DistillConfig]):
@@ -81,12 +107,18 @@ class DiffusionStage(Stage[DistillConfig]):
         else:
             self.encoder = LatentEncoder(config.model, config.window, context.device)
 
-    def batches(self, loader_workers: int | None = None):
-        config, trainer = self.context.config, self.context.trainer
-        stream = LatentStream if config.latents else WindowStream
-        dataset = stream(config, self.context.rank, self.context.world_size, trainer.batch_size)
-        workers = config.loader_workers if loader_workers is None else loader_workers
-        return iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers))
+    def stream(self, start: int) -> WindowStream | LatentStream:
+        config = self.context.config
+        kind = LatentStream if config.latents else WindowStream
+        return kind(config, self.context.rank, self.context.world_size, self.context.trainer.batch_size, start)
+
+    def batches(self, start: int):
+        dataset = self.stream(start)
+        self.skips = dataset.skips
+        return loaded(dataset, self.context.config.loader)
+
+    def data_metrics(self) -> dict[str, float]:
+        return {"data/skipped_samples": float(self.skips.total)}
 
     def encode(self, batch) -> EncodedBatch:
         if isinstance(batch, list):  # cached records
@@ -143,7 +175,7 @@ class DiffusionStage(Stage[DistillConfig]):
         from lipforcing.models import build_tae
 
         if self._preview is None:
-            encoded = self.encode(next(self.batches(loader_workers=0)))
+            encoded = self.encode(next(iter(self.stream(start=0))))
             cond = encoded.cond.frames(0, encoded.x0.shape[2])
             first = type(cond)(**{k: None if v is None else v[:1] for k, v in vars(cond).items()})
             self._preview = (first, encoded.negative_text, encoded.audio[0].cpu().numpy())
