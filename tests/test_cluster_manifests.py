@@ -48,6 +48,7 @@ def test_entrypoints_resolve_against_the_job_schemas(path, monkeypatch):
     monkeypatch.chdir(CLUSTER.parent)  # entrypoints run in the repository root, as in the image
     commands = entrypoints(yaml.safe_load(path.read_text()))
     assert commands
+    read: list[str] = []  # the datasets a job would open before submitting: none exist here
     for entrypoint in commands:
         for command in entrypoint.split("&&"):
             words = shlex.split(command)
@@ -58,7 +59,6 @@ def test_entrypoints_resolve_against_the_job_schemas(path, monkeypatch):
             config = resolve_config(getattr(importlib.import_module(schema_module), schema_name), args)
             assert config.profile in ("1.3b", "14b")
             if hasattr(job, "validate"):
-                read = []  # the datasets it would open before submitting: none exist here
                 if hasattr(job, "check_readable"):
                     monkeypatch.setattr(job, "check_readable", lambda location, fields, key: read.append(location))
                 job.validate(config)  # e.g. distill: every pretrained weight it needs is given
