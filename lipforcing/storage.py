@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import posixpath
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -161,7 +162,12 @@ def cached(url: str | Path) -> str:
                 fs.get(path.rstrip("/") + "/", partial, recursive=True)
             else:
                 fs.get_file(path, partial)
-            os.replace(partial, target)
+            try:
+                os.replace(partial, target)
+            except OSError:  # a folder someone finished without the lock (a filesystem ignoring flock): keep theirs
+                shutil.rmtree(partial, ignore_errors=True)
+                if not os.path.exists(target):
+                    raise
     return target
 
 

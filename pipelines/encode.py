@@ -72,7 +72,7 @@ class ShardEncoder:
             rng = random.Random(f"{self.config.seed}:{name}")
             windows = []
             for sample in tariterators.tarfile_samples([{"url": url}]):
-                clip = decode_clip(sample)
+                clip = decode_clip(sample, self.config.window.size)  # scaled by the decoder, as training does
                 for _ in range(self.config.windows_per_clip):
                     window = cut_window(clip, self.config.window, rng, self.config.model.use_reference_sequence)
                     if window is not None:

@@ -37,7 +37,7 @@ def test_every_shard_is_encoded_and_matches_on_the_fly_encoding(latents, sample_
     first = sources[0]
     rng = random.Random(f"{latents.seed}:{first.rsplit('/', 1)[-1]}")
     sample = next(epoch_samples([first], Reader(), 0, 0))
-    window = cut_window(decode_clip(sample), latents.window, rng)
+    window = cut_window(decode_clip(sample, latents.window.size), latents.window, rng)
     expected = LatentEncoder(latents.model, latents.window)(collate([window]))
     cached = next(epoch_samples([encoded[0]], Reader(), 0, 0))
     record = torch.load(io.BytesIO(cached["pth"]), weights_only=True)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import os
+import random
 
 import numpy as np
 import pytest
@@ -17,17 +19,17 @@ from data_jobs.media import encode_mp4
 from lipforcing.config import ConfigError
 from lipforcing.data.shards import (
     RAW_FIELDS,
-    Clip,
     LoaderConfig,
     Reader,
     SkipCounter,
     check_readable,
     decode_clip,
+    decode_mp4,
     loaded,
     training_samples,
     worker_reader,
 )
-from lipforcing.data.windows import WindowConfig, windows
+from lipforcing.data.windows import WindowConfig, cut_window, sample_window, windows
 
 VIDEOS, SEGMENTS = 4, 8  # each shard holds consecutive segments of one source video, as the data job writes
 
@@ -118,10 +120,39 @@ def test_undecodable_samples_are_skipped_in_loader_processes_and_counted_in_the_
     assert dataset.skips.total >= 2  # counted by the loader processes, read here
 
 
+def talking_sample(key: str, frames: int, size: int = 32, num_frames: bool = True) -> dict:
+    """A raw shard sample as the data job writes it: mp4, 16 kHz wav, json with num_frames."""
+    video = np.random.default_rng(1).integers(0, 255, (frames, size, size, 3), dtype=np.uint8)
+    wav = io.BytesIO()
+    soundfile.write(wav, np.random.default_rng(2).standard_normal(frames * 640).astype(np.float32) * 0.1, 16000, format="WAV")
+    metadata = {"dataset": "t", **({"num_frames": frames} if num_frames else {})}
+    return {"__key__": key, "mp4": encode_mp4(list(video), 25), "wav": wav.getvalue(), "json": json.dumps(metadata).encode()}
+
+
+@pytest.mark.parametrize("num_frames", [True, False])
+def test_a_window_decoded_from_its_own_frames_equals_one_cut_from_the_whole_clip(num_frames):
+    """The loader decodes only the frames a window uses (scaled by the decoder); the `make encode`
+    cache cuts from the whole decoded clip: the same plan must give the same tensors."""
+    sample = talking_sample("k", frames=20, num_frames=num_frames)
+    config = WindowConfig(frames=9, size=16, reference="clip_uniform")
+    fast = sample_window(sample, config, random.Random(3), reference_sequence=True)
+    whole = cut_window(decode_clip(sample, size=16), config, random.Random(3), reference_sequence=True)
+    for name in ("video", "reference", "reference_sequence", "audio"):
+        torch.testing.assert_close(getattr(fast, name), getattr(whole, name), rtol=0, atol=0)
+    assert fast.video.shape == (9, 3, 16, 16) and fast.audio.shape == (9 * 640,)
+    all_frames = decode_mp4(sample["mp4"])
+    assert np.array_equal(decode_mp4(sample["mp4"], [5, 2, 5]), all_frames[[5, 2, 5]])  # any order, repeats
+
+
 def test_a_dataset_that_never_yields_a_window_fails_instead_of_spinning():
-    short = Clip("k", np.zeros((5, 8, 8, 3), np.uint8), np.zeros(5 * 640, np.float32), 16000, {})
+    short = talking_sample("short", frames=5)
+    skips = SkipCounter()
     with pytest.raises(RuntimeError, match="training window"):
-        next(windows(itertools.repeat(short), WindowConfig(frames=9, size=8), seed=0))
+        next(windows(itertools.repeat(short), WindowConfig(frames=9, size=8), 0, skips))
+    broken = {**talking_sample("broken", frames=20), "mp4": b"not a video"}
+    with pytest.raises(RuntimeError, match="training window"):
+        next(windows(itertools.repeat(broken), WindowConfig(frames=9, size=8), 0, skips))
+    assert skips.total == 1000  # every undecodable sample counted, none fatal
 
 
 def test_an_empty_unreadable_or_incomplete_dataset_is_a_config_error_naming_the_key(tmp_path):

@@ -59,3 +59,17 @@ def test_rerun_resumes_from_the_last_checkpoint(sample_shards, tmp_path, monkeyp
     first, resumed = syncnet_runs(output)
     assert [m.step for m in history(first.info.run_id, "loss")] == [1, 2, 3, 4]
     assert [m.step for m in history(resumed.info.run_id, "loss")] == [5, 6]  # continued after iteration 4
+
+
+def test_two_workers_train_on_a_single_shard(sample_shards, local_ray, mlflow_store, tmp_path):
+    """A `make data` whose input gave one aligned shard once spun one worker at full CPU and parked
+    the other in a collective, forever: each rank now resamples the shard with its own seed."""
+    one = str(tmp_path / "one")
+    first = sorted(storage.glob(storage.join(sample_shards, "shards", "*.tar")))[0]
+    storage.write_bytes(storage.join(one, "shards", "00000.tar"), storage.read_bytes(first))
+    output = str(tmp_path / "syncnet")
+    config = resolve_config(SyncNetJobConfig, [f"data={one}", f"output={output}", "train.steps=4", "train.checkpoint_every=4", "train.num_workers=2"])
+    assert train_syncnet(config) == 0
+    [run] = syncnet_runs(output)
+    assert [m.step for m in history(run.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert run.data.metrics["data/skipped_samples"] == 0

@@ -10,8 +10,9 @@ and a static lower-face mask (1 = keep, 0 = regenerate).
 
 from __future__ import annotations
 
+import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lipforcing.data import FPS
-from lipforcing.data.shards import Clip, DryStream
+from lipforcing.data.shards import Clip, DryStream, decode_mp4, decode_wav
 
 
 @dataclass
@@ -61,38 +62,85 @@ def keep_for_mixture(dataset: str, mixture: dict[str, float], rng: random.Random
     return rng.random() < weight / max(max(mixture.values()), 1.0)
 
 
-def cut_window(clip: Clip, config: WindowConfig, rng: random.Random, reference_sequence: bool = False) -> Window | None:
-    """A random training window from a clip, or None when the clip is shorter than one window.
+@dataclass
+class WindowPlan:
+    """Which frames a window takes: its first frame, the reference frame, the reference sequence's start."""
 
-    `reference_sequence` also cuts the unmasked reference clip a 65-channel model reads."""
-    total = min(len(clip.frames), len(clip.audio) * FPS // clip.sample_rate)
+    start: int
+    reference: int
+    sequence: int | None
+
+    def indices(self, frames: int) -> list[int]:
+        """Frame indices in the order `assemble` reads them: window, reference, reference sequence."""
+        sequence = [] if self.sequence is None else list(range(self.sequence, self.sequence + frames))
+        return [*range(self.start, self.start + frames), self.reference, *sequence]
+
+
+def plan_window(total: int, config: WindowConfig, rng: random.Random, reference_sequence: bool) -> WindowPlan | None:
+    """A random window of a clip of `total` frames (None when shorter than one window); with
+    `reference_sequence`, also the unmasked reference clip a 65-channel model reads, drawn outside it."""
     if total < config.frames:
         return None
     start = rng.randrange(total - config.frames + 1)
-    per_frame = clip.sample_rate // FPS
     sequence = None
     if reference_sequence:
         outside = [s for s in range(total - config.frames + 1) if abs(s - start) >= config.frames]
-        other = rng.choice(outside) if outside else rng.randrange(total - config.frames + 1)
-        sequence = resize_frames(clip.frames[other : other + config.frames], config.size)
+        sequence = rng.choice(outside) if outside else rng.randrange(total - config.frames + 1)
     reference = start if config.reference == "window_first" else rng.randrange(total)
+    return WindowPlan(start, reference, sequence)
+
+
+def assemble(plan: WindowPlan, frames: np.ndarray, audio: np.ndarray, rate: int, config: WindowConfig, dataset: str, key: str) -> Window:
+    """The Window from the frames at `plan.indices` (in that order) and the clip's audio."""
+    n, per_frame = config.frames, rate // FPS
     return Window(
-        video=resize_frames(clip.frames[start : start + config.frames], config.size),
-        reference=resize_frames(clip.frames[reference][None], config.size),
-        reference_sequence=sequence,
-        audio=torch.from_numpy(np.ascontiguousarray(clip.audio[start * per_frame : (start + config.frames) * per_frame])),
-        dataset=str(clip.metadata.get("dataset", "")),
-        key=clip.key,
+        video=resize_frames(frames[:n], config.size),
+        reference=resize_frames(frames[n : n + 1], config.size),
+        reference_sequence=None if plan.sequence is None else resize_frames(frames[n + 1 :], config.size),
+        audio=torch.from_numpy(np.ascontiguousarray(audio[plan.start * per_frame : (plan.start + n) * per_frame])),
+        dataset=dataset,
+        key=key,
     )
 
 
-def windows(clips: Iterator[Clip], config: WindowConfig, seed: int, reference_sequence: bool = False) -> Iterator[Window]:
+def cut_window(clip: Clip, config: WindowConfig, rng: random.Random, reference_sequence: bool = False) -> Window | None:
+    """A random training window from a decoded clip, or None when it is shorter than one window."""
+    plan = plan_window(min(len(clip.frames), len(clip.audio) * FPS // clip.sample_rate), config, rng, reference_sequence)
+    if plan is None:
+        return None
+    frames = clip.frames[plan.indices(config.frames)]
+    return assemble(plan, frames, clip.audio, clip.sample_rate, config, str(clip.metadata.get("dataset", "")), clip.key)
+
+
+def sample_window(sample: dict, config: WindowConfig, rng: random.Random, reference_sequence: bool = False) -> Window | None:
+    """A random training window straight from a raw shard sample, decoding only its frames, at
+    `config.size` (the frame count comes from the sample's json, as the data job writes it)."""
+    metadata = json.loads(sample["json"])
+    audio, rate = decode_wav(sample["wav"])
+    if "num_frames" not in metadata:  # shards from elsewhere: decode the whole clip once
+        clip = Clip(sample["__key__"], decode_mp4(sample["mp4"], size=config.size), audio, rate, metadata)
+        return cut_window(clip, config, rng, reference_sequence)
+    plan = plan_window(min(int(metadata["num_frames"]), len(audio) * FPS // rate), config, rng, reference_sequence)
+    if plan is None:
+        return None
+    frames = decode_mp4(sample["mp4"], plan.indices(config.frames), config.size)
+    return assemble(plan, frames, audio, rate, config, str(metadata.get("dataset", "")), sample["__key__"])
+
+
+def windows(
+    samples: Iterator[dict], config: WindowConfig, seed: int, skips: Callable[[Exception], bool], reference_sequence: bool = False
+) -> Iterator[Window]:
+    """Training windows from raw shard samples, drawn to the dataset mixture (decided on the json,
+    before any decoding); a sample that fails to decode goes to `skips`."""
     rng = random.Random(seed)
     dry = DryStream(f"training window ({config.frames} frames, mixture {config.mixture or 'natural'})")
-    for clip in clips:
+    for sample in samples:
         window = None
-        if keep_for_mixture(str(clip.metadata.get("dataset", "")), config.mixture, rng):
-            window = cut_window(clip, config, rng, reference_sequence)
+        try:
+            if keep_for_mixture(str(json.loads(sample["json"]).get("dataset", "")), config.mixture, rng):
+                window = sample_window(sample, config, rng, reference_sequence)
+        except Exception as error:  # noqa: BLE001 - a broken sample is counted and skipped, never fatal
+            skips(error)
         if window is None:
             dry.unused()
             continue

@@ -18,7 +18,6 @@ from lipforcing.data.encode import EncodedBatch, LatentEncoder, from_records
 from lipforcing.data.shards import (
     RAW_FIELDS,
     SkipCounter,
-    decode_clip,
     loaded,
     shard_urls,
     training_samples,
@@ -50,12 +49,10 @@ class WindowStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         config = self.config
         reader = worker_reader(self.rank, self.world_size)
-        decode = wds.map(decode_clip, handler=self.skips)
-        clips = training_samples(
-            shard_urls(config.data), reader, config.seed, self.start, RAW_FIELDS, self.skips, config.loader.shuffle_buffer, decode
-        )
+        samples = training_samples(shard_urls(config.data), reader, config.seed, self.start, RAW_FIELDS, self.skips, config.loader.shuffle_buffer)
         seed = hash((config.seed, reader.index, self.start))
-        yield from batched(windows(clips, config.window, seed, config.model.use_reference_sequence), self.batch_size, collate)
+        cut = windows(samples, config.window, seed, self.skips, config.model.use_reference_sequence)
+        yield from batched(cut, self.batch_size, collate)
 
 
 class LatentStream(torch.utils.data.IterableDataset):
