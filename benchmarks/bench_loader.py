@@ -2,9 +2,8 @@
 
 Part 1, data: the teacher stage (tiny profile, 2 Ray Train workers, random weights) trains on the
 real clips of `../shared/data/real`, cut by the data job into 512-px aligned shards, read four
-ways side by side: raw shards decoded in the training loop (`loader.workers=0`, as before this
-benchmark) or in one DataLoader process per worker, and `make encode` latents read in the loop or
-in a loader process. Data stall = the trainer's `data_stall_fraction` (time waiting for the next
+ways side by side: raw shards decoded in the training loop (`loader.workers=0`) or in one
+DataLoader process per worker, and `make encode` latents read in the loop or in a loader process. Data stall = the trainer's `data_stall_fraction` (time waiting for the next
 batch / iteration time), time-weighted over the iterations after the warm-up.
 
 Part 2, checkpoints: the same stage writes a checkpoint every other iteration to an S3 server on
@@ -34,6 +33,8 @@ STEPS, WARMUP = 12, 2
 
 def real_shards(scratch: str) -> str:
     """The data job (ingest: shots, 5-10 s segments, alignment to 512 px) over the real clips."""
+    import ray
+
     from data_jobs.config import DataJobConfig
     from data_jobs.job import run_data_job
     from pipelines.jobs import resolve_config
@@ -45,7 +46,10 @@ def real_shards(scratch: str) -> str:
     output = os.path.join(scratch, "data")
     init_ray()
     config = resolve_config(DataJobConfig, ["profile=tiny", f"input={scratch}/real.csv", f"output={output}", "align.size=512", "execution.progress=false"])
-    run_data_job(config)
+    try:
+        run_data_job(config)
+    finally:
+        ray.shutdown()  # each measured job starts its own local Ray
     return output
 
 
@@ -108,7 +112,7 @@ def measure(scratch: str) -> dict[str, dict[str, float]]:
     no_checkpoints = "teacher.train.checkpoint_every=1000"
     results = {}
     for name, source, workers in (
-        ("raw shards, decoded in the training loop (before)", raw, 0),
+        ("raw shards, decoded in the training loop", raw, 0),
         ("raw shards, 1 loader process per worker", raw, 1),
         ("encoded latents, read in the training loop", cached, 0),
         ("encoded latents, 1 loader process per worker", cached, 1),

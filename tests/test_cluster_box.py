@@ -134,12 +134,13 @@ def test_data_distill_eval_leave_everything_where_the_readme_says(box, pipeline)
     head = next(n["node_id"] for n in box.nodes() if n["is_head_node"])
     assert evaluation.data.tags["ray_node"] not in ("", head)
     assert "running evaluate_here on a CPU worker" in pipeline["eval"]
-    # a training run holds the system metrics of each node its 2 workers ran on (one per worker node here)
+    # a training run holds the system metrics of the worker nodes its workers ran on (Ray Train packs
+    # the 2 workers, so one node or two), never the head's
     experiment = [evaluation.info.experiment_id]
     parent = client.search_runs(experiment, f"tags.job = 'distill' and params.output = '{bucket}/distill'")[0]
     dmd = client.search_runs(experiment, f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.stage = 'dmd'")[0]
     nodes = {key.split("/")[1] for key in dmd.data.metrics if key.startswith("system/")}
-    assert len(nodes) == 2 and not any(node.endswith(head[:6]) for node in nodes), nodes
+    assert 1 <= len(nodes) <= 2 and not any(node.endswith(head[:6]) for node in nodes), nodes
     assert all(dmd.data.metrics[f"system/{node}/system_memory_usage_megabytes"] > 0 for node in nodes)
 
 
