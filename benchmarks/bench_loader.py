@@ -23,12 +23,13 @@ import tempfile
 
 import pandas as pd
 
+from benchmarks.bench_train import WARMUP, history_mean
 from benchmarks.results import machine, report
 
 HEADING = "## Training data and checkpoint stalls"
 COMMAND = "python -m benchmarks.bench_loader --write"
 REAL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "real")
-STEPS, WARMUP = 12, 2
+STEPS = 12
 
 
 def real_shards(scratch: str) -> str:
@@ -71,18 +72,15 @@ def teacher_run(scratch: str, *overrides: str, output: str = "", env: dict[str, 
     client = mlflow.tracking.MlflowClient(tracking)
     runs = client.search_runs([client.get_experiment_by_name("lipforcing").experiment_id], "tags.stage = 'teacher'")
 
-    def history(key: str) -> dict[int, float]:
-        return {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, key)}
-
-    time_per = {s: v for s, v in history("iteration_time_s").items() if s > WARMUP}
-    stall = history("data_stall_fraction")
-    samples = history("samples_per_s")
-    total = sum(time_per.values())
-    checkpoints = [v for s, v in history("checkpoint_stall_s").items() if s < STEPS]  # the last one waits for the upload anyway
+    run_id = runs[0].info.run_id
+    means = history_mean(client, run_id)  # samples/s and data stall, time-weighted after the warm-up
+    times = [m.value for m in client.get_metric_history(run_id, "iteration_time_s") if m.step > WARMUP]
+    # the last checkpoint is left out: the stage waits for its upload before finishing anyway
+    checkpoints = [m.value for m in client.get_metric_history(run_id, "checkpoint_stall_s") if m.step < STEPS]
     return {
-        "data_stall": sum(stall[s] * t for s, t in time_per.items()) / total,
-        "iteration_s": total / len(time_per),
-        "samples_per_s": sum(samples[s] * t for s, t in time_per.items()) / total,
+        "data_stall": means["data_stall_fraction"],
+        "iteration_s": sum(times) / len(times),
+        "samples_per_s": means["samples_per_s"],
         "checkpoint_stall_s": sum(checkpoints) / max(len(checkpoints), 1),
         "checkpoints": float(len(checkpoints)),
     }

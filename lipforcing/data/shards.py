@@ -12,7 +12,6 @@ in order (`epoch_samples`).
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import logging
 import multiprocessing
@@ -75,12 +74,7 @@ def epoch_samples(urls: list[str], reader: Reader, seed: int, epoch: int) -> Ite
     """This reader's raw samples (dicts of bytes keyed by extension) for one epoch."""
     order = list(urls)
     random.Random(seed * 100_003 + epoch).shuffle(order)
-    if len(order) >= reader.count:
-        mine = order[reader.index :: reader.count]
-        yield from wds.tarfile_to_samples()(iter({"url": u} for u in mine))
-        return
-    stream = wds.tarfile_to_samples()(iter({"url": u} for u in order))
-    yield from itertools.islice(stream, reader.index, None, reader.count)
+    yield from wds.tarfile_to_samples()(iter({"url": u} for u in order[reader.index :: reader.count]))
 
 
 @dataclass

@@ -112,10 +112,13 @@ def cut_window(clip: Clip, config: WindowConfig, rng: random.Random, reference_s
     return assemble(plan, frames, clip.audio, clip.sample_rate, config, str(clip.metadata.get("dataset", "")), clip.key)
 
 
-def sample_window(sample: dict, config: WindowConfig, rng: random.Random, reference_sequence: bool = False) -> Window | None:
+def sample_window(
+    sample: dict, config: WindowConfig, rng: random.Random, reference_sequence: bool = False, metadata: dict | None = None
+) -> Window | None:
     """A random training window straight from a raw shard sample, decoding only its frames, at
-    `config.size` (the frame count comes from the sample's json, as the data job writes it)."""
-    metadata = json.loads(sample["json"])
+    `config.size` (the frame count comes from the sample's json, as the data job writes it;
+    `metadata` is that json when the caller has parsed it already)."""
+    metadata = json.loads(sample["json"]) if metadata is None else metadata
     audio, rate = decode_wav(sample["wav"])
     if "num_frames" not in metadata:  # shards from elsewhere: decode the whole clip once
         clip = Clip(sample["__key__"], decode_mp4(sample["mp4"], size=config.size), audio, rate, metadata)
@@ -137,8 +140,9 @@ def windows(
     for sample in samples:
         window = None
         try:
-            if keep_for_mixture(str(json.loads(sample["json"]).get("dataset", "")), config.mixture, rng):
-                window = sample_window(sample, config, rng, reference_sequence)
+            metadata = json.loads(sample["json"])
+            if keep_for_mixture(str(metadata.get("dataset", "")), config.mixture, rng):
+                window = sample_window(sample, config, rng, reference_sequence, metadata)
         except Exception as error:  # noqa: BLE001 - a broken sample is counted and skipped, never fatal
             skips(error)
         if window is None:
