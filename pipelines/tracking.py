@@ -211,7 +211,7 @@ class ResilientLogger:
     Training must never fail, nor burn a Ray Train restart, because MLflow is briefly unreachable:
     metrics queue up and are sent (in order, in batches) once the server answers again, with
     exponential backoff between attempts; artifact folders are copied aside and uploaded later.
-    `flush` at the end retries for up to `flush_timeout_s`, then gives up with a warning.
+    `flush` at the end retries for up to `timeout_s`, then gives up with a warning.
     """
 
     BATCH = 1000  # MLflow's limit of metrics per log_batch
