@@ -15,7 +15,6 @@ The SyncNet score pass (`score.py`) runs after ingest, over its committed shards
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -24,17 +23,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from data_jobs.align import Align
 from data_jobs.config import HASH_EXCLUDE, DataJobConfig
-from data_jobs.faces import Faces
+from data_jobs.ingest import STAGE_ORDER, ingest_inputs
 from data_jobs.inputs import InputItem, list_inputs
-from data_jobs.iqa import Iqa
-from data_jobs.manifest import MANIFEST_SCHEMA, REJECTS_SCHEMA, manifest_row, reject_row, write_table
-from data_jobs.pipeline import Sample, Transform, run_stages
-from data_jobs.probe import Probe
-from data_jobs.resample import Resample
-from data_jobs.shots import Shots
-from data_jobs.writer import Encode, ShardWriter
+from data_jobs.manifest import MANIFEST_SCHEMA, REJECTS_SCHEMA, write_table
+from data_jobs.writer import ShardWriter
 from lipforcing import storage
 from lipforcing.config import ConfigError, config_hash, to_yaml
 
@@ -44,14 +37,6 @@ log = logging.getLogger("lipforcing.data")
 def data_config_hash(config: DataJobConfig) -> str:
     """Hash of what shapes the data (not where it goes or how many workers make it)."""
     return config_hash(config, exclude=HASH_EXCLUDE)
-
-
-def input_stages(config: DataJobConfig) -> list[Transform]:
-    return [Probe(), Resample(config.ingest), Shots(config.ingest)]
-
-
-def segment_stages(config: DataJobConfig, digest: str) -> list[Transform]:
-    return [Faces(config.faces), Align(config.align), Iqa(config.iqa), Encode(config.write, digest)]
 
 
 @dataclass
@@ -93,30 +78,11 @@ def process_task(index: int, items: list[InputItem], config: DataJobConfig, dige
     layout = Layout(config.output)
     name = task_name(config, index)
     writer = ShardWriter(layout.shards, name, config.write)
-    per_input, per_segment = input_stages(config), segment_stages(config, digest)
-    timings: dict[str, float] = {}
-    samples, rejects, seconds_in = [], [], 0.0
-    for item in items:
-        sample = Sample(
-            source=item.video, dataset=item.dataset, key_stem=item.key_stem, audio_source=item.audio
-        )
-        with _local_inputs(sample, timings) as sample:
-            if not sample.failed:
-                sample = run_stages(sample, per_input, timings)
-            seconds_in += sample.info.duration_s if sample.info else 0.0
-            rejects += [reject_row(sample, r) for r in sample.rejects]
-            if sample.failed:
-                continue
-            for start, end in sample.segments:
-                segment = run_stages(sample.segment(start, end), per_segment, timings)
-                rejects += [reject_row(segment, r) for r in segment.rejects]
-                if not segment.failed:
-                    shard = writer.add(segment.key, segment.outputs)
-                    samples.append(manifest_row(segment.metadata, shard))
+    result = ingest_inputs(items, config, digest, lambda item, key, members: writer.add(key, members))
     shards = writer.close()
-    timings["upload"] = writer.upload_s
-    fields = {"task": name, "config_hash": digest, "inputs": [item.video for item in items], "clip_seconds_in": seconds_in}
-    return commit_task(layout.stats_url(name), shards, samples, rejects, timings_s=timings, wall_s=time.perf_counter() - started, **fields)
+    timings = {**result.timings_s, "upload": writer.upload_s}
+    fields = {"task": name, "config_hash": digest, "inputs": [item.video for item in items], "clip_seconds_in": result.clip_seconds_in}
+    return commit_task(layout.stats_url(name), shards, result.samples, result.rejects, timings_s=timings, wall_s=time.perf_counter() - started, **fields)
 
 
 def commit_task(stats_url: str, shards: list[Any], samples: list[dict], rejects: list[dict], /, **fields: Any) -> dict[str, Any]:
@@ -131,21 +97,6 @@ def commit_task(stats_url: str, shards: list[Any], samples: list[dict], rejects:
     }
     storage.write_text(stats_url, json.dumps(stats, indent=1))
     return stats
-
-
-@contextlib.contextmanager
-def _local_inputs(sample: Sample, timings: dict[str, float]):
-    """Local copies of the video and its paired audio for the decoders (download counts as probe)."""
-    started = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        try:
-            sample.video_path = stack.enter_context(storage.temporary_local(sample.source))
-            if sample.audio_source:
-                sample.audio_path = stack.enter_context(storage.temporary_local(sample.audio_source))
-        except Exception as err:  # missing object, permission, network: this input only
-            sample.fail("probe", "unreadable", f"download failed: {type(err).__name__}: {err}"[:300], True)
-        timings["probe"] = timings.get("probe", 0.0) + time.perf_counter() - started
-        yield sample
 
 
 @dataclass
@@ -200,8 +151,7 @@ def summarize(stats: list[dict[str, Any]], wall_s: float, tasks_run: int) -> Job
                 summary.segments_rejected += 1
     summary.segments = summary.written + summary.segments_rejected
     summary.reasons = dict(reasons)
-    order = [s.name for s in input_stages(DataJobConfig())] + ["faces", "align", "iqa", "encode", "upload", "score"]
-    summary.timings_s = {stage: timings[stage] for stage in order if stage in timings}
+    summary.timings_s = {stage: timings[stage] for stage in STAGE_ORDER if stage in timings}
     return summary
 
 
