@@ -103,6 +103,19 @@ class ScoreConfig:
 
 
 @dataclass
+class SplitConfig:
+    """Which identities are held out for evaluation; the job writes them apart from training data."""
+
+    # Share of identities held out, chosen by a hash of `dataset/identity`: an identity keeps its side
+    # as inputs are added, and never has clips on both sides.
+    heldout_fraction: float = 0.02
+    # A text (one path a line) or CSV/Parquet (`video` column) list of inputs to hold out, e.g. HDTF's
+    # test clips; an entry matches a video by its path, any trailing part of it, or without extension.
+    # Their identities are held out whole.
+    heldout_list: str = ""
+
+
+@dataclass
 class ExecutionConfig:
     # Tasks in flight at once (0: one per CPU of the Ray cluster).
     concurrency: int = 0
@@ -124,6 +137,7 @@ class DataJobConfig:
     iqa: IqaConfig = field(default_factory=IqaConfig)
     write: WriteConfig = field(default_factory=WriteConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 

@@ -55,7 +55,10 @@ def ingest_inputs(
     result = IngestResult()
     per_input, per_segment = input_stages(config), segment_stages(config, digest)
     for item in items:
-        sample = Sample(source=item.video, dataset=item.dataset, key_stem=item.key_stem, audio_source=item.audio)
+        sample = Sample(
+            source=item.video, dataset=item.dataset, key_stem=item.key_stem, audio_source=item.audio,
+            identity=item.identity, split=item.split,
+        )
         with _local_inputs(sample, result.timings_s) as sample:
             if not sample.failed:
                 sample = run_stages(sample, per_input, result.timings_s)

@@ -2,7 +2,8 @@
 
 `manifest.parquet` (one row per written sample) and `rejects.parquet` (one row per rejected input
 or segment) are derived data: the job rewrites them from `stats/*.json` at the end of every run,
-so a rerun or a resumed run never duplicates a row.
+so a rerun or a resumed run never duplicates a row. Rows carry the input's `identity` and `split`
+(`train` / `heldout`, see `data_jobs/inputs.py`): the held-out set has tables of its own.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ MANIFEST_SCHEMA = pa.schema(
         ("shard", pa.string()),
         ("source", pa.string()),
         ("dataset", pa.string()),
+        ("identity", pa.string()),
+        ("split", pa.string()),
         ("start_s", pa.float64()),
         ("end_s", pa.float64()),
         ("num_frames", pa.int64()),
@@ -43,6 +46,8 @@ REJECTS_SCHEMA = pa.schema(
         ("detail", pa.string()),
         ("start_s", pa.float64()),
         ("end_s", pa.float64()),
+        ("identity", pa.string()),
+        ("split", pa.string()),
     ]
 )
 
@@ -61,6 +66,8 @@ def reject_row(sample: Sample, reject: Reject) -> dict[str, Any]:
         "detail": reject.detail,
         "start_s": reject.start_s,
         "end_s": reject.end_s,
+        "identity": sample.identity,
+        "split": sample.split,
     }
 
 

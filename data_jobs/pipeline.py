@@ -40,6 +40,8 @@ class Sample:
     dataset: str
     key_stem: str
     audio_source: str | None = None
+    identity: str = ""  # who is on screen (see data_jobs/inputs.py)
+    split: str = "train"  # or "heldout": which shard set the job writes it to
     # Local copies the decoders read (object-store inputs are downloaded once per input).
     video_path: str = ""
     audio_path: str = ""

@@ -6,8 +6,9 @@ signal (syllables with pauses, harmonic voice, consonant bursts), at the exact t
 frame, so lip motion and audio are correlated at any frame rate. A slow head sway makes alignment
 do real work. Clips vary in fps, audio rate, channel count, size and orientation, and the sample
 deliberately includes inputs the data job must reject. `list.csv` names every file with its
-dataset tag, paired audio, expected outcome and planted audio shift (`audio_shift_s` > 0: the audio
-lags the video by that many seconds).
+dataset tag, identity, split, paired audio, expected outcome and planted audio shift
+(`audio_shift_s` > 0: the audio lags the video by that many seconds). The clips of one face
+(`HELDOUT_IDENTITIES`) are marked `heldout`, so the job writes an evaluation set as well.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from data_jobs.media import encode_mp4, encode_wav
 from lipforcing import storage
 
 FACE_WIDTH_FRACTION = 0.36  # face box width / shorter frame side
+# Held out whole: t1c's long HDTF-tagged clip gives 3 samples; the other faces keep 8 for training.
+HELDOUT_IDENTITIES = ("t1c",)
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,16 @@ BROKEN_FILES = {
     "bad_empty": "reject=probe/empty_file",
     "bad_text_named_mp4": "reject=probe/unreadable",
 }
+
+
+def clip_identity(spec: ClipSpec) -> str:
+    """The clip's faces ("t1a", side by side or cut: "t1a+t1b"), or its name when it shows none."""
+    return "+".join(spec.faces) or spec.name
+
+
+def clip_split(spec: ClipSpec) -> str:
+    """Marked in the list, so the sample's held-out set does not depend on `split.heldout_fraction`."""
+    return "heldout" if clip_identity(spec) in HELDOUT_IDENTITIES else "train"
 
 
 # ---------------------------------------------------------------- speech-like audio
@@ -334,7 +347,8 @@ def generate_sample(output: str, seed: int = 0) -> str:
             storage.write_bytes(storage.join(output, audio), wav)
         first_good = first_good or video
         rows.append({"video": f"videos/{spec.name}.mp4", "audio": audio, "dataset": spec.dataset,
-                     "expect": spec.expect, "audio_shift_s": spec.audio_shift_s, "fps": round(spec.fps, 3),
+                     "identity": clip_identity(spec), "split": clip_split(spec), "expect": spec.expect,
+                     "audio_shift_s": spec.audio_shift_s, "fps": round(spec.fps, 3),
                      "sample_rate": spec.sample_rate, "channels": spec.channels, "duration_s": spec.duration_s})  # fmt: skip
     broken = {
         "bad_truncated": first_good[: len(first_good) * 2 // 5],
@@ -343,7 +357,8 @@ def generate_sample(output: str, seed: int = 0) -> str:
     }
     for name, data in broken.items():
         storage.write_bytes(storage.join(output, "videos", f"{name}.mp4"), data)
-        rows.append({"video": f"videos/{name}.mp4", "audio": "", "dataset": "sample", "expect": BROKEN_FILES[name],
+        rows.append({"video": f"videos/{name}.mp4", "audio": "", "dataset": "sample", "identity": name,
+                     "split": "train", "expect": BROKEN_FILES[name],
                      "audio_shift_s": 0.0, "fps": 0, "sample_rate": 0, "channels": 0, "duration_s": 0})  # fmt: skip
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=list(rows[0]))

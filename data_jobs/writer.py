@@ -33,6 +33,8 @@ def sample_metadata(sample: Sample, config_hash: str) -> dict[str, Any]:
         "source": sample.source,
         "audio_source": sample.audio_source,
         "dataset": sample.dataset,
+        "identity": sample.identity,
+        "split": sample.split,
         "start_s": round(sample.start_s, 6),
         "end_s": round(sample.end_s, 6),
         "num_frames": sample.end_frame - sample.start_frame,

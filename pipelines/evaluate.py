@@ -72,7 +72,9 @@ class EvalConfig:
     # are sections of the shared profile YAML. An empty syncnet_weights skips Sync-C / Sync-D.
     student_weights: str = "models:/lipforcing-student@candidate"  # the distill job's dit.safetensors
     syncnet_weights: str = "models:/syncnet@champion"
-    data: str = "outputs/data"  # held-out shards (the data job's output or a folder of *.tar)
+    # Held-out shards: the data job writes identities kept out of training to <its output>/heldout
+    # (a folder with shards/, or of *.tar).
+    data: str = "outputs/data/heldout"
     output: str = "outputs/eval"  # report.json, report.md, samples/, config.yaml
     clips: int = 8  # at most this many clips, in the seed's shard order
     max_frames: int = 0  # evaluate at most this many frames of each clip (0: the whole clip)
@@ -430,11 +432,24 @@ def evaluate_here(config: EvalConfig) -> int:
         return run_eval(config, scratch)
 
 
+def heldout_shards(data: str) -> list[str]:
+    """The shards to evaluate, or a config error that says where held-out shards come from."""
+    try:
+        return shard_urls(data)
+    except FileNotFoundError as err:
+        raise ConfigError(
+            f"config key 'data' is {data!r}: {err}. The data job writes the identities it holds out of "
+            "training to <output>/heldout (split.* in data_jobs/config.py): run `make data`, or give "
+            "data=<held-out shards>"
+        ) from err
+
+
 def run_eval(config: EvalConfig, scratch: str) -> int:
     import mlflow
 
     from pipelines import tracking
 
+    shards = heldout_shards(config.data)  # before any model loads
     use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
     folder = os.path.join(scratch, "report")
@@ -468,7 +483,7 @@ def run_eval(config: EvalConfig, scratch: str) -> int:
         features = FeatureSets(extractors, device)
         rows: list[dict[str, Any]] = []
         skipped_clips: list[dict[str, str]] = []
-        for sample in epoch_samples(shard_urls(config.data), Reader(), seed=config.seed, epoch=0):
+        for sample in epoch_samples(shards, Reader(), seed=config.seed, epoch=0):
             if len(rows) >= config.clips:
                 break
             clip = prepare_clip(decode_clip(sample), config.window.size, evaluator.first_chunk_frames, config.max_frames)
