@@ -231,8 +231,11 @@ def _from_list(url: str) -> list[InputItem]:
 
 
 def _read_table(url: str) -> pd.DataFrame:
+    """A list's table; CSV cells stay text, so identity `007` is not the number 7."""
     data = storage.read_bytes(url)
-    return pd.read_parquet(io.BytesIO(data)) if url.lower().endswith(".parquet") else pd.read_csv(io.BytesIO(data))
+    if url.lower().endswith(".parquet"):
+        return pd.read_parquet(io.BytesIO(data))
+    return pd.read_csv(io.BytesIO(data), dtype=str)
 
 
 def _text(value: object) -> str:

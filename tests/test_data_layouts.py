@@ -159,14 +159,15 @@ def test_heldout_list_holds_out_whole_identities(tmp_path, clip):
 
 
 def test_list_split_and_identity_columns(tmp_path, clip):
-    make_tree(tmp_path, ["c/a1.mp4", "c/a2.mp4", "c/b1.mp4", "c/b2.mp4", "c/x.mp4"], clip)
+    make_tree(tmp_path, ["c/a1.mp4", "c/a2.mp4", "c/b1.mp4", "c/b2.mp4", "c/x.mp4", "c/y.mp4"], clip)
     (tmp_path / "list.csv").write_text(
         "video,dataset,identity,split\n"
         "c/a1.mp4,talks,alice,heldout\n"
         "c/a2.mp4,talks,alice,\n"  # unmarked: follows alice's held-out mark
         "c/b1.mp4,talks,bob,train\n"
         "c/b2.mp4,talks,bob,\n"
-        "c/x.mp4,talks,,\n"  # no identity: the stem
+        "c/x.mp4,talks,007,\n"  # kept as text
+        "c/y.mp4,talks,,\n"  # no identity: the stem
         "vox/id00042/v/00001.mp4,voxceleb2,,\n"  # no identity, a VoxCeleb2 path: the speaker id
     )
     # Every unmarked identity would be held out by hash; bob's explicit train mark wins over it.
@@ -176,7 +177,8 @@ def test_list_split_and_identity_columns(tmp_path, clip):
         "c/a2.mp4": ("alice", "heldout"),
         "c/b1.mp4": ("bob", "train"),
         "c/b2.mp4": ("bob", "train"),
-        "c/x.mp4": ("x", "heldout"),
+        "c/x.mp4": ("007", "heldout"),
+        "c/y.mp4": ("y", "heldout"),
         "vox/id00042/v/00001.mp4": ("id00042", "heldout"),
     }
     (tmp_path / "bad.csv").write_text("video,split\nc/a1.mp4,test\n")
