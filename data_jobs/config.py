@@ -90,8 +90,12 @@ class ScoreConfig:
     enabled: bool = True
     # SyncNet weights: models:/name@alias (MLflow registry), a path or URL (syncnet_v2.model or ours)
     syncnet: str = "models:/syncnet@champion"
-    # No weights found: train our SyncNet on the aligned shards first (the embedded default), or fail.
+    # No usable weights (none found, or foreign ones refused): train our SyncNet on the aligned shards
+    # first (the embedded default), or stop before scoring.
     train_if_missing: bool = False
+    # A registered SyncNet trained on other data (its lineage tags differ, see pipelines/syncnet_choice.py)
+    # is refused unless this is true; a file given by path has no lineage and is always accepted.
+    allow_foreign_syncnet: bool = False
     syncnet_output: str = ""  # where a SyncNet trained here goes; "" is <output>/syncnet, beside the shards
     syncnet_steps: int = 60
     # Drop below this Sync-C, on the scale of the SyncNet that scores: 3.0 for the public syncnet_v2

@@ -3,13 +3,13 @@
 Ingest (probe .. align, IQA) writes <output>/aligned; the SyncNet score pass writes the final
 <output>/shards, manifest and rejects (`score.enabled=false` writes ingest output there directly).
 The passes live in `data_jobs/`; this module runs them on Ray, picks the SyncNet the score pass uses
-(a registered model, a path, or one trained on the aligned shards first) and logs the run to MLflow.
+(a registered model trained on this data, a path, or one trained on the aligned shards first: see
+`pipelines/syncnet_choice.py`) and logs the run, with that choice, to MLflow.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import sys
 import time
 
@@ -17,12 +17,9 @@ from data_jobs.config import DataJobConfig
 from data_jobs.job import JobSummary, data_config_hash, run_data_job
 from data_jobs.score import run_score_pass, score_plan
 from lipforcing import storage
-from lipforcing.config import ConfigError
-from pipelines import tracking
-from pipelines.jobs import resolve_config, run_job
+from pipelines import syncnet_choice, tracking
+from pipelines.jobs import run_job
 from pipelines.ray_cluster import init_ray
-
-log = logging.getLogger("lipforcing.data")
 
 
 def run_data(config: DataJobConfig) -> JobSummary:
@@ -39,32 +36,19 @@ def run_data(config: DataJobConfig) -> JobSummary:
 
 
 def syncnet_for_scoring(config: DataJobConfig, aligned: str) -> str:
-    """The SyncNet file to score with: the configured one, or one trained now on the aligned shards."""
-    try:
-        return tracking.resolve_model_for_workers(config.score.syncnet, config.output, "score.syncnet")
-    except FileNotFoundError as err:
-        missing = str(err)
-    if not config.score.train_if_missing:
-        raise ConfigError(
-            f"{missing}: set config key 'score.syncnet' to syncnet_v2.model or a trained SyncNet, "
-            "set score.train_if_missing=true to train one on these shards, or score.enabled=false"
-        )
-    from pipelines.syncnet import SyncNetJobConfig
-    from pipelines.syncnet import main as train_syncnet
-
-    output = config.score.syncnet_output or storage.join(config.output, "syncnet")
-    log.info("score: %s; training a SyncNet on %s first, into %s", missing, aligned, output)
-    syncnet_config = resolve_config(SyncNetJobConfig, [
-        f"profile={config.profile}", f"data={aligned}", f"output={output}",
-        f"train.steps={config.score.syncnet_steps}", f"seed={config.seed}",
-    ])  # fmt: skip
-    train_syncnet(syncnet_config)
-    return storage.join(output, "syncnet.pt")
+    """The SyncNet file to score with, chosen and logged by `pipelines.syncnet_choice` (the configured
+    one unless it was trained on other data, else one trained here) and recorded beside the shards."""
+    choice = syncnet_choice.choose_syncnet(config, aligned)
+    syncnet_choice.write_choice(config.output, choice)
+    return choice.weights
 
 
 def main(config: DataJobConfig) -> int:
     summary = run_data(config)
-    with tracking.start_run("data", config=config, tags={"job": "data", "data_config_hash": data_config_hash(config)}):
+    syncnet_tags, syncnet_params = syncnet_choice.for_data_run(config.output) if config.score.enabled else ({}, {})
+    tags = {"job": "data", "data_config_hash": data_config_hash(config), **syncnet_tags}
+    with tracking.start_run("data", config=config, tags=tags):
+        tracking.mlflow.log_params(syncnet_params)
         metrics = {k: v for k, v in summary.__dict__.items() if isinstance(v, int | float)}
         metrics.update({f"rejected.{k.replace('/', '.')}": v for k, v in summary.reasons.items()})
         metrics.update({f"stage_s.{k}": v for k, v in summary.timings_s.items()})

@@ -4,7 +4,9 @@ Pairs are 50/50: a video window with its own audio (label 1) or with audio from 
 shifted by at least one window (label 0); the loss is BCE on the scaled cosine similarity.
 Validation reports pair accuracy and the offset-recovery rate: held-out clips get their audio
 shifted by known amounts and the SyncNet must find each shift within +-1 frame.
-The data job's sync filter, the DMD reward and the metrics read `models:/syncnet@champion`.
+The data job's sync filter, the DMD reward and the metrics read `models:/syncnet@champion`; each
+registered version is tagged with the lineage of its training data (`lineage.*`), which the data job
+checks before it scores other data with it (pipelines/syncnet_choice.py).
 """
 
 from __future__ import annotations
@@ -185,14 +187,20 @@ def held_out_metrics(model: StableSyncNet, config: SyncNetJobConfig) -> dict[str
     }
 
 
-def main(config: SyncNetJobConfig) -> int:
+def train_and_register(config: SyncNetJobConfig) -> int:
+    """Train on `config.data` and register the checkpoint as the new `syncnet@champion`; returns its
+    version. The version carries the lineage of its training data as tags (and the run as params), so
+    the data job can tell a SyncNet of the data it scores from one trained on something else."""
     from pipelines import tracking
     from pipelines.ray_cluster import init_ray
+    from pipelines.syncnet_choice import data_lineage
 
     check_readable(config.data, RAW_FIELDS, "data")
+    lineage = data_lineage(config.data).tags()
     init_ray()
     storage.write_text(storage.join(config.output, "config.yaml"), to_yaml(config))
     with tracking.start_run("syncnet", config=config, tags={"job": "syncnet"}) as run:
+        tracking.mlflow.log_params(lineage)
         result = fit(
             SyncNetStage,
             config,
@@ -204,8 +212,13 @@ def main(config: SyncNetJobConfig) -> int:
         )
         if result.error is not None:
             raise result.error
-        version = tracking.register_artifact(REGISTERED_NAME, run.info.run_id, "syncnet.pt", alias=ALIAS)
-        log.info("registered models:/%s@%s (version %s)", REGISTERED_NAME, ALIAS, version)
+        version = tracking.register_artifact(REGISTERED_NAME, run.info.run_id, "syncnet.pt", alias=ALIAS, tags=lineage)
+        log.info("registered models:/%s@%s (version %s), trained on %s", REGISTERED_NAME, ALIAS, version, lineage)
+    return version
+
+
+def main(config: SyncNetJobConfig) -> int:
+    train_and_register(config)
     return 0
 
 

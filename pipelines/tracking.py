@@ -20,6 +20,7 @@ from typing import Any
 
 import mlflow
 import yaml
+from mlflow.entities.model_registry import ModelVersion
 
 from lipforcing.config import config_hash, flatten, to_dict
 
@@ -128,10 +129,13 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
 
-def register_artifact(name: str, run_id: str, artifact_path: str, alias: str | None = None) -> int:
+def register_artifact(
+    name: str, run_id: str, artifact_path: str, alias: str | None = None, tags: Mapping[str, str] | None = None
+) -> int:
     """Register a run's artifact (a checkpoint file or folder) as a new version of model `name`.
 
-    Returns the version number; `alias` (e.g. "champion") is moved to it.
+    Returns the version number; `alias` (e.g. "champion") is moved to it. `tags` go on the version
+    (e.g. the lineage of its training data), so whoever resolves the alias later can read them.
     """
     client = mlflow.tracking.MlflowClient()
     try:
@@ -140,7 +144,7 @@ def register_artifact(name: str, run_id: str, artifact_path: str, alias: str | N
         if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
             raise
     source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
-    version = client.create_model_version(name, source=source, run_id=run_id)
+    version = client.create_model_version(name, source=source, run_id=run_id, tags=dict(tags or {}))
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
     return int(version.version)
@@ -155,6 +159,15 @@ def registered_version(uri: str):
     if "@" in reference:
         return client.get_model_version_by_alias(*reference.split("@", 1))
     return client.get_model_version(*reference.rsplit("/", 1))
+
+
+def find_version(uri: str, key: str) -> ModelVersion:
+    """`registered_version`, with a model missing from the registry as FileNotFoundError naming `key`
+    (the config key a user changes), the way a missing file is reported."""
+    try:
+        return registered_version(uri)
+    except mlflow.exceptions.MlflowException as err:
+        raise FileNotFoundError(f"{uri} is not in the MLflow registry (config key '{key}'): {err.message}") from None
 
 
 def resolve_model_for_workers(uri: str, output: str, key: str) -> str:
@@ -193,10 +206,7 @@ def resolve_model(uri: str, destination: str | Path, key: str = "weights") -> tu
         if not uri or not storage.exists(uri):
             raise FileNotFoundError(f"no weights at {uri!r} (config key '{key}')")
         return uri, ""
-    try:
-        version = registered_version(uri)
-    except mlflow.exceptions.MlflowException as err:
-        raise FileNotFoundError(f"{uri} is not in the MLflow registry (config key '{key}'): {err.message}") from None
+    version = find_version(uri, key)
     source = version.source
     if source.startswith("file://"):
         return source.removeprefix("file://"), str(version.version)
