@@ -1,4 +1,5 @@
-"""Transform 5: warp every frame so the smoothed landmarks land on a canonical 5-point template.
+"""Transform 5: warp every frame so the smoothed landmarks land on a canonical 5-point template
+(each frame is warped once, from the single decode, in `data_jobs/ingest.py`).
 
 The per-frame 2x3 affine (source pixels -> crop pixels) is kept with the sample: inference pastes
 generated crops back into the original frames with its inverse.
@@ -10,8 +11,7 @@ import cv2
 import numpy as np
 
 from data_jobs.config import AlignConfig
-from data_jobs.media import VideoFrames
-from data_jobs.pipeline import Sample, Transform, chunked
+from data_jobs.pipeline import Transform
 
 # InsightFace's ArcFace template (112x112 crop), normalised to [0, 1]: left eye, right eye, nose tip,
 # left and right mouth corners.
@@ -25,7 +25,6 @@ ARCFACE = (
 # raise it a little so the mouth sits below the middle with room for the chin.
 LOOSE = (ARCFACE - 0.5) * 0.7 + np.array([0.5, 0.47])
 TEMPLATES = {"arcface": ARCFACE, "loose": LOOSE}
-CHUNK_FRAMES = 32
 
 
 def template_points(name: str, size: int) -> np.ndarray:
@@ -53,30 +52,17 @@ def apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
 
 
 class Align(Transform):
+    """Warps one frame at a time, as soon as its smoothed landmarks are final (no failures)."""
+
     name = "align"
 
     def __init__(self, config: AlignConfig):
         self.config = config
         self.template = template_points(config.template, config.size)
 
-    def __call__(self, sample: Sample) -> Sample:
+    def warp(self, frame: np.ndarray, landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The aligned crop (size, size, 3) of a source frame and its 2x3 affine (source -> crop)."""
         size = self.config.size
-        affines = np.stack([similarity_transform(points, self.template) for points in sample.landmarks])
-        indices = sample.source_indices()
-        frames = np.empty((len(indices), size, size, 3), np.uint8)
-        reader = VideoFrames(sample.video_path)
-        try:
-            for positions in chunked(np.arange(len(indices)), CHUNK_FRAMES):
-                for position, frame in zip(positions, reader.read(indices[positions])):
-                    frames[position] = cv2.warpAffine(
-                        frame,
-                        affines[position],
-                        (size, size),
-                        flags=cv2.INTER_LINEAR,
-                        borderMode=cv2.BORDER_REFLECT,
-                    )
-        finally:
-            reader.close()
-        sample.affines = affines.astype(np.float32)
-        sample.frames = frames
-        return sample
+        affine = similarity_transform(landmarks, self.template)
+        crop = cv2.warpAffine(frame, affine, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+        return crop, affine

@@ -40,10 +40,16 @@ class FacesConfig:
     backend: Literal["dlib", "insightface"] = "dlib"
     # InsightFace model-pack folder (e.g. .../buffalo_l), local or s3://; required for insightface.
     model_pack: str = ""
-    # Detection runs on a copy whose longer side is at most this many pixels.
+    # InsightFace: whole-frame detection runs on a copy whose longer side is at most this many pixels.
     detect_size: int = 512
-    # Run the detector every `stride` frames; frames in between are tracked.
+    # dlib: the smallest face (box width, source pixels) the whole-frame search must find; the
+    # frame is scaled (up when needed) so such a face meets the detector's 80 px window.
+    min_face_size: int = 64
+    # Run the detector every `stride` frames; frames in between are interpolated.
     stride: int = 5
+    # dlib: between whole-frame searches the face is looked for around its last box; every
+    # `check_every`-th detection searches the whole frame again (for a comparable second face).
+    check_every: int = 5
     # Landmark smoothing: Gaussian sigma in frames (0 disables).
     smooth_sigma: float = 1.5
     # Fraction of detection frames allowed to miss the face (the gaps are interpolated).

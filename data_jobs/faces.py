@@ -1,9 +1,16 @@
 """Transform 4: one face per segment, tracked with 5 landmarks per frame, smoothed over time.
 
-The detector runs every `stride` frames on a copy downscaled to `detect_size`; in between, the
-face box is interpolated and (dlib) the landmark predictor refines it on every frame, or
-(InsightFace, whose detector returns landmarks) the landmarks are interpolated. Landmarks are
-then Gaussian-smoothed along time so the aligned crop does not shake.
+Frames stream past once (see `data_jobs/ingest.py`). Every `stride` frames of a shot the tracker
+looks for the face: in a region around the last box, scaled so the face is a comfortable size for
+the detector (cheap, and small faces get upscaled), or in the whole frame to acquire the face, to
+re-acquire it after misses and every `check_every` detections to look for a comparable second
+face. The whole-frame scale follows from the frame and `min_face_size`: dlib's HOG sees faces of
+about `DLIB_MIN_FACE` px, so a frame is scaled by DLIB_MIN_FACE / min_face_size (up when needed)
+to acquire, and only as fine as a comparable second face needs when checking. The landmark
+predictor (dlib) runs at detection frames only; frames in between are interpolated, then the
+landmarks are Gaussian-smoothed along time so the aligned crop does not shake. InsightFace's
+SCRFD returns landmarks with each box and letterboxes its input itself, so it searches the whole
+frame (downscaled to `detect_size`) at every detection frame.
 
 Landmark order everywhere is InsightFace's: left eye, right eye, nose tip, left mouth corner,
 right mouth corner (left/right as seen in the image).
@@ -16,21 +23,24 @@ mouth corners = 48 and 54.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import importlib.util
+import math
 import os
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from scipy.ndimage import gaussian_filter1d
 
 from data_jobs.config import FacesConfig
-from data_jobs.media import VideoFrames
-from data_jobs.pipeline import Sample, Transform, chunked
+from data_jobs.pipeline import Sample, Transform
 from lipforcing import storage
 
-CHUNK_FRAMES = 64
+DLIB_MIN_FACE = 80  # px: the HOG detector's 80x80 window
+TRACK_FACE = 100  # px: face width the region search and the predictor see
+TRACK_MARGIN = 0.5  # region = last box grown by this many box widths on every side
+TRACK_MISSES = 2  # region misses in a row before the tracker searches the whole frame again
 
 
 @dataclass
@@ -42,6 +52,11 @@ class Face:
     @property
     def area(self) -> float:
         return float(max(0.0, self.box[2] - self.box[0]) * max(0.0, self.box[3] - self.box[1]))
+
+    def mapped(self, scale: float, offset: np.ndarray) -> Face:
+        """The face in source pixels, from an image scaled by `scale` after cropping at `offset`."""
+        landmarks = None if self.landmarks is None else self.landmarks / scale + offset
+        return Face(self.box / scale + np.tile(offset, 2), self.score, landmarks)
 
 
 class DlibBackend:
@@ -61,7 +76,7 @@ class DlibBackend:
 
     @staticmethod
     def prepare(frame: np.ndarray) -> np.ndarray:
-        """dlib's HOG and shape predictor work on grey levels; keeping grey frames costs a third."""
+        """dlib's HOG and shape predictor work on grey levels; converting only what is searched."""
         return cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
 
     def detect(self, image: np.ndarray) -> list[Face]:
@@ -83,7 +98,7 @@ class InsightFaceBackend:
 
     refines = False
 
-    def __init__(self, model_pack: str):
+    def __init__(self, model_pack: str, device: str = "cpu"):
         from insightface.model_zoo import get_model
 
         storage.require(model_pack, "faces.model_pack")
@@ -91,13 +106,15 @@ class InsightFaceBackend:
         detectors = sorted(f for f in os.listdir(folder) if f.startswith("det") and f.endswith(".onnx"))
         if not detectors:
             raise FileNotFoundError(f"faces.model_pack={model_pack!r} holds no det*.onnx detector")
-        self._model = get_model(os.path.join(folder, detectors[0]), providers=["CPUExecutionProvider"])
+        cuda = device.startswith("cuda")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+        self._model = get_model(os.path.join(folder, detectors[0]), providers=providers)
         if not getattr(self._model, "use_kps", False):
             raise ValueError(
                 f"faces.model_pack={model_pack!r}: {detectors[0]} gives boxes without the 5 landmarks the "
                 "alignment needs; use a keypoint SCRFD detector such as buffalo_l's det_10g.onnx"
             )
-        self._model.prepare(ctx_id=-1, input_size=(640, 640), det_thresh=0.5)
+        self._model.prepare(ctx_id=0 if cuda else -1, input_size=(640, 640), det_thresh=0.5)
 
     @staticmethod
     def prepare(frame: np.ndarray) -> np.ndarray:
@@ -109,103 +126,192 @@ class InsightFaceBackend:
 
 
 @functools.cache
-def face_backend(name: str, model_pack: str = ""):
-    """One loaded backend per worker process (Ray reuses processes across tasks)."""
+def face_backend(name: str, model_pack: str = "", device: str = "cpu"):
+    """One loaded backend per worker process (Ray reuses processes across tasks). `device` places
+    InsightFace on CUDA ("cuda"); dlib runs on the CPU whatever it says."""
     if name == "insightface":
-        return InsightFaceBackend(model_pack)
+        return InsightFaceBackend(model_pack, device)
     return DlibBackend()
 
 
-def interpolate_gaps(values: np.ndarray, known: np.ndarray) -> np.ndarray:
-    """Fill rows where `known` is False by linear interpolation along axis 0 (edges held)."""
-    positions = np.arange(len(values))
-    flat = values.reshape(len(values), -1).astype(np.float64)
-    filled = np.stack([np.interp(positions, positions[known], column[known]) for column in flat.T], axis=1)
-    return filled.reshape(values.shape)
+@dataclass
+class Detection:
+    """What the tracker saw at one detection frame (boxes and landmarks in source pixels)."""
+
+    position: int
+    face: Face | None
+    checked: bool  # the whole frame was searched, so a second face could have been seen
+    multiple: bool
 
 
-def smooth_landmarks(landmarks: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian smoothing along time; edges use the nearest value so the ends don't drift."""
-    return gaussian_filter1d(landmarks, sigma, axis=0, mode="nearest") if sigma > 0 else landmarks
+class FaceTracker:
+    """Finds the main face at detection frames of one input; `reset` at each new shot."""
+
+    def __init__(self, config: FacesConfig, backend, width: int, height: int):
+        self.config, self.backend, self.width, self.height = config, backend, width, height
+        if backend.refines:
+            self.acquire_scale = DLIB_MIN_FACE / config.min_face_size
+        else:  # SCRFD letterboxes into its own 640 px input; a larger copy would only cost more
+            self.acquire_scale = min(1.0, config.detect_size / max(width, height))
+        self.reset()
+
+    def reset(self) -> None:
+        self.box: np.ndarray | None = None
+        self.misses = 0
+        self.since_check = 0
+
+    def detect(self, position: int, frame: np.ndarray) -> Detection:
+        """Look for the face in `frame` (RGB, source size) and update the track."""
+        tracking = self.backend.refines and self.box is not None
+        if tracking and self.since_check < self.config.check_every - 1:
+            self.since_check += 1
+            faces = self._search(frame, self._region(self.box), TRACK_FACE / self._width(self.box))
+            checked = False
+        else:
+            scale = self.acquire_scale
+            if tracking:  # only as fine as a comparable second face needs
+                second = math.sqrt(self.config.second_face_ratio) * self._width(self.box)
+                scale = min(scale, DLIB_MIN_FACE / second)
+            faces = self._search(frame, (0, 0, self.width, self.height), scale)
+            self.since_check, checked = 0, True
+        main = faces[0] if faces else None
+        if main is None:
+            self.misses += 1
+            if self.misses >= TRACK_MISSES:
+                self.box = None
+        else:
+            self.box, self.misses = main.box, 0
+            if self.backend.refines:
+                main.landmarks = self._landmarks(frame, main.box)
+        multiple = checked and len(faces) > 1 and faces[1].area >= self.config.second_face_ratio * faces[0].area
+        return Detection(position, main, checked, multiple)
+
+    @staticmethod
+    def _width(box: np.ndarray) -> float:
+        return max(1.0, float(box[2] - box[0]))
+
+    def _region(self, box: np.ndarray) -> tuple[int, int, int, int]:
+        margin = TRACK_MARGIN * self._width(box)
+        x0, y0 = max(0, int(box[0] - margin)), max(0, int(box[1] - margin))
+        x1, y1 = min(self.width, int(math.ceil(box[2] + margin))), min(self.height, int(math.ceil(box[3] + margin)))
+        return x0, y0, max(x1, x0 + 2), max(y1, y0 + 2)
+
+    def _crop(self, frame: np.ndarray, region: tuple[int, int, int, int], scale: float) -> np.ndarray:
+        x0, y0, x1, y1 = region
+        size = (max(2, round((x1 - x0) * scale)), max(2, round((y1 - y0) * scale)))
+        crop = frame[y0:y1, x0:x1]
+        interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+        return self.backend.prepare(cv2.resize(crop, size, interpolation=interpolation))
+
+    def _search(self, frame: np.ndarray, region: tuple[int, int, int, int], scale: float) -> list[Face]:
+        """Faces above `min_score` in a region of the frame seen at `scale`, largest first."""
+        offset = np.array(region[:2], float)
+        image = self._crop(frame, region, scale)
+        scale_x = image.shape[1] / (region[2] - region[0])  # the rounded size's exact scale
+        faces = [f.mapped(scale_x, offset) for f in self.backend.detect(image) if f.score >= self.config.min_score]
+        return sorted(faces, key=lambda f: f.area, reverse=True)
+
+    def _landmarks(self, frame: np.ndarray, box: np.ndarray) -> np.ndarray:
+        """The predictor on a region around `box` where the face is `TRACK_FACE` px wide."""
+        region = self._region(box)
+        image = self._crop(frame, region, TRACK_FACE / self._width(box))
+        scale = image.shape[1] / (region[2] - region[0])
+        offset = np.array(region[:2], float)
+        return self.backend.refine(image, (box - np.tile(offset, 2)) * scale) / scale + offset
+
+
+class LandmarkTrack:
+    """The landmarks of one shot as detections arrive: linear between found faces, held at the ends,
+    then Gaussian-smoothed along time (scipy's `gaussian_filter1d`, mode nearest, on the
+    whole shot, one frame at a time as soon as its window is known)."""
+
+    def __init__(self, start: int, sigma: float):
+        self.start, self.sigma = start, sigma
+        self.radius = int(4.0 * sigma + 0.5) if sigma > 0 else 0
+        offsets = np.arange(-self.radius, self.radius + 1)
+        kernel = np.exp(-0.5 * (offsets / sigma) ** 2) if sigma > 0 else np.ones(1)
+        self.offsets, self.kernel = offsets, kernel / kernel.sum()
+        self._at: list[int] = []
+        self._points: list[np.ndarray] = []
+        self._raw: dict[int, np.ndarray] = {}  # interpolated frames whose next face is known
+
+    @property
+    def empty(self) -> bool:
+        return not self._at
+
+    def add(self, position: int, landmarks: np.ndarray) -> None:
+        self._at.append(position)
+        self._points.append(landmarks)
+
+    def raw(self, position: int) -> np.ndarray:
+        """Landmarks at `position` before smoothing (held after the last face found so far)."""
+        if position in self._raw:
+            return self._raw[position]
+        after = bisect.bisect_left(self._at, position)
+        if after == len(self._at):
+            return self._points[-1]
+        if after == 0 or self._at[after] == position:
+            value = self._points[after]
+        else:
+            a, b = self._at[after - 1], self._at[after]
+            weight = (position - a) / (b - a)
+            value = (1 - weight) * self._points[after - 1] + weight * self._points[after]
+        self._raw[position] = value
+        return value
+
+    def smoothed(self, position: int, end: int) -> np.ndarray:
+        """Smoothed landmarks at `position` of a shot known up to `end` (exclusive; the edge holds)."""
+        window = np.clip(position + self.offsets, self.start, end - 1)
+        return np.tensordot(self.kernel, np.stack([self.raw(int(p)) for p in window]), axes=1)
+
+    def forget_before(self, position: int) -> None:
+        """Drop found faces no frame from `position` on needs (keeps memory flat on long shots)."""
+        keep = max(0, bisect.bisect_right(self._at, position - self.radius) - 1)
+        del self._at[:keep], self._points[:keep]
+        self._raw = {p: v for p, v in self._raw.items() if p >= position - self.radius}
 
 
 class Faces(Transform):
+    """Judges a segment from its detections: a face, seen often enough, and alone."""
+
     name = "faces"
 
     def __init__(self, config: FacesConfig):
         self.config = config
 
+    def tracker(self, width: int, height: int) -> FaceTracker:
+        backend = face_backend(self.config.backend, self.config.model_pack)
+        return FaceTracker(self.config, backend, width, height)
+
     def __call__(self, sample: Sample) -> Sample:
-        config = self.config
-        backend = face_backend(config.backend, config.model_pack)
-        indices = sample.source_indices()
-        count = len(indices)
-        detect_at = np.unique(np.r_[np.arange(0, count, max(1, config.stride)), count - 1])
-        width, height = sample.info.width, sample.info.height
-        scale = min(1.0, config.detect_size / max(width, height))
-        size = (max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2))
-        scale_xy = np.array([size[0] / width, size[1] / height])
-        reader = VideoFrames(sample.video_path, width=size[0], height=size[1])
-        try:
-            detections, images = self._scan(reader, backend, indices, detect_at)
-        finally:
-            reader.close()
-        main = [d[0] if d else None for d in detections]
-        found = np.array([m is not None for m in main])
-        missing = int((~found).sum())
-        multi = sum(self._has_second_face(d) for d in detections)
-        stats = {
-            "detections": int(len(detect_at)),
+        config, detections = self.config, sample.detections
+        found = [d.face for d in detections if d.face is not None]
+        checks = sum(d.checked for d in detections)
+        multi = sum(d.multiple for d in detections)
+        missing = len(detections) - len(found)
+        stats = sample.face_stats = {
+            "detections": len(detections),
             "missing": missing,
             "multiple": int(multi),
-            "mean_score": float(np.mean([m.score for m in main if m is not None])) if found.any() else 0.0,
+            "checks": int(checks),
+            "mean_score": float(np.mean([f.score for f in found])) if found else 0.0,
         }
-        sample.face_stats = stats
-        if not found.any():
-            return sample.fail(self.name, "no_face", f"no face in {len(detect_at)} detection frames")
-        if missing / len(detect_at) > config.max_missing:
+        if not found:
+            return sample.fail(self.name, "no_face", f"no face in {len(detections)} detection frames")
+        if sample.landmarks is None:
+            return sample.fail(self.name, "face_missing", "no face found in time for the first frames of the shot")
+        if missing / len(detections) > config.max_missing:
             return sample.fail(
-                self.name, "face_missing", f"face missing in {missing}/{len(detect_at)} detection frames"
+                self.name, "face_missing", f"face missing in {missing}/{len(detections)} detection frames"
             )
-        if multi / len(detect_at) > config.max_multi_face:
+        if checks and multi / checks > config.max_multi_face:
             return sample.fail(
-                self.name,
-                "multiple_faces",
-                f"a comparable second face in {multi}/{len(detect_at)} frames",
+                self.name, "multiple_faces", f"a comparable second face in {multi}/{checks} whole-frame searches"
             )
-        boxes = np.zeros((count, 4))
-        boxes[detect_at[found]] = [m.box for m in main if m is not None]
-        known = np.zeros(count, bool)
-        known[detect_at[found]] = True
-        boxes = interpolate_gaps(boxes, known)
-        if backend.refines:
-            landmarks = np.stack([backend.refine(image, box) for image, box in zip(images, boxes)])
-        else:
-            landmarks = np.zeros((count, 5, 2))
-            landmarks[detect_at[found]] = [m.landmarks for m in main if m is not None]
-            landmarks = interpolate_gaps(landmarks, known)
-        raw = landmarks / scale_xy
-        sample.landmarks = smooth_landmarks(raw, config.smooth_sigma)
         eye_distance = np.linalg.norm(sample.landmarks[:, 1] - sample.landmarks[:, 0], axis=1)
         stats["eye_distance_px"] = float(eye_distance.mean())
-        stats["jitter_px"] = float(np.abs(np.diff(raw, axis=0)).mean()) if count > 1 else 0.0
+        # Mean per-frame landmark motion before smoothing: linear between found faces, so each
+        # gap's total motion is the step between its two detections.
+        steps = [np.abs(b.landmarks - a.landmarks).mean() for a, b in zip(found, found[1:])]
+        stats["jitter_px"] = float(sum(steps) / max(1, len(sample.landmarks) - 1))
         return sample
-
-    def _scan(
-        self, reader: VideoFrames, backend, indices: np.ndarray, detect_at: np.ndarray
-    ) -> tuple[list[list[Face]], list[np.ndarray]]:
-        """One decode pass: faces above `min_score` at each detection frame (largest first), and
-        every frame in the backend's working form when it refines landmarks per frame."""
-        detect_set, detections, images = set(detect_at.tolist()), [], []
-        for positions in chunked(np.arange(len(indices)), CHUNK_FRAMES):
-            for position, frame in zip(positions, reader.read(indices[positions])):
-                image = backend.prepare(frame)
-                if position in detect_set:
-                    faces = [f for f in backend.detect(image) if f.score >= self.config.min_score]
-                    detections.append(sorted(faces, key=lambda f: f.area, reverse=True))
-                if backend.refines:
-                    images.append(image)
-        return detections, images
-
-    def _has_second_face(self, faces: list[Face]) -> bool:
-        return len(faces) > 1 and faces[1].area >= self.config.second_face_ratio * faces[0].area

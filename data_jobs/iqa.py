@@ -31,7 +31,7 @@ def sharpness_score(image: np.ndarray) -> float:
 
 
 class HyperIQAScorer:
-    def __init__(self, weights: str):
+    def __init__(self, weights: str, device: str = "cpu"):
         import torch
 
         from data_jobs.hyperiqa import load_hyperiqa
@@ -39,20 +39,20 @@ class HyperIQAScorer:
 
         storage.require(weights, "iqa.weights")
         torch.set_num_threads(1)
-        self._torch = torch
-        self._model = load_hyperiqa(storage.cached(weights))
+        self._torch, self._device = torch, device
+        self._model = load_hyperiqa(storage.cached(weights)).to(device)
 
     def __call__(self, image: np.ndarray) -> float:
         from data_jobs.hyperiqa import five_crops
 
         with self._torch.inference_mode():
-            return float(self._model(five_crops(image)).mean())
+            return float(self._model(five_crops(image).to(self._device)).mean())
 
 
 @functools.cache
-def iqa_scorer(backend: str, weights: str = ""):
-    """One loaded scorer per worker process."""
-    return HyperIQAScorer(weights) if backend == "hyperiqa" else sharpness_score
+def iqa_scorer(backend: str, weights: str = "", device: str = "cpu"):
+    """One loaded scorer per worker process; `device` places HyperIQA (sharpness is numpy)."""
+    return HyperIQAScorer(weights, device) if backend == "hyperiqa" else sharpness_score
 
 
 class Iqa(Transform):

@@ -118,6 +118,27 @@ def cfr_indices(timestamps: np.ndarray, fps: float, start_s: float, num_frames: 
     return np.clip(index, 0, len(timestamps) - 1)
 
 
+def timeline_frames(path: str, indices: np.ndarray) -> Iterator[np.ndarray]:
+    """RGB frames (h, w, 3) uint8 for ascending source `indices` (from `cfr_indices`), in one
+    sequential decode: each source frame is decoded once and converted only if shown; a repeated
+    index yields the same array again. Memory stays one frame; a stream shorter than the index map
+    repeats its last frame."""
+    with av.open(path) as container:
+        decoded = container.decode(video=0)
+        position, frame, image = -1, None, None
+        for index in indices:
+            while position < index:
+                following = next(decoded, None)
+                if following is None:
+                    break
+                position, frame, image = position + 1, following, None
+            if frame is None:
+                raise ValueError(f"{path}: no decodable video frames")
+            if image is None:
+                image = frame.to_ndarray(format="rgb24")
+            yield image
+
+
 def read_audio(path: str, sample_rate: int) -> np.ndarray:
     """The first audio stream as float32 mono at `sample_rate` (PyAV's resampler, any layout)."""
     resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)

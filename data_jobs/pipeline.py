@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from data_jobs.media import MediaInfo, cfr_indices
+from data_jobs.media import MediaInfo
 from lipforcing.data import FPS, SAMPLE_RATE
 
 
@@ -56,6 +56,8 @@ class Sample:
     # Segment-level fields: frames [start_frame, end_frame) of the constant-rate timeline.
     start_frame: int = 0
     end_frame: int = 0
+    # The face tracker's findings at this segment's detection frames (`faces.Detection`).
+    detections: list[Any] = field(default_factory=list)
     landmarks: np.ndarray | None = None
     face_stats: dict[str, Any] = field(default_factory=dict)
     affines: np.ndarray | None = None
@@ -80,10 +82,6 @@ class Sample:
     def end_s(self) -> float:
         return self.end_frame / self.fps
 
-    def source_indices(self) -> np.ndarray:
-        """Source frame index shown at each timeline frame of this segment."""
-        return cfr_indices(self.timestamps, self.fps, self.start_s, self.end_frame - self.start_frame)
-
     def fail(self, stage: str, reason: str, detail: str = "", whole_input: bool = False) -> Sample:
         times = (None, None) if whole_input else (self.start_s, self.end_s)
         self.rejects.append(Reject(stage, reason, detail, *times))
@@ -102,6 +100,7 @@ class Sample:
             end_frame=end_frame,
             audio=audio,
             segments=[],
+            detections=[],
             rejects=[],
             outputs={},
             metadata={},
@@ -133,6 +132,3 @@ def run_stages(sample: Sample, stages: Sequence[Transform], timings: dict[str, f
             break
     return sample
 
-
-def chunked(values: Sequence[int], size: int) -> list[Sequence[int]]:
-    return [values[i : i + size] for i in range(0, len(values), size)]

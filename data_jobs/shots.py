@@ -1,28 +1,33 @@
-"""Transform 3: shot boundaries (PySceneDetect's content detector on small frames), then 5-10 s
-segments inside each shot. Shots shorter than the minimum are dropped with a reason; long shots
-are cut into equal segments, as few as fit under the maximum.
+"""Transform 3: shot boundaries (PySceneDetect's content detector on small frames) and 5-10 s
+segments inside each shot, both decided as the frames stream past (see `data_jobs/ingest.py`).
+
+A cut is reported on the frame where the new shot starts, with no look-ahead: the detector's
+minimum scene length suppresses a second cut too soon after the last one instead of merging cuts
+later. Segments are cut while the shot goes on: a full `max` piece as soon as at least `max + min`
+frames of the shot are known, so that whatever remains can still form a segment; when the shot
+ends, what is left (less than `max + min` frames) becomes one segment, or two equal ones when it is
+longer than `max`. Shots shorter than the minimum are dropped with a reason.
 """
 
 from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
 from scenedetect import ContentDetector
 from scenedetect.common import FrameTimecode
+from scenedetect.detector import FlashFilter
 
 from data_jobs.config import IngestConfig
-from data_jobs.media import VideoFrames, cfr_indices
-from data_jobs.pipeline import Reject, Sample, Transform, chunked
-
-CHUNK_FRAMES = 64
+from data_jobs.pipeline import Reject, Sample, Transform
 
 
-def split_shot(start: int, end: int, min_frames: int, max_frames: int) -> list[tuple[int, int]]:
+def split_tail(start: int, end: int, min_frames: int, max_frames: int) -> list[tuple[int, int]]:
     """Equal segments covering [start, end), each within [min_frames, max_frames] frames.
 
-    Empty when the shot is shorter than `min_frames`. When no equal split fits both bounds (only
-    possible if max < 2 * min), segments of `max_frames` are cut and the remainder left out.
+    Empty when shorter than `min_frames`. When no equal split fits both bounds (only possible if
+    max < 2 * min), segments of `max_frames` are cut and the remainder left out.
     """
     length = end - start
     if length < min_frames:
@@ -36,44 +41,51 @@ def split_shot(start: int, end: int, min_frames: int, max_frames: int) -> list[t
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def split_shot(start: int, end: int, min_frames: int, max_frames: int) -> list[tuple[int, int]]:
+    """The segments streaming ingest cuts from a shot [start, end): full `max_frames` pieces while
+    at least `max_frames + min_frames` frames remain, then `split_tail` of the rest."""
+    full = max(0, (end - start - min_frames) // max_frames)
+    parts = [(start + i * max_frames, start + (i + 1) * max_frames) for i in range(full)]
+    return parts + split_tail(start + full * max_frames, end, min_frames, max_frames)
+
+
 class Shots(Transform):
+    """Online cut detection on a downscaled copy of each timeline frame, and the segment rule."""
+
     name = "shots"
 
     def __init__(self, config: IngestConfig):
         self.config = config
+        self._detector: ContentDetector | None = None
+        self._size = (0, 0)
+        self._fps = 25.0
 
-    def __call__(self, sample: Sample) -> Sample:
-        cuts = self.detect_cuts(sample)
-        min_frames = math.ceil(self.config.min_segment_s * sample.fps - 1e-6)
-        max_frames = math.floor(self.config.max_segment_s * sample.fps + 1e-6)
-        edges = [0, *cuts, sample.num_frames]
-        for start, end in zip(edges[:-1], edges[1:]):
-            parts = split_shot(start, end, min_frames, max_frames)
-            if not parts:
-                detail = f"shot of {(end - start) / sample.fps:.2f} s < {self.config.min_segment_s} s"
-                sample.rejects.append(
-                    Reject(self.name, "shot_too_short", detail, start / sample.fps, end / sample.fps)
-                )
-            sample.segments.extend(parts)
-        return sample
+    def frames_bounds(self, fps: float) -> tuple[int, int]:
+        """Minimum and maximum segment length in timeline frames."""
+        return (
+            math.ceil(self.config.min_segment_s * fps - 1e-6),
+            math.floor(self.config.max_segment_s * fps + 1e-6),
+        )
 
-    def detect_cuts(self, sample: Sample) -> list[int]:
-        """Timeline frame numbers where a new shot starts."""
+    def begin(self, sample: Sample) -> None:
+        """A fresh detector for one input (the shot width keeps the input's aspect ratio)."""
         width = self.config.shot_width
         height = max(2, round(sample.info.height * width / max(sample.info.width, 1) / 2) * 2)
-        detector = ContentDetector(threshold=self.config.shot_threshold, min_scene_len=round(sample.fps / 2))
-        indices = cfr_indices(sample.timestamps, sample.fps, 0.0, sample.num_frames)
-        reader = VideoFrames(sample.video_path, width=width, height=height)
-        cuts: list[int] = []
-        try:
-            for positions in chunked(range(sample.num_frames), CHUNK_FRAMES):
-                frames = reader.read(indices[positions.start : positions.stop])
-                for position, frame in zip(positions, frames):
-                    # PySceneDetect expects OpenCV's BGR order.
-                    found = detector.process_frame(
-                        FrameTimecode(position, sample.fps), frame[:, :, ::-1].copy()
-                    )
-                    cuts.extend(int(c.frame_num) for c in found)
-        finally:
-            reader.close()
-        return sorted(c for c in set(cuts) if 0 < c < sample.num_frames)
+        self._size, self._fps = (width, height), sample.fps
+        self._detector = ContentDetector(
+            threshold=self.config.shot_threshold,
+            min_scene_len=round(sample.fps / 2),
+            filter_mode=FlashFilter.Mode.SUPPRESS,
+        )
+
+    def is_cut(self, position: int, frame: np.ndarray) -> bool:
+        """Whether a new shot starts at timeline frame `position` (frames come in order)."""
+        small = cv2.resize(frame, self._size, interpolation=cv2.INTER_AREA)
+        # PySceneDetect expects OpenCV's BGR order.
+        found = self._detector.process_frame(FrameTimecode(position, self._fps), small[:, :, ::-1].copy())
+        return position > 0 and any(int(c.frame_num) == position for c in found)
+
+    def too_short(self, sample: Sample, start: int, end: int) -> None:
+        """Record a shot that yields no segment."""
+        detail = f"shot of {(end - start) / sample.fps:.2f} s < {self.config.min_segment_s} s"
+        sample.rejects.append(Reject(self.name, "shot_too_short", detail, start / sample.fps, end / sample.fps))

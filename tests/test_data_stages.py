@@ -7,16 +7,17 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from scipy.ndimage import gaussian_filter1d
 
 from data_jobs.align import ARCFACE, apply_affine, similarity_transform, template_points
 from data_jobs.config import DataJobConfig, WriteConfig
-from data_jobs.faces import interpolate_gaps, smooth_landmarks
+from data_jobs.faces import LandmarkTrack
 from data_jobs.hyperiqa import HyperIQA, ResNet50, five_crops, load_hyperiqa, load_torchvision_resnet50
 from data_jobs.inputs import list_inputs
 from data_jobs.iqa import sharpness_score
 from data_jobs.media import VideoFrames, cfr_indices, read_audio
 from data_jobs.sample import CLIPS, ClipSpec, encode_clip, render_frame
-from data_jobs.shots import split_shot
+from data_jobs.shots import split_shot, split_tail
 from data_jobs.writer import ShardWriter
 from lipforcing.config import ConfigError
 from pipelines.jobs import resolve_config
@@ -29,10 +30,12 @@ from pipelines.jobs import resolve_config
         (125, [(0, 125)]),
         (250, [(0, 250)]),
         (251, [(0, 126), (126, 251)]),  # just over 10 s: two equal halves
-        (550, [(0, 183), (183, 367), (367, 550)]),  # 22 s: three ~7.3 s segments
+        (374, [(0, 187), (187, 374)]),  # one frame short of a full segment plus a minimum one
+        (375, [(0, 250), (250, 375)]),  # a full segment is cut as soon as another fits behind it
+        (550, [(0, 250), (250, 400), (400, 550)]),  # 22 s: one full, the rest in two halves
     ],
 )
-def test_split_shot_keeps_segments_between_min_and_max(length, expected):
+def test_split_shot_cuts_full_segments_while_another_fits_then_halves_the_rest(length, expected):
     assert split_shot(0, length, 125, 250) == expected
 
 
@@ -45,22 +48,59 @@ def test_split_shot_bounds_hold_for_every_length():
 
 
 def test_split_shot_when_max_is_less_than_twice_min_leaves_the_tail():
-    parts = split_shot(0, 160, 100, 150)
-    assert parts == [(0, 150)]
+    assert split_shot(0, 160, 100, 150) == [(0, 150)]
+    assert split_tail(0, 160, 100, 150) == [(0, 150)]
+    assert split_shot(0, 300, 100, 150) == [(0, 150), (150, 300)]
 
 
-def test_interpolate_gaps_is_linear_inside_and_holds_at_edges():
-    values = np.array([[0.0], [0.0], [2.0], [0.0], [6.0], [0.0]])
-    known = np.array([False, False, True, False, True, False])
-    filled = interpolate_gaps(values, known)
-    assert filled[:, 0].tolist() == [2.0, 2.0, 2.0, 4.0, 6.0, 6.0]
+def streamed(track: LandmarkTrack, end: int, lookahead: int, known: dict[int, np.ndarray]) -> np.ndarray:
+    """What the ingest stream does: add each found face as its frame passes, smooth each frame once
+    `lookahead` more frames are known (the rest at the shot's end), forget after each segment."""
+    out = []
+    for position in range(track.start, end):
+        if position in known:
+            track.add(position, known[position])
+        ready = position - lookahead
+        if ready >= track.start:
+            out.append(track.smoothed(ready, position + 1))
+            if ready % 40 == 39:
+                track.forget_before(ready + 1)
+    for ready in range(max(track.start, end - lookahead), end):
+        out.append(track.smoothed(ready, end))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("missed", [(), (75, 80, 120)])
+def test_landmark_track_streams_the_whole_shot_interpolation_and_smoothing(missed):
+    rng = np.random.default_rng(0)
+    start, end, stride, sigma = 30, 160, 5, 1.5
+    found = np.array([p for p in range(start, end, stride) if p not in missed])
+    points = {int(p): rng.normal(100, 5, (5, 2)) for p in found}
+    track = LandmarkTrack(start, sigma)
+    lookahead = track.radius + stride - 1
+    got = streamed(track, end, lookahead, points)
+    # Reference, on the whole shot at once: linear between found faces, held at the ends, then
+    # scipy's Gaussian with the nearest-edge mode.
+    frames = np.arange(start, end)
+    values = np.stack([points[int(p)] for p in found]).reshape(len(found), -1)
+    raw = np.stack([np.interp(frames, found, column) for column in values.T], axis=1)
+    reference = gaussian_filter1d(raw, sigma, axis=0, mode="nearest").reshape(-1, 5, 2)
+    # A frame is final before the face after a long miss turns up: its window reaching into such a
+    # gap (70-85, 115-125 here) holds the last face instead. Everywhere else: the same numbers.
+    gaps = [(a, b) for a, b in zip(found, found[1:]) if b - a > stride]
+    exact = np.array([all(f + track.radius <= a for a, b in gaps if f - track.radius < b) for f in frames])
+    assert exact.sum() > len(frames) * (0.6 if missed else 0.99)
+    np.testing.assert_allclose(got[exact], reference[exact], atol=1e-9)
+    if missed:
+        assert np.abs(got[~exact] - reference[~exact]).max() > 0.1  # the held frames do differ
 
 
 def test_smoothing_reduces_jitter_without_moving_the_mean():
     rng = np.random.default_rng(0)
     truth = np.tile(np.array([[100.0, 120.0]] * 5), (200, 1, 1))
     noisy = truth + rng.normal(0, 2.0, truth.shape)
-    smooth = smooth_landmarks(noisy, sigma=2.0)
+    track = LandmarkTrack(0, sigma=2.0)
+    smooth = streamed(track, 200, track.radius, dict(enumerate(noisy)))
     assert np.abs(np.diff(smooth, axis=0)).mean() < 0.3 * np.abs(np.diff(noisy, axis=0)).mean()
     assert np.abs(smooth.mean(0) - truth[0]).max() < 0.5
 

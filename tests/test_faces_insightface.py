@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from data_jobs.config import FacesConfig
-from data_jobs.faces import Faces, InsightFaceBackend
-from data_jobs.media import MediaInfo, encode_mp4
+from data_jobs.faces import Faces, InsightFaceBackend, face_backend
+from data_jobs.media import MediaInfo
 from data_jobs.pipeline import Sample
 from lipforcing import storage
 from tests.insightface_pack import FACE, SECOND_FACE, write_pack
@@ -80,38 +80,51 @@ def test_a_pack_another_worker_downloaded_first_is_used(pack, s3_bucket, tmp_pat
     assert sorted(os.listdir(os.path.dirname(folder))) == [".lock", "buffalo_l"]  # our partial copy is gone
 
 
-def faces_sample(folder, frames: int = 12, width: int = 960, height: int = 540) -> Sample:
-    """A short constant-rate clip, ready for the Faces stage (what probe/resample/shots fill in)."""
-    path = folder / "clip.mp4"
-    path.write_bytes(encode_mp4(np.full((frames, height, width, 3), 128, np.uint8), fps=25))
+def tracked(config: FacesConfig, frames: int = 12, width: int = 960, height: int = 540) -> Sample:
+    """A segment of grey frames through the face tracker at every `stride`-th frame (what the
+    ingest stream does), ready for the Faces stage's judgement."""
+    faces = Faces(config)
+    tracker = faces.tracker(width, height)
+    frame = np.full((height, width, 3), 128, np.uint8)
+    detections = [tracker.detect(p, frame) for p in range(0, frames, config.stride)]
+    landmarks = np.stack([d.face.landmarks for d in detections if d.face is not None] or [np.zeros((5, 2))])
     info = MediaInfo(has_video=True, has_audio=False, width=width, height=height, fps=25.0)
     return Sample(
-        source=str(path),
+        source="clip.mp4",
         dataset="test",
         key_stem="clip",
-        video_path=str(path),
         info=info,
-        timestamps=np.arange(frames) / 25.0,
         num_frames=frames,
         end_frame=frames,
+        detections=detections,
+        landmarks=landmarks,
     )
 
 
-def test_faces_stage_tracks_the_planted_landmarks(pack, tmp_path):
+def test_faces_stage_tracks_the_planted_landmarks(pack):
     # 960x540 is downscaled to 512x288 for detection, then letterboxed to 640x360: net scale 1.5
-    sample = Faces(FacesConfig(backend="insightface", model_pack=pack))(faces_sample(tmp_path))
+    config = FacesConfig(backend="insightface", model_pack=pack)
+    sample = Faces(config)(tracked(config))
     assert not sample.failed, sample.rejects
-    planted = np.broadcast_to(np.array(FACE.landmarks) * 1.5, (12, 5, 2))
+    planted = np.broadcast_to(np.array(FACE.landmarks) * 1.5, (3, 5, 2))
     np.testing.assert_allclose(sample.landmarks, planted, atol=1.0)
     assert sample.face_stats["missing"] == 0 and sample.face_stats["multiple"] == 0
+    assert sample.face_stats["checks"] == 3  # SCRFD searches the whole frame every time
     assert sample.face_stats["mean_score"] == pytest.approx(FACE.score)
 
 
 def test_faces_stage_rejects_two_comparable_faces(tmp_path):
     two_faces = write_pack(tmp_path / "two_faces", faces=(FACE, SECOND_FACE), recognizer=False)
-    sample = Faces(FacesConfig(backend="insightface", model_pack=two_faces))(faces_sample(tmp_path))
+    config = FacesConfig(backend="insightface", model_pack=two_faces)
+    sample = Faces(config)(tracked(config))
     assert sample.failed
     assert [(r.stage, r.reason) for r in sample.rejects] == [("faces", "multiple_faces")]
+
+
+def test_device_argument_loads_on_the_cpu_and_caches(pack):
+    backend = face_backend("insightface", pack, "cpu")
+    assert backend is face_backend("insightface", pack, "cpu")
+    assert_planted(backend.detect(np.zeros((720, 1280, 3), np.uint8)), scale=2.0)
 
 
 def test_pack_without_a_detector_names_the_config_key(tmp_path):
