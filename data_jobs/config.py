@@ -8,10 +8,12 @@ runs that differ only there share a config hash.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-from lipforcing.config import ClusterConfig
+from lipforcing.config import ClusterConfig, ConfigError
 from lipforcing.data import FPS, SAMPLE_RATE
 
 DEFAULT_SAMPLE = "outputs/sample"
@@ -33,6 +35,10 @@ class IngestConfig:
     shot_threshold: float = 27.0
     # Shot detection runs on frames downscaled to this width (it only needs coarse content).
     shot_width: int = 96
+    # Probe rejects inputs whose shorter side is below this (no usable face crop comes from them).
+    min_side: int = 64
+    # Probe rejects longer inputs before decoding anything (their audio is decoded into memory).
+    max_duration_s: float = 3600.0
 
 
 @dataclass
@@ -158,3 +164,31 @@ class DataJobConfig:
         if profile == "tiny":
             config.align.size = 256
         return config
+
+
+def validate(config: DataJobConfig) -> None:
+    """Value ranges the schema cannot express, checked before any work (`run_job(validate=...)`)."""
+    most = config.ingest.max_segment_s
+    rules: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+        ("ingest.fps", lambda v: v > 0, "a number > 0"),
+        ("ingest.sample_rate", lambda v: v > 0, "an integer > 0"),
+        ("ingest.min_segment_s", lambda v: 0 < v <= most, f"seconds in (0, ingest.max_segment_s={most}]"),
+        ("ingest.shot_width", lambda v: v >= 16, "an integer >= 16"),
+        ("ingest.min_side", lambda v: v >= 1, "an integer >= 1"),
+        ("ingest.max_duration_s", lambda v: v > 0, "seconds > 0"),
+        ("faces.stride", lambda v: v >= 1, "an integer >= 1"),
+        ("faces.detect_size", lambda v: v >= 64, "an integer >= 64"),
+        ("faces.max_missing", lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+        ("faces.max_multi_face", lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+        ("align.size", lambda v: v >= 32 and v % 2 == 0, "an even integer >= 32"),
+        ("iqa.threshold", lambda v: 0 <= v <= 100, "a score in [0, 100]"),
+        ("write.crf", lambda v: 0 <= v <= 51, "an integer in 0..51"),
+        ("write.inputs_per_task", lambda v: v >= 1, "an integer >= 1"),
+        ("write.shard_max_samples", lambda v: v >= 0, "an integer >= 0 (0: no limit)"),
+        ("score.max_offset", lambda v: v >= 0, "frames >= 0"),
+        ("execution.num_cpus_per_task", lambda v: v > 0, "a number > 0"),
+    )
+    for key, allowed, text in rules:
+        value = functools.reduce(getattr, key.split("."), config)
+        if not allowed(value):
+            raise ConfigError(f"config key '{key}' is {value}; allowed values: {text}")

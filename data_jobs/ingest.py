@@ -44,7 +44,7 @@ STAGE_ORDER = ("probe", "resample", "decode", "shots", "faces", "align", "iqa", 
 
 
 def input_stages(config: DataJobConfig) -> list[Transform]:
-    return [Probe(), Resample(config.ingest)]
+    return [Probe(config.ingest), Resample(config.ingest)]
 
 
 def segment_stages(config: DataJobConfig, digest: str) -> list[Transform]:
@@ -187,6 +187,10 @@ def ingest_inputs(
             source=item.video, dataset=item.dataset, key_stem=item.key_stem, audio_source=item.audio,
             identity=item.identity, split=item.split,
         )
+        if item.problem:  # a duplicate or an unsupported file (see InputItem): reported, never opened
+            sample.fail("input", *item.problem.split(": ", 1), whole_input=True)
+            result.rejects.append(reject_row(sample, sample.rejects[0]))
+            continue
         with _local_inputs(sample, result.timings_s) as sample:
             if not sample.failed:
                 sample = run_stages(sample, per_input, result.timings_s)

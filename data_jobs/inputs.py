@@ -21,8 +21,19 @@ Split: every (dataset, identity) lies on one side. Held out: identities with a h
 else a hash of `dataset/identity` below `split.heldout_fraction`. Nothing but an identity's own marks
 moves it, so adding inputs never moves an earlier one.
 
-Inputs come back sorted by URL, so the partition into tasks, and with it every shard name, is a
-pure function of the input list.
+Refused inputs come back too, as items whose `problem` is "reason: detail", so the job reports
+them as reject rows of stage `input` instead of dropping them in silence:
+- `duplicate`: a video listed more than once; its first row is a normal item, each later row a
+  refused one ("duplicate: listed N times in <list>").
+- `unsupported_extension`: a file under a folder input whose extension is neither a video one
+  (`VIDEO_EXTENSIONS`, every container FFmpeg reads that talking-head data comes in), an audio one
+  (`AUDIO_EXTENSIONS`: pairing candidates), nor a sidecar one kept beside videos on purpose
+  (`SIDECAR_EXTENSIONS`: transcripts, metadata, thumbnails, landmarks); hidden files and folders
+  (`.DS_Store`, `.cache/`) are skipped. A list names its files itself: nothing in it is refused
+  for its extension, and a listed file that does not exist is the probe's `missing_file` reject.
+
+Inputs come back sorted by URL (a duplicate after its first row), so the partition into tasks,
+and with it every shard name, is a pure function of the input list.
 """
 
 from __future__ import annotations
@@ -42,8 +53,13 @@ from lipforcing import storage
 
 log = logging.getLogger("lipforcing.data")
 
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v")
-AUDIO_EXTENSIONS = (".wav", ".flac", ".m4a", ".mp3", ".aac", ".ogg")
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".flv", ".ts", ".mts", ".m2ts",
+                    ".3gp", ".3g2", ".mpg", ".mpeg", ".wmv", ".ogv")  # fmt: skip
+AUDIO_EXTENSIONS = (".wav", ".flac", ".m4a", ".mp3", ".aac", ".ogg", ".opus")
+# Files a dataset keeps beside its videos (transcripts, metadata, landmarks, thumbnails): skipped
+# on purpose. Any other file under a folder input is reported as `unsupported_extension`.
+SIDECAR_EXTENSIONS = (".txt", ".json", ".jsonl", ".csv", ".tsv", ".parquet", ".md", ".yaml", ".yml",
+                      ".xml", ".srt", ".vtt", ".jpg", ".jpeg", ".png", ".npy", ".npz", ".pkl")  # fmt: skip
 LIST_EXTENSIONS = (".csv", ".parquet")
 
 TRAIN, HELDOUT = "train", "heldout"
@@ -63,6 +79,7 @@ class InputItem:
     key_stem: str = ""
     identity: str = ""  # who is on screen: all of an identity's clips lie on one side of the split
     split: str = "train"  # or "heldout": written to its own shard set
+    problem: str = ""  # "reason: detail" for an input the listing refuses (it becomes a reject row)
 
 
 def list_inputs(url: str, split: SplitConfig | None = None) -> list[InputItem]:
@@ -76,7 +93,7 @@ def list_inputs(url: str, split: SplitConfig | None = None) -> list[InputItem]:
     else:
         items = _from_folder(url)
         root = url
-    items = sorted({item.video: item for item in items}.values(), key=lambda item: item.video)
+    items = sorted(_mark_duplicates(items, url), key=lambda item: item.video)  # stable: first stays first
     return [_with_key(item, root) for item in assign_splits(items, split or SplitConfig())]
 
 
@@ -189,10 +206,27 @@ def _with_key(item: InputItem, root: str) -> InputItem:
     return dataclasses.replace(item, key_stem=key_stem(item.video, root))
 
 
+def _mark_duplicates(items: list[InputItem], url: str) -> list[InputItem]:
+    """The first row of each video as listed; every later row of it as an item with a problem."""
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item.video] = counts.get(item.video, 0) + 1
+    seen: set[str] = set()
+    marked = []
+    for item in items:
+        if item.video in seen:
+            problem = f"duplicate: listed {counts[item.video]} times in {url}"
+            item = dataclasses.replace(item, problem=problem)
+        seen.add(item.video)
+        marked.append(item)
+    return marked
+
+
 def _from_folder(url: str) -> list[InputItem]:
     base = url.rstrip("/")
     files = storage.glob(f"{base}/**")
     by_stem = {posixpath.splitext(f)[0]: f for f in files if f.lower().endswith(AUDIO_EXTENSIONS)}
+    folders = {posixpath.dirname(f) for f in files}
     relative = [f[len(base) + 1 :] for f in files]
     videos = [f for f in relative if f.lower().endswith(VIDEO_EXTENSIONS)]
     items = []
@@ -207,7 +241,24 @@ def _from_folder(url: str) -> list[InputItem]:
             parent = posixpath.basename(posixpath.dirname(name))
             who = identity(layout, name) if layout in LAYOUTS else parent or identity(layout, name)
             items.append(InputItem(path, dataset, audio, identity=who, split=UNMARKED))
+    for path in files:
+        parts = path[len(base) + 1 :].split("/")
+        if not path.lower().endswith(VIDEO_EXTENSIONS) and _unsupported(path, parts, folders):
+            dataset = parts[0] if len(parts) > 1 else posixpath.basename(base)
+            extension = posixpath.splitext(path)[1] or "no extension"
+            problem = f"unsupported_extension: {extension} is not a video, audio or sidecar extension"
+            items.append(InputItem(path, dataset, identity=identity(dataset, path), split=UNMARKED, problem=problem))
     return items
+
+
+def _unsupported(path: str, parts: list[str], folders: set[str]) -> bool:
+    """A file no rule covers: not audio, not a sidecar, not hidden (`.DS_Store`, `.cache/`), not a
+    folder (folders with files are known from the listing; only an empty one costs a lookup)."""
+    known = path.lower().endswith(AUDIO_EXTENSIONS + SIDECAR_EXTENSIONS)
+    if known or any(part.startswith(".") for part in parts) or path in folders:
+        return False
+    fs, location = storage.filesystem(path)
+    return not fs.isdir(location)
 
 
 def _from_list(url: str) -> list[InputItem]:

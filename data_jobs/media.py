@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -139,17 +140,52 @@ def timeline_frames(path: str, indices: np.ndarray) -> Iterator[np.ndarray]:
             yield image
 
 
-def read_audio(path: str, sample_rate: int) -> np.ndarray:
-    """The first audio stream as float32 mono at `sample_rate` (PyAV's resampler, any layout)."""
+class AudioDecodeError(ValueError):
+    """An audio packet FFmpeg cannot decode (a corrupt stream, not a missing one)."""
+
+
+def read_audio(path: str, sample_rate: int, max_s: float = 0.0) -> np.ndarray:
+    """The first audio stream as float32 mono at `sample_rate` (PyAV's resampler, any layout), at
+    most its first `max_s` seconds when > 0. Decodes into one buffer sized from the stream's
+    duration, so peak memory is the result itself, not chunks plus their concatenation."""
     resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
-    chunks = []
+    limit = math.ceil(max_s * sample_rate) if max_s > 0 else None
     with av.open(path) as container:
-        for frame in container.decode(audio=0):
-            for out in resampler.resample(frame):
-                chunks.append(out.to_ndarray().reshape(-1))
-        for out in resampler.resample(None):
-            chunks.append(out.to_ndarray().reshape(-1))
-    return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+        stream = container.streams.audio[0]
+        stated = (container.duration or 0) / av.time_base
+        stated = stream.duration * stream.time_base if stream.duration else stated
+        # A little over the stated length: codecs pad their last frame and durations are estimates.
+        size = math.ceil(float(stated) * sample_rate) + 4096
+        buffer = np.empty(min(size, limit) if limit else size, np.float32)
+        filled = 0
+        for packet in container.demux(stream):
+            try:
+                frames = packet.decode()
+            except av.FFmpegError as err:
+                at = float(packet.pts * packet.time_base) if packet.pts is not None else float("nan")
+                raise AudioDecodeError(f"audio packet at {at:.2f} s: {err}") from err
+            for frame in frames:
+                for out in resampler.resample(frame):
+                    buffer, filled = _append(buffer, filled, out.to_ndarray().reshape(-1), limit)
+            if limit is not None and filled >= limit:
+                break
+        else:
+            for out in resampler.resample(None):
+                buffer, filled = _append(buffer, filled, out.to_ndarray().reshape(-1), limit)
+    # A view, unless the stated duration was far too long and the view would pin unused memory.
+    return buffer[:filled] if filled > len(buffer) // 2 else buffer[:filled].copy()
+
+
+def _append(buffer: np.ndarray, filled: int, chunk: np.ndarray, limit: int | None) -> tuple[np.ndarray, int]:
+    """Copy `chunk` in at `filled`, growing the buffer only when the stated duration was short."""
+    if limit is not None:
+        chunk = chunk[: limit - filled]
+    if filled + len(chunk) > len(buffer):
+        grown = np.empty(max(filled + len(chunk), len(buffer) + len(buffer) // 2), np.float32)
+        grown[:filled] = buffer[:filled]
+        buffer = grown
+    buffer[filled : filled + len(chunk)] = chunk
+    return buffer, filled + len(chunk)
 
 
 def encode_mp4(

@@ -13,7 +13,7 @@ import dataclasses
 import sys
 import time
 
-from data_jobs.config import DataJobConfig
+from data_jobs.config import DataJobConfig, validate
 from data_jobs.job import JobSummary, data_config_hash, run_data_job
 from data_jobs.score import run_score_pass, score_plan
 from lipforcing import storage
@@ -57,4 +57,4 @@ def main(config: DataJobConfig) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_job("pipelines.data", DataJobConfig, main))
+    sys.exit(run_job("pipelines.data", DataJobConfig, main, validate=validate))
