@@ -24,7 +24,8 @@ class Probe(Transform):
 
     def __call__(self, sample: Sample) -> Sample:
         if not os.path.exists(sample.video_path):
-            return sample.fail(self.name, "missing_file", f"video {sample.source} does not exist", True)
+            detail = f"video {sample.source} does not exist"
+            return sample.fail(self.name, "missing_file", detail, whole_input=True)
         if os.path.getsize(sample.video_path) == 0:
             return sample.fail(self.name, "empty_file", "0 bytes", whole_input=True)
         try:

@@ -7,9 +7,12 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 import tracemalloc
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -108,7 +111,9 @@ def plain_frames(count: int, size: tuple[int, int] = (96, 96)) -> list[np.ndarra
     return [np.full((height, width, 3), 100 + k % 3, np.uint8) for k in range(count)]
 
 
-def face_clip(path: Path, fps: float = 25, seconds: float = 2.0, size: tuple[int, int] = (256, 256), **kw) -> Path:
+def face_clip(
+    path: Path, fps: float = 25, seconds: float = 2.0, size: tuple[int, int] = (256, 256), **kw: Any
+) -> Path:
     """A talking face (the embedded sample's renderer) with its speech track."""
     spec = ClipSpec(path.stem, ("astronaut",), fps, RATE, 1, seconds, size, "test", "samples=1")
     rng = np.random.default_rng(0)
@@ -116,6 +121,20 @@ def face_clip(path: Path, fps: float = 25, seconds: float = 2.0, size: tuple[int
     times = np.arange(round(seconds * fps)) / fps
     frames = (render_frame(spec, float(t), float(o), 0.0) for t, o in zip(times, speech.envelope(times)))
     return write_media(path, frames, fps, audio=speech.waveform(RATE, seconds, rng), **kw)
+
+
+def remux(source: Path, target: Path, edit: Callable[[av.Packet], av.Packet | None]) -> Path:
+    """`source`'s streams copied into an mp4 packet by packet, each one through `edit` (which may
+    return a replacement with the same timing, or None to drop it)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(source)) as reader, av.open(str(target), "w", format="mp4") as output:
+        streams = {s.index: output.add_stream_from_template(s) for s in reader.streams}
+        for packet in reader.demux():
+            index = packet.stream.index
+            if packet.size and (packet := edit(packet)) is not None:
+                packet.stream = streams[index]
+                output.mux(packet)
+    return target
 
 
 def decoded_frames(mp4: bytes) -> tuple[int, Fraction]:
@@ -184,25 +203,33 @@ def test_variable_frame_rate_timeline_follows_presentation_time(tmp_path):
 
 @pytest.mark.parametrize("share", [1.0, 0.3])
 def test_garbled_audio_packets_are_rejected_as_corrupt_audio(tmp_path, share):
-    clean = write_media(tmp_path / "clean.mp4", plain_frames(50), audio=tone(2.0))
-    garbled = tmp_path / "in" / "garbled.mp4"
-    garbled.parent.mkdir()
     rng = np.random.default_rng(0)
-    with av.open(str(clean)) as source, av.open(str(garbled), "w", format="mp4") as output:
-        streams = {s.index: output.add_stream_from_template(s) for s in (source.streams.video[0], source.streams.audio[0])}
-        for packet in source.demux():
-            if packet.size == 0:
-                continue
-            stream = streams[packet.stream.index]
-            if stream.type == "audio" and rng.random() < share:
-                noise = av.Packet(rng.integers(0, 256, packet.size, dtype=np.uint8).tobytes())
-                noise.pts, noise.dts, noise.time_base = packet.pts, packet.dts, packet.time_base
-                packet = noise
-            packet.stream = stream
-            output.mux(packet)
+
+    def garble(packet: av.Packet) -> av.Packet:
+        if packet.stream.type != "audio" or rng.random() >= share:
+            return packet
+        noise = av.Packet(rng.integers(0, 256, packet.size, dtype=np.uint8).tobytes())
+        noise.pts, noise.dts, noise.time_base = packet.pts, packet.dts, packet.time_base
+        return noise
+
+    clean = write_media(tmp_path / "clean.mp4", plain_frames(50), audio=tone(2.0))
+    remux(clean, tmp_path / "in" / "garbled.mp4", garble)
     outcome = ingest(tmp_path / "in")
     assert outcome.reasons() == {"garbled.mp4": "resample/audio_corrupt"}
     assert outcome.detail("garbled.mp4").startswith("audio packet at ")
+
+
+def test_an_audio_stream_cut_short_is_accepted_for_as_long_as_it_lasts(tmp_path):
+    def audio_until_1_4_s(packet: av.Packet) -> av.Packet | None:
+        return packet if packet.stream.type == "video" or packet.pts * packet.time_base < 1.4 else None
+
+    cut = remux(face_clip(tmp_path / "full.mp4"), tmp_path / "in" / "cut.mp4", audio_until_1_4_s)
+    audio_s = len(read_audio(str(cut), RATE)) / RATE
+    assert 1.3 < audio_s < 1.5
+    outcome = ingest(tmp_path / "in")
+    assert outcome.rejects == []
+    (members,) = outcome.samples.values()
+    assert json.loads(members["json"])["num_frames"] == math.floor(audio_s * 25)  # not the video's 50
 
 
 @pytest.mark.parametrize(
@@ -253,6 +280,26 @@ def test_read_audio_decodes_into_one_buffer_and_stops_at_max_s(tmp_path):
     assert sorted(np.argsort(spectrum)[-2:] * RATE / len(audio)) == [220, 330]  # both channels, mixed
     prefix = read_audio(str(path), RATE, max_s=1.5)
     np.testing.assert_array_equal(prefix, audio[: round(1.5 * RATE)])
+
+
+def test_read_audio_keeps_all_of_a_stream_longer_than_it_states(tmp_path):
+    """A VBR mp3 without a Xing header states its length from its first frames' bitrate: loud
+    first and silent after, it claims about half of it; the buffer grows instead of cutting."""
+    noise = np.random.default_rng(0).uniform(-0.8, 0.8, RATE)
+    signal = np.concatenate([noise, np.zeros(5 * RATE)]).astype(np.float32)
+    path = tmp_path / "vbr.mp3"
+    with av.open(str(path), "w", format="mp3", options={"write_xing": "0"}) as output:
+        stream = output.add_stream("libmp3lame", rate=RATE, layout="mono")
+        stream.codec_context.qscale = True  # variable bitrate
+        frame = av.AudioFrame.from_ndarray(signal[None], format="flt", layout="mono")
+        frame.sample_rate, frame.pts = RATE, 0
+        output.mux(stream.encode(frame))
+        output.mux(stream.encode())
+    with av.open(str(path)) as container:
+        assert container.duration / av.time_base < 4.0
+    audio = read_audio(str(path), RATE)
+    assert len(audio) >= 6 * RATE
+    assert np.abs(audio[: RATE // 2]).mean() > 0.1 and np.abs(audio[2 * RATE :]).max() < 0.01
 
 
 # ---------------------------------------------------------------- listing
@@ -365,3 +412,15 @@ def test_validate_accepts_the_profiles_and_the_edges_of_each_range():
              "iqa.threshold=100", "write.crf=0", "write.inputs_per_task=1", "write.shard_max_samples=0",
              "score.max_offset=0", "execution.num_cpus_per_task=0.5"]  # fmt: skip
     validate(resolve_config(DataJobConfig, edges))
+
+
+def test_the_data_job_refuses_an_out_of_range_config_before_any_work(tmp_path):
+    output = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = subprocess.run(
+        [sys.executable, "-m", "pipelines.data", "write.crf=60", f"output={output}"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert "config key 'write.crf' is 60; allowed values: an integer in 0..51" in run.stderr
+    assert not output.exists()
