@@ -60,9 +60,12 @@ class Align(Transform):
         self.config = config
         self.template = template_points(config.template, config.size)
 
-    def warp(self, frame: np.ndarray, landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The aligned crop (size, size, 3) of a source frame and its 2x3 affine (source -> crop)."""
+    def warp(self, frame: np.ndarray, landmarks: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Warp a source frame into `out` (size, size, 3 uint8, e.g. a slot of the stream's crop
+        buffer, which spares fresh memory per segment); returns the 2x3 affine (source -> crop)."""
         size = self.config.size
         affine = similarity_transform(landmarks, self.template)
-        crop = cv2.warpAffine(frame, affine, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
-        return crop, affine
+        cv2.warpAffine(
+            frame, affine, (size, size), dst=out, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT
+        )
+        return affine

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import cv2
 import numpy as np
 
 from data_jobs.align import Align
@@ -70,15 +71,23 @@ class StageClock:
 class SegmentStream:
     """One decode of an input, each timeline frame through shots, face tracking and the warp;
     yields every segment (crops, affines, landmarks, detections) as soon as it is complete. Shots
-    too short for a segment are recorded on the input sample's rejects."""
+    too short for a segment are recorded on the input sample's rejects.
+
+    Crops are warped into one buffer of `max + min` segment frames, reused from input to input:
+    a segment's `frames` is a view of it, valid until the stream is resumed (the segment stages
+    run, and encode, before that)."""
 
     def __init__(self, shots: Shots, faces: Faces, align: Align, clock: StageClock):
         self.shots, self.faces, self.align, self.clock = shots, faces, align, clock
         self.stride = max(1, faces.config.stride)
+        self.buffer = np.empty((0, 0, 0, 3), np.uint8)
 
     def __call__(self, sample: Sample) -> Iterator[Sample]:
         self.sample = sample
         self.min_frames, self.max_frames = self.shots.frames_bounds(sample.fps)
+        size = self.align.config.size
+        if self.buffer.shape[:3] != (self.max_frames + self.min_frames, size, size):
+            self.buffer = np.empty((self.max_frames + self.min_frames, size, size, 3), np.uint8)
         self.shots.begin(sample)
         self.tracker = self.faces.tracker(sample.info.width, sample.info.height)
         self._start_shot(0)
@@ -116,7 +125,8 @@ class SegmentStream:
         self.track = LandmarkTrack(start, self.faces.config.smooth_sigma)
         self.tracker.reset()
         self.pending: deque[tuple[int, np.ndarray]] = deque()
-        self.detections, self.crops, self.affines, self.landmarks = [], [], [], []
+        # Per buffered frame from `segment_start` on (None: warped before any face was found).
+        self.detections, self.affines, self.landmarks = [], [], []
 
     def _detect(self, position: int, frame: np.ndarray) -> None:
         detection = self.tracker.detect(position, frame)
@@ -127,17 +137,20 @@ class SegmentStream:
     def _warp_next(self, known_end: int) -> Iterator[Sample]:
         """Warp the oldest waiting frame; cut a full segment once the shot has room for another."""
         position, frame = self.pending.popleft()
+        slot = position - self.segment_start
         with self.clock("align"):
             if self.track.empty:  # no face found in time: the segment is judged face_missing
-                crop = affine = landmarks = None
+                landmarks = affine = None
             else:
                 landmarks = self.track.smoothed(position, known_end)
-                crop, affine = self.align.warp(frame, landmarks)
-            self.crops.append(crop)
+                affine = self.align.warp(frame, landmarks, self.buffer[slot])
             self.affines.append(affine)
             self.landmarks.append(landmarks)
-        if position + 1 - self.segment_start >= self.max_frames + self.min_frames:
+        if slot + 1 == self.max_frames + self.min_frames:
             yield self._segment(self.segment_start, self.segment_start + self.max_frames)
+            with self.clock("align"):  # the segment is done with: its successor's crops move up
+                kept = len(self.landmarks)
+                self.buffer[:kept] = self.buffer[self.max_frames : self.max_frames + kept]
 
     def _end_shot(self, end: int) -> Iterator[Sample]:
         while self.pending:
@@ -145,24 +158,24 @@ class SegmentStream:
         parts = split_tail(self.segment_start, end, self.min_frames, self.max_frames)
         if not parts and self.segment_start == self.shot_start and end > self.shot_start:
             self.shots.too_short(self.sample, self.shot_start, end)
+        offset = self.segment_start
         for start, stop in parts:
-            yield self._segment(start, stop)
+            yield self._segment(start, stop, start - offset)
 
-    def _segment(self, start: int, end: int) -> Sample:
-        """The segment [start, end) from the front of the buffers (which begin at `start`)."""
+    def _segment(self, start: int, end: int, slot: int = 0) -> Sample:
+        """The segment [start, end), its crops at `slot` of the buffer; drops its bookkeeping."""
         count = end - start
-        with self.clock("align"):
-            segment = self.sample.segment(start, end)
-            segment.detections = [d for d in self.detections if start <= d.position < end]
-            self.detections = [d for d in self.detections if d.position >= end]
-            crops, affines, landmarks = self.crops[:count], self.affines[:count], self.landmarks[:count]
-            del self.crops[:count], self.affines[:count], self.landmarks[:count]
-            if all(c is not None for c in crops):
-                segment.frames = np.stack(crops)
-                segment.affines = np.stack(affines).astype(np.float32)
-                segment.landmarks = np.stack(landmarks)
-            self.segment_start = end
-            self.track.forget_before(end)
+        segment = self.sample.segment(start, end)
+        segment.detections = [d for d in self.detections if start <= d.position < end]
+        self.detections = [d for d in self.detections if d.position >= end]
+        affines, landmarks = self.affines[:count], self.landmarks[:count]
+        del self.affines[:count], self.landmarks[:count]
+        if all(a is not None for a in affines):
+            segment.frames = self.buffer[slot : slot + count]
+            segment.affines = np.stack(affines).astype(np.float32)
+            segment.landmarks = np.stack(landmarks)
+        self.segment_start = end
+        self.track.forget_before(end)
         return segment
 
 
@@ -180,6 +193,8 @@ def ingest_inputs(
     """Run every input of a task; `write(item, key, members)` stores one sample, returns its shard."""
     result = IngestResult()
     per_input, per_segment = input_stages(config), segment_stages(config, digest)
+    # A task holds one Ray CPU: OpenCV's own thread pool would only contend with the other tasks.
+    cv2.setNumThreads(1)
     clock = StageClock(result.timings_s)
     stream = SegmentStream(Shots(config.ingest), Faces(config.faces), Align(config.align), clock)
     for item in items:

@@ -2,10 +2,11 @@
 
 Every ingest stage is a small `Transform` whose `__call__(sample) -> sample` either fills in more of
 the sample or marks it failed with a reason (`sample.fail(...)`); it never raises for bad input.
-Input-level stages (probe, resample, shots) see one whole input file; the shots stage fans it out
-into segments, and segment-level stages (faces, align, iqa, encode) see one segment each.
-An exception escaping a stage is still turned into a reject (reason `error`), so one odd file can
-never kill a shard.
+Input-level stages (probe, resample) see one whole input file; then one streaming pass over its
+frames (shots, face tracking, the warp: `ingest.SegmentStream`, whose stages record reasons the
+same way) cuts it into segments, and segment-level stages (faces, iqa, encode) see one segment
+each. An exception escaping a stage is still turned into a reject (reason `error`), so one odd
+file can never kill a shard.
 """
 
 from __future__ import annotations
