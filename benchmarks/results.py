@@ -42,3 +42,19 @@ def write_section(section: str, heading: str, path: Path = RESULTS) -> None:
     else:
         lines += ["", *section.rstrip("\n").splitlines()]
     path.write_text("\n".join(lines).rstrip("\n") + "\n")
+
+
+def s3_server() -> tuple[str, dict[str, str]]:
+    """A moto S3 server on 127.0.0.1 with one bucket, and the variables that point a job at it."""
+    import socket
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ThreadedMotoServer(ip_address="127.0.0.1", port=port).start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="bench", aws_secret_access_key="bench", region_name="us-east-1").create_bucket(Bucket="bench")
+    return "s3://bench", env

@@ -136,6 +136,15 @@ class ExecutionConfig:
     # Tasks in flight at once (0: one per CPU of the Ray cluster).
     concurrency: int = 0
     num_cpus_per_task: float = 1.0
+    # GPUs per ingest worker (face detection/landmarks and HyperIQA run on it when > 0).
+    ingest_num_gpus: float = 0.0
+    # GPUs per SyncNet scoring worker.
+    score_num_gpus: float = 0.0
+    # Tries of one task (and of a worker that died running it) before its inputs become `task` rejects.
+    task_attempts: int = 2
+    # The job exits non-zero when one failure reason (an exception, a failed task, a dead worker)
+    # covers more than this share of the inputs: the machinery is broken, not the data.
+    max_failure_share: float = 0.1
     # Local Ray size when the job starts one (0: every CPU of the machine).
     local_num_cpus: int = 0
     progress: bool = True
@@ -187,6 +196,10 @@ def validate(config: DataJobConfig) -> None:
         ("write.shard_max_samples", lambda v: v >= 0, "an integer >= 0 (0: no limit)"),
         ("score.max_offset", lambda v: v >= 0, "frames >= 0"),
         ("execution.num_cpus_per_task", lambda v: v > 0, "a number > 0"),
+        ("execution.ingest_num_gpus", lambda v: v >= 0, "a number >= 0"),
+        ("execution.score_num_gpus", lambda v: v >= 0, "a number >= 0"),
+        ("execution.task_attempts", lambda v: v >= 1, "an integer >= 1"),
+        ("execution.max_failure_share", lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
     )
     for key, allowed, text in rules:
         value = functools.reduce(getattr, key.split("."), config)

@@ -7,15 +7,17 @@ in sync, and carries `sync_conf` / `av_offset` in its JSON and the manifest. The
 on the same aligned crops the model trains on (measuring before the alignment gives another
 offset). Video and affine members are copied unchanged, not re-encoded.
 
-Like ingest, each task writes its stats file last (the commit marker), so a rerun skips scored
-tasks and a killed pass resumes without duplicates.
+Like ingest, each task writes its final marker last, so a rerun skips scored tasks and a killed
+pass resumes without duplicates. A task is scored again when its ingest task changed (inputs,
+config hash) or the score settings did (`score_hash`). The SyncNet runs in long-lived
+`ScoreWorker` actors (Ray Data), loaded once per actor.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,10 +26,25 @@ import numpy as np
 import torch
 
 from data_jobs.config import DataJobConfig, ScoreConfig
-from data_jobs.job import JobSummary, Layout, commit_task, finalize, require_ray
-from data_jobs.manifest import manifest_row
+from data_jobs.job import (
+    JobSummary,
+    Layout,
+    SplitWriters,
+    commit_failure,
+    commit_task,
+    failure_check,
+    finalize,
+    guarded,
+    node_name,
+    progress_row,
+    read_if_present,
+    read_markers,
+    remove_stale,
+    require_ray,
+    run_tasks,
+)
+from data_jobs.manifest import manifest_row, read_table
 from data_jobs.media import encode_wav
-from data_jobs.writer import ShardWriter
 from lipforcing import storage
 from lipforcing.config import to_yaml
 from lipforcing.data import FPS
@@ -80,67 +97,138 @@ def shift_audio(audio: np.ndarray, offset: int, sample_rate: int) -> np.ndarray:
     return np.concatenate([silence, audio[:-samples]])
 
 
-def score_task(source_stats_url: str, config: DataJobConfig, weights: str) -> dict[str, Any]:
-    """Score every sample of one ingest task; write its final shards, then its stats (commit marker)."""
+def score_hash(score: ScoreConfig) -> str:
+    """What makes a scored task stale: the SyncNet as configured and the thresholds. (A registered
+    alias that moves to a new version does not rescore; pin `models:/name/<version>` to follow it.)"""
+    chosen = {k: getattr(score, k) for k in ("syncnet", "min_confidence", "min_confidence_ours", "max_offset")}
+    return hashlib.sha1(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_filter(config: DataJobConfig, weights: str, device: str = "cpu") -> SyncFilter:
+    model = load_syncnet(SyncNetConfig(weights=weights), key="score.syncnet").to(device)
+    return SyncFilter(model, confidence_threshold(model, config.score), config.score.max_offset)
+
+
+def score_task(source: dict[str, Any], aligned: Layout, config: DataJobConfig, sync: SyncFilter, weights: str) -> dict[str, Any]:
+    """Score every sample of one committed ingest task (its marker `source`, its shards under
+    `aligned`); write its final shards, then its final marker. One sample that cannot be decoded
+    or scored is a reject row."""
     started = time.perf_counter()
-    source = json.loads(storage.read_text(source_stats_url))
+    layout = Layout(config.output)
     task = source["task"]
-    model = load_syncnet(SyncNetConfig(weights=weights), key="score.syncnet")
-    sync = SyncFilter(model, confidence_threshold(model, config.score), config.score.max_offset)
-    shards_url = storage.join(config.output, "shards")
-    writer = ShardWriter(shards_url, task, config.write)
+    writers = SplitWriters(layout, task, config)
     rows = {row["key"]: row for row in source["samples"]}
     samples, rejects = [], list(source["rejects"])
-    shard_root = os.path.dirname(os.path.dirname(source_stats_url))
     for shard in source["shards"]:
-        url = storage.join(shard_root, "shards", f"{shard['name']}.tar")
+        url = aligned.shard_url(shard["name"], shard.get("split", "train"))
         for sample in epoch_samples([url], Reader(), seed=0, epoch=0):
-            key = sample["__key__"]
+            key, row = sample["__key__"], rows.get(sample["__key__"], {})
             members = {k: v for k, v in sample.items() if not k.startswith("__")}
-            metadata = json.loads(members["json"])
-            audio, rate = decode_wav(members["wav"])
-            verdict = sync(decode_mp4(members["mp4"]), audio)
-            if verdict.reason is not None:
+            try:
+                verdict, members = _scored(sync, members)
+            except Exception as err:  # one sample the decoders or the model choke on: this sample only
+                verdict, detail = None, f"{type(err).__name__}: {err}"[:500]
+            else:
+                detail = f"sync_conf={verdict.confidence:.3f} av_offset={verdict.offset} ({verdict.reason})"
+            if verdict is None or verdict.reason is not None:
                 rejects.append({
-                    "source": metadata["source"], "dataset": metadata["dataset"], "stage": "score",
-                    "reason": verdict.reason.split(":")[0],
-                    "detail": f"sync_conf={verdict.confidence:.3f} av_offset={verdict.offset} ({verdict.reason})",
-                    "start_s": metadata["start_s"], "end_s": metadata["end_s"],
+                    "source": row.get("source", key), "dataset": row.get("dataset", ""), "stage": "score",
+                    "reason": "error" if verdict is None else verdict.reason.split(":")[0], "detail": detail,
+                    "start_s": row.get("start_s"), "end_s": row.get("end_s"),
                 })  # fmt: skip
                 continue
-            metadata.update(sync_conf=round(verdict.confidence, 4), av_offset=verdict.offset,
-                            audio_shift_s=-verdict.offset / FPS)  # fmt: skip
-            members["wav"] = encode_wav(shift_audio(audio, verdict.offset, rate), rate)
-            members["json"] = json.dumps(metadata).encode()
-            written_to = writer.add(key, members)
-            samples.append({**rows.get(key, {}), **manifest_row(metadata, written_to)})
-    fields = {**source, "timings_s": {**source["timings_s"], "score": time.perf_counter() - started}, "scored_with": weights}
-    return commit_task(Layout(config.output).stats_url(task), writer.close(), samples, rejects, **fields)
+            metadata = json.loads(members["json"])
+            written_to = writers.add(shard.get("split", "train"), key, members)
+            samples.append({**row, **manifest_row(metadata, written_to)})
+    shards = writers.close()
+    timings = {**source["timings_s"], "score": time.perf_counter() - started, "upload": source["timings_s"].get("upload", 0.0) + writers.upload_s}
+    fields = {**source, "timings_s": timings, "scored_with": weights, "score_hash": score_hash(config.score), "node": node_name()}
+    return commit_task(layout.stats_url(task), shards, samples, rejects, **fields)
 
 
-def score_plan(config: DataJobConfig) -> tuple[list[str], list[str]]:
-    """(the stats URL of every committed ingest task under <output>/aligned, those not scored yet)."""
-    layout = Layout(config.output)
-    sources = storage.glob(storage.join(config.output, "aligned", "stats", "*.json"))
-    return sources, [u for u in sources if not storage.exists(layout.stats_url(_task(u)))]
+def _scored(sync: SyncFilter, members: dict[str, bytes]) -> tuple[SyncVerdict, dict[str, bytes]]:
+    """The verdict on one sample and, when kept, its members with the audio put in sync."""
+    metadata = json.loads(members["json"])
+    audio, rate = decode_wav(members["wav"])
+    verdict = sync(decode_mp4(members["mp4"]), audio)
+    if verdict.reason is None:
+        metadata.update(sync_conf=round(verdict.confidence, 4), av_offset=verdict.offset,
+                        audio_shift_s=-verdict.offset / FPS)  # fmt: skip
+        members = {**members, "wav": encode_wav(shift_audio(audio, verdict.offset, rate), rate),
+                   "json": json.dumps(metadata).encode()}  # fmt: skip
+    return verdict, members
+
+
+class ScoreWorker:
+    """A long-lived scoring actor: the SyncNet loads once (on a GPU with `execution.score_num_gpus`),
+    then one ingest task per call."""
+
+    def __init__(self, config: DataJobConfig, weights: str):
+        device = "cuda" if config.execution.score_num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        torch.set_num_threads(max(1, int(config.execution.num_cpus_per_task)))
+        self.config, self.weights = config, weights
+        self.sync = build_filter(config, weights, device)
+        self.aligned, self.layout = Layout(storage.join(config.output, "aligned")), Layout(config.output)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        rows = [progress_row(self.run(name)) for name in batch["task"]]
+        return {key: [row[key] for row in rows] for key in ("task", "samples", "reasons")}
+
+    def run(self, task: str) -> dict[str, Any]:
+        source = json.loads(storage.read_text(self.aligned.stats_url(task)))
+        url = self.layout.stats_url(task)
+        if storage.exists(url):  # a retried block: tasks scored before the worker died stay done
+            final = json.loads(storage.read_text(url))
+            if _is_current(final, source, self.config):
+                return final
+        if source.get("failed"):  # ingest could not finish it: its failure carries over, retried next run
+            return commit_task(url, [], [], source["rejects"], **{**source, "score_hash": score_hash(self.config.score)})
+        sources = [{"source": video, "dataset": ""} for video in source["inputs"]]
+        fields = {k: source[k] for k in ("config_hash", "inputs")}
+        return guarded(url, task, sources, self.config.execution.task_attempts,
+                       lambda: score_task(source, self.aligned, self.config, self.sync, self.weights), **fields)  # fmt: skip
+
+
+def _is_current(final: dict[str, Any], source: dict[str, Any], config: DataJobConfig) -> bool:
+    """A final marker that needs no new scoring: same inputs and ingest config, same score settings."""
+    return (not final.get("failed") and final.get("score_hash") == score_hash(config.score)
+            and final["inputs"] == source["inputs"] and final["config_hash"] == source["config_hash"])  # fmt: skip
+
+
+def score_plan(config: DataJobConfig) -> tuple[dict[str, dict], dict[str, dict], list[str]]:
+    """(every committed ingest marker under <output>/aligned, every final marker, the tasks to score):
+    a task is scored again when its final marker is missing, failed or made with other inputs,
+    another ingest config or other score settings."""
+    sources = read_markers(Layout(storage.join(config.output, "aligned")).stats)
+    finals = read_markers(Layout(config.output).stats)
+    pending = [name for name, source in sorted(sources.items())
+               if name not in finals or source.get("failed") or not _is_current(finals[name], source, config)]  # fmt: skip
+    return sources, finals, pending
 
 
 def run_score_pass(config: DataJobConfig, weights: str, started: float) -> JobSummary:
-    """Score the pending ingest tasks on Ray (already initialised) with the SyncNet at `weights`,
-    then rebuild the final tables from every task's commit marker."""
-    import ray
-
+    """Score the pending ingest tasks with `ScoreWorker` actors on Ray (already initialised) and the
+    SyncNet at `weights`, then rebuild the final tables from every task's final marker."""
     layout = Layout(config.output)
-    sources, pending = score_plan(config)
+    sources, finals, pending = score_plan(config)
     log.info("score: %d tasks, %d already scored, %d to score", len(sources), len(sources) - len(pending), len(pending))
     if pending:
         require_ray()
-        remote = ray.remote(score_task).options(num_cpus=config.execution.num_cpus_per_task)
-        ray.get([remote.remote(url, config, weights) for url in pending])
-    stats = [json.loads(storage.read_text(layout.stats_url(_task(u)))) for u in sources]
+        build_filter(config, weights)  # a broken SyncNet file stops the pass here, before any work
+        run_tasks(ScoreWorker, pending, (config, weights), config, config.execution.score_num_gpus, "score")
+    fresh = read_markers(layout.stats, set(pending)) if pending else {}
+    for name in pending:
+        if name not in fresh and not read_if_present(layout.stats_url(name), fresh):  # its worker died past every retry
+            source = sources[name]
+            rows = [{"source": v, "dataset": ""} for v in source["inputs"]]
+            fresh[name] = commit_failure(layout.stats_url(name), name, rows, "worker_died",
+                                         "the worker scoring this task died on every attempt",
+                                         config_hash=source["config_hash"], inputs=source["inputs"])  # fmt: skip
+    stats = {name: fresh.get(name) or finals[name] for name in sources}
+    remove_stale(layout, stats, finals)
     storage.write_text(layout.file("config.yaml"), to_yaml(config))
-    return finalize(layout, stats, time.perf_counter() - started, len(pending))
-
-
-def _task(stats_url: str) -> str:
-    return os.path.basename(stats_url)[: -len(".json")]
+    listing = read_table(storage.join(config.output, "aligned", "rejects.parquet"))
+    listing_rejects = listing[listing["stage"] == "input"].to_dict("records")
+    summary = finalize(layout, list(stats.values()), listing_rejects, time.perf_counter() - started, len(pending))
+    summary.failure = failure_check(summary, config.execution.max_failure_share)
+    return summary

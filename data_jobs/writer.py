@@ -80,6 +80,7 @@ class Encode(Transform):
 class ShardInfo:
     name: str
     url: str
+    split: str = "train"
     samples: int = 0
     bytes: int = 0
     keys: list[str] = field(default_factory=list)
@@ -88,8 +89,8 @@ class ShardInfo:
 class ShardWriter:
     """Packs encoded samples into `<prefix>-<part:02d>.tar` shards, each capped by samples/bytes."""
 
-    def __init__(self, shards_url: str, prefix: str, config: WriteConfig):
-        self.shards_url, self.prefix, self.config = shards_url, prefix, config
+    def __init__(self, shards_url: str, prefix: str, config: WriteConfig, split: str = "train"):
+        self.shards_url, self.prefix, self.config, self.split = shards_url, prefix, config, split
         self.shards: list[ShardInfo] = []
         self._tar: tarfile.TarFile | None = None
         self._temporary: str | None = None
@@ -129,7 +130,7 @@ class ShardWriter:
         handle, self._temporary = tempfile.mkstemp(prefix="lipforcing-shard-", suffix=".tar")
         os.close(handle)
         self._tar = tarfile.open(self._temporary, "w", format=tarfile.USTAR_FORMAT)
-        shard = ShardInfo(name=name, url=storage.join(self.shards_url, f"{name}.tar"))
+        shard = ShardInfo(name=name, url=storage.join(self.shards_url, f"{name}.tar"), split=self.split)
         self.shards.append(shard)
         return shard
 

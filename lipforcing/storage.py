@@ -7,6 +7,11 @@ Writes are atomic: a reader sees either no file or the whole file. Locally we wr
 temporary file beside the target and rename it; on object stores the object appears only when its
 single upload completes.
 
+Transfers that touch the network (uploads, downloads, whole-object reads and writes) are retried
+with backoff (`retry`): a dropped connection should cost a second try, not a task. Errors that
+another try cannot fix (a missing object, no permission, a folder where a file should be) are
+raised at once.
+
 Code that needs a local path (decoders, `from_pretrained` folders) asks `cached` (weights: copied
 once per machine, kept) or `temporary_local` (inputs: copied for the duration of a block).
 """
@@ -21,13 +26,33 @@ import os
 import posixpath
 import shutil
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+T = TypeVar("T")
+# Errors a second attempt cannot fix.
+PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+ATTEMPTS = 4
+
+
+def retry(call: Callable[[], T], attempts: int = ATTEMPTS, backoff_s: float = 0.5) -> T:
+    """`call()`, tried up to `attempts` times on transient errors, waiting backoff_s, 2x, 4x ... between."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except PERMANENT:
+            raise
+        except Exception:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(backoff_s * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def filesystem(url: str | Path) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -58,8 +83,18 @@ def makedirs(url: str | Path) -> None:
 
 def read_bytes(url: str | Path) -> bytes:
     fs, path = filesystem(url)
-    with fs.open(path, "rb") as handle:
-        return handle.read()
+    return retry(lambda: fs.cat_file(path))
+
+
+def read_many(urls: list[str]) -> list[bytes]:
+    """The bytes of many objects of one filesystem, fetched concurrently where the filesystem can
+    (s3fs batches the requests): thousands of small files in the time of a few round trips."""
+    if not urls:
+        return []
+    fs, _ = filesystem(urls[0])
+    paths = [filesystem(url)[1] for url in urls]
+    found = retry(lambda: fs.cat(paths, on_error="raise"))
+    return [found[path] for path in paths]
 
 
 def read_text(url: str | Path) -> str:
@@ -67,8 +102,10 @@ def read_text(url: str | Path) -> str:
 
 
 def glob(url_pattern: str) -> list[str]:
-    """Matching URLs, sorted, with the scheme kept."""
+    """Matching URLs, sorted, with the scheme kept. Always a fresh listing: s3fs would otherwise
+    answer from a listing it cached earlier, missing what other processes wrote since."""
     fs, path = filesystem(url_pattern)
+    fs.invalidate_cache()
     return sorted(_with_scheme(url_pattern, fs, p) for p in fs.glob(path))
 
 
@@ -80,8 +117,12 @@ def remove(url: str | Path, recursive: bool = False) -> None:
 
 def write_bytes(url: str | Path, data: bytes) -> None:
     """Atomic whole-file write."""
-    with atomic_open(url) as handle:
-        handle.write(data)
+
+    def write() -> None:
+        with atomic_open(url) as handle:
+            handle.write(data)
+
+    retry(write)
 
 
 def write_text(url: str | Path, text: str) -> None:
@@ -123,7 +164,7 @@ def upload_file(local_path: str | Path, url: str | Path) -> None:
             while chunk := source.read(1 << 22):
                 target.write(chunk)
     else:
-        fs.put_file(str(local_path), path)
+        retry(lambda: fs.put_file(str(local_path), path))
 
 
 CACHE = os.path.join(tempfile.gettempdir(), "lipforcing-cache")
@@ -180,7 +221,7 @@ def temporary_local(url: str | Path) -> Iterator[str]:
         return
     with tempfile.TemporaryDirectory(prefix="lipforcing-in-") as folder:
         target = os.path.join(folder, f"input{os.path.splitext(path)[1]}")
-        fs.get_file(path, target)
+        retry(lambda: fs.get_file(path, target))
         yield target
 
 

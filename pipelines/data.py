@@ -29,8 +29,10 @@ def run_data(config: DataJobConfig) -> JobSummary:
         return run_data_job(config)
     started = time.perf_counter()
     aligned = storage.join(config.output, "aligned")
-    run_data_job(dataclasses.replace(config, output=aligned))
-    _, pending = score_plan(config)
+    ingest = run_data_job(dataclasses.replace(config, output=aligned))
+    if ingest.failure:  # the machinery is broken: scoring its leftovers would hide that
+        return ingest
+    *_, pending = score_plan(config)
     weights = syncnet_for_scoring(config, aligned) if pending else ""
     return run_score_pass(config, weights, started)
 
@@ -53,6 +55,9 @@ def main(config: DataJobConfig) -> int:
         metrics.update({f"rejected.{k.replace('/', '.')}": v for k, v in summary.reasons.items()})
         metrics.update({f"stage_s.{k}": v for k, v in summary.timings_s.items()})
         tracking.log_metrics(metrics)
+    if summary.failure:
+        print(f"data job failed: {summary.failure}", file=sys.stderr)
+        return 1
     return 0
 
 

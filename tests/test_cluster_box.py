@@ -164,6 +164,10 @@ def finish(process: subprocess.Popen, timeout: float = 1200) -> str:
     return output
 
 
+# Ray Data's name for a call of an ingest actor (one task of the data job).
+INGEST_CALL = "MapWorker(MapBatches(IngestWorker)).submit"
+
+
 def test_a_worker_node_dies_mid_data_job(box, pipeline):
     """Node loss during ingest: the lost task reruns elsewhere (on a replacement node) and the job
     ends with exactly the keys of the undisturbed run of the same input, no duplicates, no gaps."""
@@ -176,13 +180,13 @@ def test_a_worker_node_dies_mid_data_job(box, pipeline):
     def a_task_running() -> list[dict]:
         if not storage.glob(f"{bucket}/data-kill/aligned/stats/*.json"):
             return []  # wait for one committed task first: the kill lands in the middle of the job
-        return [t for t in box.tasks("process_task") if t["state"] == "RUNNING"]
+        return [t for t in box.tasks(INGEST_CALL) if t["state"] == "RUNNING"]
 
     wait_for(a_task_running, 900, "a committed ingest task and another one running")
     victim = box.node_of(a_task_running()[0]["node_id"])
     replace_a_worker(box, victim)
     finish(job)
-    retried = [t for t in box.tasks("process_task") if t["attempt_number"] > 0]
+    retried = [t for t in box.tasks(INGEST_CALL) if t["attempt_number"] > 0]
     assert retried, "the killed node's task was not run again"
     killed, undisturbed = read_table(f"{bucket}/data-kill/manifest.parquet"), read_table(f"{bucket}/data/manifest.parquet")
     assert sorted(killed["key"]) == sorted(undisturbed["key"])

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from data_jobs.config import DataJobConfig
-from data_jobs.score import confidence_threshold, score_task, shift_audio
+from data_jobs.job import Layout, read_markers
+from data_jobs.score import build_filter, confidence_threshold, score_task, shift_audio
 from lipforcing import storage
 from lipforcing.data.shards import Reader, decode_clip, epoch_samples, shard_urls
 from lipforcing.models.syncnet import StableSyncNet, SyncNetConfig, SyncNetV2, load_syncnet, score_clip
@@ -29,7 +30,8 @@ def test_shift_audio_moves_lagging_audio_earlier():
 
 def score_all(sample_shards: str, weights: str, output: str, *overrides: str) -> list[dict]:
     config = resolve_config(DataJobConfig, ["profile=tiny", f"output={output}", *overrides])
-    return [score_task(url, config, weights) for url in storage.glob(storage.join(sample_shards, "stats", "*.json"))]
+    sync = build_filter(config, weights)
+    return [score_task(source, Layout(sample_shards), config, sync, weights) for source in read_markers(Layout(sample_shards).stats).values()]
 
 
 @pytest.mark.integration

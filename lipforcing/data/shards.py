@@ -62,7 +62,17 @@ class Reader:
 
 
 def shard_urls(location: str) -> list[str]:
-    """All `*.tar` shards under `<location>/shards` (or `location` itself when it holds the tars)."""
+    """The shards of a dataset. The data job's output has a manifest, which is the dataset: its
+    shards, and no others a killed or older run may have left in `shards/`. Otherwise (a folder of
+    tars, the encode job's latents) every `*.tar` under `<location>/shards` or `location` itself."""
+    manifest = storage.join(location, "manifest.parquet")
+    if storage.exists(manifest):
+        import pandas as pd
+
+        names = sorted(set(pd.read_parquet(io.BytesIO(storage.read_bytes(manifest)), columns=["shard"])["shard"]))
+        if names:
+            return [storage.join(location, "shards", f"{name}.tar") for name in names]
+        raise FileNotFoundError(f"the manifest of {location!r} lists no samples (see its rejects.parquet)")
     for pattern in (storage.join(location, "shards", "*.tar"), storage.join(location, "*.tar")):
         urls = storage.glob(pattern)
         if urls:
