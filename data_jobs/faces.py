@@ -38,7 +38,7 @@ from data_jobs.pipeline import Sample, Transform
 from lipforcing import storage
 
 DLIB_MIN_FACE = 80  # px: the HOG detector's 80x80 window
-TRACK_FACE = 100  # px: face width the region search and the predictor see
+TRACK_FACE = 100  # px: face width in the region search (the predictor runs on the same image)
 TRACK_MARGIN = 0.5  # region = last box grown by this many box widths on every side
 TRACK_MISSES = 2  # region misses in a row before the tracker searches the whole frame again
 
@@ -181,8 +181,6 @@ class FaceTracker:
                 self.box = None
         else:
             self.box, self.misses = main.box, 0
-            if self.backend.refines:
-                main.landmarks = self._landmarks(frame, main.box)
         multiple = checked and len(faces) > 1 and faces[1].area >= self.config.second_face_ratio * faces[0].area
         return Detection(position, main, checked, multiple)
 
@@ -204,20 +202,16 @@ class FaceTracker:
         return self.backend.prepare(cv2.resize(crop, size, interpolation=interpolation))
 
     def _search(self, frame: np.ndarray, region: tuple[int, int, int, int], scale: float) -> list[Face]:
-        """Faces above `min_score` in a region of the frame seen at `scale`, largest first."""
-        offset = np.array(region[:2], float)
+        """Faces above `min_score` in a region of the frame seen at `scale`, largest first, in
+        source pixels; the largest gets the predictor's landmarks (dlib) from the same image,
+        where it is at least the detector's 80 px wide."""
         image = self._crop(frame, region, scale)
+        faces = [f for f in self.backend.detect(image) if f.score >= self.config.min_score]
+        faces.sort(key=lambda f: f.area, reverse=True)
+        if faces and self.backend.refines:
+            faces[0].landmarks = self.backend.refine(image, faces[0].box)
         scale_x = image.shape[1] / (region[2] - region[0])  # the rounded size's exact scale
-        faces = [f.mapped(scale_x, offset) for f in self.backend.detect(image) if f.score >= self.config.min_score]
-        return sorted(faces, key=lambda f: f.area, reverse=True)
-
-    def _landmarks(self, frame: np.ndarray, box: np.ndarray) -> np.ndarray:
-        """The predictor on a region around `box` where the face is `TRACK_FACE` px wide."""
-        region = self._region(box)
-        image = self._crop(frame, region, TRACK_FACE / self._width(box))
-        scale = image.shape[1] / (region[2] - region[0])
-        offset = np.array(region[:2], float)
-        return self.backend.refine(image, (box - np.tile(offset, 2)) * scale) / scale + offset
+        return [f.mapped(scale_x, np.array(region[:2], float)) for f in faces]
 
 
 class LandmarkTrack:
