@@ -78,13 +78,20 @@ def outcome_by_source(manifest: pd.DataFrame, rejects: pd.DataFrame) -> dict[str
 def test_sample_job_writes_aligned_25fps_samples_and_accounts_for_every_input(sample_job, sample_expectations):
     output, summary = sample_job
     manifest = read_table(storage.join(output, "manifest.parquet"))
+    heldout = read_table(storage.join(output, "heldout", "manifest.parquet"))
+    every = pd.concat([manifest, heldout], ignore_index=True)
     rejects = read_table(storage.join(output, "rejects.parquet"))
-    assert outcome_by_source(manifest, rejects) == {
+    assert outcome_by_source(every, rejects) == {
         name: row["expect"] for name, row in sample_expectations.items()
     }
     assert set(manifest["dataset"]) == {"hdtf", "voxceleb2", "hallo3"}
-    assert manifest["sync_conf"].isna().all() and manifest["av_offset"].isna().all()
-    assert (manifest["iqa"] >= 40).all()
+    assert every["sync_conf"].isna().all() and every["av_offset"].isna().all()
+    assert (every["iqa"] >= 40).all()
+    # The list holds one face out (data_jobs/sample.py): its samples only in heldout/, and no
+    # identity on both sides; rejects keep the split of their input.
+    assert set(heldout["identity"]) == {"t1c"} and (heldout["split"] == "heldout").all()
+    assert (manifest["split"] == "train").all() and not set(manifest["identity"]) & set(heldout["identity"])
+    assert set(rejects[rejects["identity"] == "t1c"]["split"]) == {"heldout"}
 
     # The summary adds up: every input is rejected whole or cut into shots; every segment is
     # written or rejected.
@@ -92,28 +99,32 @@ def test_sample_job_writes_aligned_25fps_samples_and_accounts_for_every_input(sa
     inputs_segmented = rejects[rejects["start_s"].notna()]["source"].nunique()
     assert summary.inputs_rejected == (rejects["start_s"].isna()).sum() == 4
     assert (
-        len(set(manifest["source"]) | set(rejects[rejects["start_s"].notna()]["source"]))
+        len(set(every["source"]) | set(rejects[rejects["start_s"].notna()]["source"]))
         == summary.inputs - 4
     )
     assert inputs_segmented >= 1
-    assert summary.segments == summary.written + summary.segments_rejected == len(manifest) + 3
-    assert summary.written == len(manifest) == 11 and summary.shots_dropped == 1
+    assert summary.segments == summary.written + summary.segments_rejected == len(every) + 3
+    assert summary.written == len(every) == 11 and summary.shots_dropped == 1
+    assert summary.heldout == len(heldout) == 3
     assert sum(summary.reasons.values()) == len(rejects)
-    assert summary.clip_seconds_out == pytest.approx((manifest["num_frames"] / 25).sum())
+    assert summary.clip_seconds_out == pytest.approx((every["num_frames"] / 25).sum())
 
     # Every written sample: 25 fps, SIZE x SIZE, 16 kHz mono, 5-10 s, face on the template.
     samples = shard_members(output)
     assert sorted(samples) == sorted(manifest["key"])
+    samples |= shard_members(storage.join(output, "heldout"))
+    assert sorted(samples) == sorted(every["key"])
     backend, template = DlibBackend(), template_points("loose", SIZE)
     stats_hashes = {
         json.loads(storage.read_text(u))["config_hash"] for u in storage.glob(f"{output}/stats/*.json")
     }
     assert len(stats_hashes) == 1
-    for row in manifest.itertuples():
+    for row in every.itertuples():
         members = samples[row.key]
         assert set(members) == {"mp4", "wav", "json", "affine.npy"}
         metadata = json.loads(members["json"])
         assert metadata["config_hash"] in stats_hashes and metadata["key"] == row.key
+        assert (metadata["identity"], metadata["split"]) == (row.identity, row.split)
         assert 125 <= row.num_frames <= 250 and row.fps == 25 and row.width == row.height == SIZE
         frames = decode_mp4(members["mp4"])
         assert frames.shape == (row.num_frames, SIZE, SIZE, 3)
@@ -137,8 +148,9 @@ def test_sample_job_output_contract(sample_job):
     assert f"output: {output}" in config_text and "size: 256" in config_text
     stats = [json.loads(storage.read_text(u)) for u in storage.glob(f"{output}/stats/*.json")]
     assert len(stats) == 5  # 15 inputs, 3 per task
-    listed = {s["name"] for task in stats for s in task["shards"]}
-    assert {u.rsplit("/", 1)[-1][:-4] for u in storage.glob(f"{output}/shards/*.tar")} == listed
+    for folder, split in (("shards", "train"), ("heldout/shards", "heldout")):  # held out: t1c's clip
+        listed = {s["name"] for task in stats for s in task["shards"] if s["split"] == split}
+        assert {u.rsplit("/", 1)[-1][:-4] for u in storage.glob(f"{output}/{folder}/*.tar")} == listed != set()
     assert all(set(task["timings_s"]) >= {"probe", "resample", "shots"} for task in stats)
     rejects = read_table(storage.join(output, "rejects.parquet"))
     assert list(rejects.columns)[:6] == ["source", "dataset", "stage", "reason", "detail", "start_s"]
