@@ -196,6 +196,7 @@ def validate(config: DataJobConfig) -> None:
         ("write.shard_max_samples", lambda v: v >= 0, "an integer >= 0 (0: no limit)"),
         ("score.max_offset", lambda v: v >= 0, "frames >= 0"),
         ("execution.num_cpus_per_task", lambda v: v > 0, "a number > 0"),
+        ("split.heldout_fraction", lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
         ("execution.ingest_num_gpus", lambda v: v >= 0, "a number >= 0"),
         ("execution.score_num_gpus", lambda v: v >= 0, "a number >= 0"),
         ("execution.task_attempts", lambda v: v >= 1, "an integer >= 1"),

@@ -409,7 +409,7 @@ def run_data_job(config: DataJobConfig) -> JobSummary:
     layout = Layout(config.output)
     _prepare_input(config)
     _check_weights(config)
-    items = list_inputs(config.input)
+    items = list_inputs(config.input, config.split)
     markers = read_markers(layout.stats)
     kept = kept_markers(markers, items, digest, config.output)
     tasks = plan_tasks(config, items, {video for stats in kept.values() for video in stats["inputs"]})

@@ -396,6 +396,11 @@ def test_folder_inputs_take_every_ffmpeg_container_and_report_unknown_files(tmp_
         ("write.shard_max_samples=-1", "write.shard_max_samples"),
         ("score.max_offset=-1", "score.max_offset"),
         ("execution.num_cpus_per_task=0", "execution.num_cpus_per_task"),
+        ("execution.ingest_num_gpus=-1", "execution.ingest_num_gpus"),
+        ("execution.score_num_gpus=-0.5", "execution.score_num_gpus"),
+        ("execution.task_attempts=0", "execution.task_attempts"),
+        ("execution.max_failure_share=1.5", "execution.max_failure_share"),
+        ("split.heldout_fraction=-0.1", "split.heldout_fraction"),
     ],
 )
 def test_validate_names_the_key_and_its_allowed_values(override, key):
