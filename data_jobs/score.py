@@ -19,6 +19,8 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,11 +123,11 @@ def score_task(source: dict[str, Any], aligned: Layout, config: DataJobConfig, s
     samples, rejects = [], list(source["rejects"])
     for shard in source["shards"]:
         url = aligned.shard_url(shard["name"], shard.get("split", "train"))
-        for sample in epoch_samples([url], Reader(), seed=0, epoch=0):
+        for sample, decoded in decoded_ahead(epoch_samples([url], Reader(), seed=0, epoch=0)):
             key, row = sample["__key__"], rows.get(sample["__key__"], {})
             members = {k: v for k, v in sample.items() if not k.startswith("__")}
             try:
-                verdict, members = _scored(sync, members)
+                verdict, members = _scored(sync, members, *decoded.result())
             except Exception as err:  # one sample the decoders or the model choke on: this sample only
                 verdict, detail = None, f"{type(err).__name__}: {err}"[:500]
             else:
@@ -146,11 +148,29 @@ def score_task(source: dict[str, Any], aligned: Layout, config: DataJobConfig, s
     return commit_task(layout.stats_url(task), shards, samples, rejects, **fields)
 
 
-def _scored(sync: SyncFilter, members: dict[str, bytes]) -> tuple[SyncVerdict, dict[str, bytes]]:
-    """The verdict on one sample and, when kept, its members with the audio put in sync."""
+def decoded_ahead(samples: Iterator[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], Future]]:
+    """Each sample with its decode (frames, audio, rate) running one sample ahead in a helper
+    thread, so the SyncNet (on a GPU especially) does not wait for the decoders."""
+    with ThreadPoolExecutor(1) as pool:
+        previous = None
+        for sample in samples:
+            current = (sample, pool.submit(_decode, sample))
+            if previous is not None:
+                yield previous
+            previous = current
+        if previous is not None:
+            yield previous
+
+
+def _decode(sample: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, int]:
+    audio, rate = decode_wav(sample["wav"])
+    return decode_mp4(sample["mp4"]), audio, rate
+
+
+def _scored(sync: SyncFilter, members: dict[str, bytes], frames: np.ndarray, audio: np.ndarray, rate: int) -> tuple[SyncVerdict, dict[str, bytes]]:
+    """The verdict on one decoded sample and, when kept, its members with the audio put in sync."""
     metadata = json.loads(members["json"])
-    audio, rate = decode_wav(members["wav"])
-    verdict = sync(decode_mp4(members["mp4"]), audio)
+    verdict = sync(frames, audio)
     if verdict.reason is None:
         metadata.update(sync_conf=round(verdict.confidence, 4), av_offset=verdict.offset,
                         audio_shift_s=-verdict.offset / FPS)  # fmt: skip

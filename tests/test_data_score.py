@@ -82,3 +82,39 @@ def test_score_pass_corrects_the_offset_when_allowed(sample_shards, trained_sync
             break
     else:
         pytest.fail("the corrected planted clip is missing from the scored shards")
+
+
+@pytest.mark.integration
+def test_one_undecodable_sample_is_a_score_reject_and_the_rest_is_scored(sample_shards, trained_syncnet, tmp_path):
+    """The per-sample guard: a garbled mp4 member turns into a `score/error` row for that sample;
+    the task's other samples are scored and written as usual."""
+    import io
+    import shutil
+    import tarfile
+
+    source = next(m for m in read_markers(Layout(sample_shards).stats).values() if sum(s["samples"] for s in m["shards"]) >= 2)
+    aligned = Layout(str(tmp_path / "aligned"))
+    broken_key = source["shards"][0]["keys"][0]
+    for shard in source["shards"]:
+        original = Layout(sample_shards).shard_url(shard["name"], shard["split"])
+        copy = aligned.shard_url(shard["name"], shard["split"])
+        storage.makedirs(copy.rsplit("/", 1)[0])
+        if shard is not source["shards"][0]:
+            shutil.copy(original, copy)
+            continue
+        with tarfile.open(original) as tar_in, tarfile.open(copy, "w", format=tarfile.USTAR_FORMAT) as tar_out:
+            for member in tar_in.getmembers():
+                data = tar_in.extractfile(member).read()
+                if member.name == f"{broken_key}.mp4":
+                    data = b"\x00" * 64 + data[64:][::-1]  # no longer an mp4
+                member.size = len(data)
+                tar_out.addfile(member, io.BytesIO(data))
+    config = resolve_config(DataJobConfig, ["profile=tiny", f"output={tmp_path / 'final'}", "score.max_offset=12"])
+    stats = score_task(source, aligned, config, build_filter(config, trained_syncnet), trained_syncnet)
+    errors = [r for r in stats["rejects"] if r["stage"] == "score"]
+    broken = next(row for row in source["samples"] if row["key"] == broken_key)
+    assert [r["reason"] for r in errors] == ["error"]
+    assert (errors[0]["source"], errors[0]["start_s"]) == (broken["source"], broken["start_s"])
+    kept = {row["key"] for row in stats["samples"]}
+    expected = {k for s in source["shards"] for k in s["keys"]} - {broken_key}
+    assert kept == expected  # max_offset=12 keeps every other sample, the planted one included
