@@ -267,12 +267,32 @@ def smoke_test_backends(config: DataJobConfig) -> None:
             raise ConfigError(f"config key '{key}': the backend does not load or run: {type(err).__name__}: {err}") from err
 
 
-def run_tasks(
+def run_until_committed(
+    worker: type, payloads: dict[str, str], args: tuple, config: DataJobConfig, num_gpus: float, desc: str, stats: str
+) -> dict[str, dict[str, Any]]:
+    """Run tasks (name -> payload) through `worker` actors until each has committed its marker under
+    `stats`, in at most `execution.task_attempts` rounds: a block whose actor died (a lost node, a
+    decoder crash) past its retries is given up by Ray Data, and the next round runs it again on
+    whatever nodes are left. Returns the markers found; the caller marks the rest failed."""
+    found: dict[str, dict[str, Any]] = {}
+    for attempt in range(config.execution.task_attempts):
+        missing = [name for name in payloads if name not in found]
+        if not missing:
+            break
+        if attempt:
+            log.warning("%s: %d tasks lost their worker; running them again", desc, len(missing))
+        map_tasks(worker, [payloads[name] for name in missing], args, config, num_gpus, desc)
+        found.update(read_markers(stats, set(missing)))
+        for name in set(missing) - set(found):  # a listing can lag a write
+            read_if_present(storage.join(stats, f"{name}.json"), found)
+    return found
+
+
+def map_tasks(
     worker: type, payloads: list[str], args: tuple, config: DataJobConfig, num_gpus: float, desc: str
 ) -> list[dict[str, Any]]:
-    """Map tasks through `worker` actors with Ray Data; returns the workers' progress rows. A block
-    whose actor keeps dying (past `execution.task_attempts`) is given up, not the job: its tasks
-    simply return no row, and the caller marks them failed."""
+    """One Ray Data pass of tasks through `worker` actors; returns the workers' progress rows. A
+    block whose actor keeps dying is given up (`max_errored_blocks`), not the job."""
     import ray
     from tqdm import tqdm
 
@@ -418,10 +438,10 @@ def run_data_job(config: DataJobConfig) -> JobSummary:
     if tasks:
         smoke_test_backends(config)
         require_ray()
-        run_tasks(IngestWorker, [t.payload() for t in tasks], (config, digest), config, config.execution.ingest_num_gpus, "ingest")
-    fresh = read_markers(layout.stats, {t.name for t in tasks}) if tasks else {}
+    payloads = {task.name: task.payload() for task in tasks}
+    fresh = run_until_committed(IngestWorker, payloads, (config, digest), config, config.execution.ingest_num_gpus, "ingest", layout.stats) if tasks else {}
     for task in tasks:
-        if task.name not in fresh and not read_if_present(layout.stats_url(task.name), fresh):  # its worker died past every retry
+        if task.name not in fresh:  # its worker died in every round
             sources = [{"source": item.video, "dataset": item.dataset} for item in task.items]
             fresh[task.name] = commit_failure(layout.stats_url(task.name), task.name, sources, "worker_died",
                                               "the worker running this task died on every attempt",

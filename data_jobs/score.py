@@ -39,11 +39,10 @@ from data_jobs.job import (
     guarded,
     node_name,
     progress_row,
-    read_if_present,
     read_markers,
     remove_stale,
     require_ray,
-    run_tasks,
+    run_until_committed,
 )
 from data_jobs.manifest import manifest_row, read_table
 from data_jobs.media import encode_wav
@@ -203,10 +202,15 @@ class ScoreWorker:
                 return final
         if source.get("failed"):  # ingest could not finish it: its failure carries over, retried next run
             return commit_task(url, [], [], source["rejects"], **{**source, "score_hash": score_hash(self.config.score)})
-        sources = [{"source": video, "dataset": ""} for video in source["inputs"]]
         fields = {k: source[k] for k in ("config_hash", "inputs")}
-        return guarded(url, task, sources, self.config.execution.task_attempts,
+        return guarded(url, task, input_rows(source), self.config.execution.task_attempts,
                        lambda: score_task(source, self.aligned, self.config, self.sync, self.weights), **fields)  # fmt: skip
+
+
+def input_rows(source: dict[str, Any]) -> list[dict[str, str]]:
+    """The inputs of an ingest task with their dataset tags (for rows that reject them whole)."""
+    tags = {row["source"]: row["dataset"] for row in source["samples"] + source["rejects"]}
+    return [{"source": video, "dataset": tags.get(video, "")} for video in source["inputs"]]
 
 
 def _is_current(final: dict[str, Any], source: dict[str, Any], config: DataJobConfig) -> bool:
@@ -235,13 +239,12 @@ def run_score_pass(config: DataJobConfig, weights: str, started: float) -> JobSu
     if pending:
         require_ray()
         build_filter(config, weights)  # a broken SyncNet file stops the pass here, before any work
-        run_tasks(ScoreWorker, pending, (config, weights), config, config.execution.score_num_gpus, "score")
-    fresh = read_markers(layout.stats, set(pending)) if pending else {}
+    fresh = run_until_committed(ScoreWorker, {name: name for name in pending}, (config, weights), config,
+                                config.execution.score_num_gpus, "score", layout.stats) if pending else {}  # fmt: skip
     for name in pending:
-        if name not in fresh and not read_if_present(layout.stats_url(name), fresh):  # its worker died past every retry
+        if name not in fresh:  # its worker died in every round
             source = sources[name]
-            rows = [{"source": v, "dataset": ""} for v in source["inputs"]]
-            fresh[name] = commit_failure(layout.stats_url(name), name, rows, "worker_died",
+            fresh[name] = commit_failure(layout.stats_url(name), name, input_rows(source), "worker_died",
                                          "the worker scoring this task died on every attempt",
                                          config_hash=source["config_hash"], inputs=source["inputs"])  # fmt: skip
     stats = {name: fresh.get(name) or finals[name] for name in sources}
