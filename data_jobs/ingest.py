@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import cv2
 import numpy as np
 
 from data_jobs.align import Align
@@ -83,7 +82,7 @@ class SegmentStream:
         self.buffer = np.empty((0, 0, 0, 3), np.uint8)
 
     def __call__(self, sample: Sample) -> Iterator[Sample]:
-        self.sample = sample
+        self.sample, self.segment_start = sample, 0
         self.min_frames, self.max_frames = self.shots.frames_bounds(sample.fps)
         size = self.align.config.size
         if self.buffer.shape[:3] != (self.max_frames + self.min_frames, size, size):
@@ -193,8 +192,6 @@ def ingest_inputs(
     """Run every input of a task; `write(item, key, members)` stores one sample, returns its shard."""
     result = IngestResult()
     per_input, per_segment = input_stages(config), segment_stages(config, digest)
-    # A task holds one Ray CPU: OpenCV's own thread pool would only contend with the other tasks.
-    cv2.setNumThreads(1)
     clock = StageClock(result.timings_s)
     stream = SegmentStream(Shots(config.ingest), Faces(config.faces), Align(config.align), clock)
     for item in items:

@@ -123,9 +123,8 @@ def timeline_frames(path: str, indices: np.ndarray) -> Iterator[np.ndarray]:
     """RGB frames (h, w, 3) uint8 for ascending source `indices` (from `cfr_indices`), in one
     sequential decode: each source frame is decoded once and converted only if shown; a repeated
     index yields the same array again. Memory stays one frame; a stream shorter than the index map
-    repeats its last frame. One decoder thread: an ingest task holds one CPU."""
+    repeats its last frame."""
     with av.open(path) as container:
-        container.streams.video[0].codec_context.thread_count = 1
         decoded = container.decode(video=0)
         position, frame, image = -1, None, None
         for index in indices:
