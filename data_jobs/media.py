@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import itertools
 import math
+import queue
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -119,11 +121,46 @@ def cfr_indices(timestamps: np.ndarray, fps: float, start_s: float, num_frames: 
     return np.clip(index, 0, len(timestamps) - 1)
 
 
-def timeline_frames(path: str, indices: np.ndarray) -> Iterator[np.ndarray]:
+def timeline_frames(path: str, indices: np.ndarray, ahead: int = 8) -> Iterator[np.ndarray]:
     """RGB frames (h, w, 3) uint8 for ascending source `indices` (from `cfr_indices`), in one
     sequential decode: each source frame is decoded once and converted only if shown; a repeated
-    index yields the same array again. Memory stays one frame; a stream shorter than the index map
-    repeats its last frame."""
+    index yields the same array again; a stream shorter than the index map repeats its last frame.
+    A helper thread decodes up to `ahead` frames ahead (FFmpeg runs without the GIL), so decoding
+    overlaps the caller's work while memory stays a few frames."""
+    queued: queue.Queue = queue.Queue(maxsize=max(1, ahead))
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                queued.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def decode() -> None:
+        try:
+            for image in _decode_timeline(path, indices):
+                if not put(image):
+                    return
+            put(None)
+        except Exception as err:  # handed to the consumer, raised there
+            put(err)
+
+    helper = threading.Thread(target=decode, name="timeline-decode", daemon=True)
+    helper.start()
+    try:
+        while (item := queued.get()) is not None:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        helper.join()
+
+
+def _decode_timeline(path: str, indices: np.ndarray) -> Iterator[np.ndarray]:
     with av.open(path) as container:
         decoded = container.decode(video=0)
         position, frame, image = -1, None, None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tarfile
+import threading
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from data_jobs.faces import LandmarkTrack
 from data_jobs.hyperiqa import HyperIQA, ResNet50, five_crops, load_hyperiqa, load_torchvision_resnet50
 from data_jobs.inputs import list_inputs
 from data_jobs.iqa import sharpness_score
-from data_jobs.media import VideoFrames, cfr_indices, read_audio
+from data_jobs.media import VideoFrames, cfr_indices, read_audio, timeline_frames
 from data_jobs.sample import CLIPS, ClipSpec, encode_clip, render_frame
 from data_jobs.shots import split_shot, split_tail
 from data_jobs.writer import ShardWriter
@@ -273,3 +274,23 @@ def test_shard_writer_rolls_over_by_samples_or_bytes(tmp_path, max_samples, max_
     with tarfile.open(tmp_path / "part-000007-00.tar") as tar:
         assert tar.getnames()[:2] == ["k0.json", "k0.wav"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{s.name}.tar" for s in shards]
+
+
+def test_timeline_frames_match_random_access_reads_and_stop_cleanly(tmp_path):
+    spec = ClipSpec("tiny", ("astronaut",), 30, 16000, 1, 1.5, (128, 96), "x", "samples=0")
+    video, _ = encode_clip(spec, np.random.default_rng(0))
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(video)
+    reader = VideoFrames(str(path))
+    indices = cfr_indices(reader.timestamps(), 25.0, 0.0, 37)  # 30 fps on 25: every sixth frame skipped
+    streamed = np.stack(list(timeline_frames(str(path), indices, ahead=2)))
+    assert streamed.shape == (37, 96, 128, 3)
+    assert np.abs(streamed.astype(int) - reader.read(indices).astype(int)).mean() < 4.0
+    reader.close()
+    helpers = threading.active_count()
+    frames = timeline_frames(str(path), indices, ahead=2)
+    next(frames)
+    frames.close()  # the consumer stops early: the decode thread ends with it
+    assert threading.active_count() == helpers
+    with pytest.raises(FileNotFoundError):  # raised in the decode thread, seen by the consumer
+        next(timeline_frames(str(tmp_path / "missing.mp4"), indices))
