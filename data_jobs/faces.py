@@ -270,11 +270,11 @@ class Faces(Transform):
 
     name = "faces"
 
-    def __init__(self, config: FacesConfig):
-        self.config = config
+    def __init__(self, config: FacesConfig, device: str = "cpu"):
+        self.config, self.device = config, device
 
     def tracker(self, width: int, height: int) -> FaceTracker:
-        backend = face_backend(self.config.backend, self.config.model_pack)
+        backend = face_backend(self.config.backend, self.config.model_pack, self.device)
         return FaceTracker(self.config, backend, width, height)
 
     def __call__(self, sample: Sample) -> Sample:

@@ -47,8 +47,8 @@ def input_stages(config: DataJobConfig) -> list[Transform]:
     return [Probe(config.ingest), Resample(config.ingest)]
 
 
-def segment_stages(config: DataJobConfig, digest: str) -> list[Transform]:
-    return [Faces(config.faces), Iqa(config.iqa), Encode(config.write, digest)]
+def segment_stages(config: DataJobConfig, digest: str, device: str = "cpu") -> list[Transform]:
+    return [Faces(config.faces, device), Iqa(config.iqa, device), Encode(config.write, digest)]
 
 
 class StageClock:
@@ -187,13 +187,15 @@ class IngestResult:
 
 
 def ingest_inputs(
-    items: list[InputItem], config: DataJobConfig, digest: str, write: Callable[[InputItem, str, dict[str, bytes]], str]
+    items: list[InputItem], config: DataJobConfig, digest: str, write: Callable[[InputItem, str, dict[str, bytes]], str],
+    device: str = "cpu",
 ) -> IngestResult:
-    """Run every input of a task; `write(item, key, members)` stores one sample, returns its shard."""
+    """Run every input of a task; `write(item, key, members)` stores one sample, returns its shard.
+    `device` is where the face and IQA models run."""
     result = IngestResult()
-    per_input, per_segment = input_stages(config), segment_stages(config, digest)
+    per_input, per_segment = input_stages(config), segment_stages(config, digest, device)
     clock = StageClock(result.timings_s)
-    stream = SegmentStream(Shots(config.ingest), Faces(config.faces), Align(config.align), clock)
+    stream = SegmentStream(Shots(config.ingest), Faces(config.faces, device), Align(config.align), clock)
     for item in items:
         sample = Sample(
             source=item.video, dataset=item.dataset, key_stem=item.key_stem, audio_source=item.audio,
@@ -232,7 +234,9 @@ def _local_inputs(sample: Sample, timings: dict[str, float]):
             sample.video_path = stack.enter_context(storage.temporary_local(sample.source))
             if sample.audio_source:
                 sample.audio_path = stack.enter_context(storage.temporary_local(sample.audio_source))
-        except Exception as err:  # missing object, permission, network: this input only
+        except FileNotFoundError as err:  # listed, then gone: the same reason a missing local file gets
+            sample.fail("probe", "missing_file", f"{err}"[:300], True)
+        except Exception as err:  # permission, network past its retries: this input only
             sample.fail("probe", "unreadable", f"download failed: {type(err).__name__}: {err}"[:300], True)
         timings["probe"] = timings.get("probe", 0.0) + time.perf_counter() - started
         yield sample

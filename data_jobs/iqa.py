@@ -58,11 +58,11 @@ def iqa_scorer(backend: str, weights: str = "", device: str = "cpu"):
 class Iqa(Transform):
     name = "iqa"
 
-    def __init__(self, config: IqaConfig):
-        self.config = config
+    def __init__(self, config: IqaConfig, device: str = "cpu"):
+        self.config, self.device = config, device
 
     def __call__(self, sample: Sample) -> Sample:
-        scorer = iqa_scorer(self.config.backend, self.config.weights)
+        scorer = iqa_scorer(self.config.backend, self.config.weights, self.device)
         last = len(sample.frames) - 1
         scores = [scorer(sample.frames[i]) for i in (0, last // 2, last)]
         sample.iqa = float(np.mean(scores))

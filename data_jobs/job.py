@@ -214,11 +214,9 @@ class IngestWorker:
     """A long-lived ingest actor: models load once, then one task per call."""
 
     def __init__(self, config: DataJobConfig, digest: str):
-        import cv2
-
-        cv2.setNumThreads(1)
         self.config, self.digest, self.layout = config, digest, Layout(config.output)
-        smoke_test_backends(config)  # loads and caches the models in this process
+        self.device = "cuda" if config.execution.ingest_num_gpus > 0 and _cuda() else "cpu"
+        smoke_test_backends(config, self.device)  # loads and caches the models in this process
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows = [progress_row(self.run(Task.from_payload(payload))) for payload in batch["task"]]
@@ -237,7 +235,7 @@ class IngestWorker:
     def ingest(self, task: Task, stats_url: str) -> dict[str, Any]:
         started = time.perf_counter()
         writers = SplitWriters(self.layout, task.name, self.config)
-        result = ingest_inputs(task.items, self.config, self.digest, lambda item, key, members: writers.add(item.split, key, members))
+        result = ingest_inputs(task.items, self.config, self.digest, lambda item, key, members: writers.add(item.split, key, members), self.device)
         shards = writers.close()
         fields = {"task": task.name, "config_hash": self.digest, "inputs": [item.video for item in task.items],
                   "clip_seconds_in": result.clip_seconds_in, "timings_s": {**result.timings_s, "upload": writers.upload_s},
@@ -245,7 +243,7 @@ class IngestWorker:
         return commit_task(stats_url, shards, result.samples, result.rejects, **fields)
 
 
-def smoke_test_backends(config: DataJobConfig) -> None:
+def smoke_test_backends(config: DataJobConfig, device: str = "cpu") -> None:
     """Build every configured model backend and run it once on a blank image, so a broken model
     pack stops the job before any work (instead of turning every clip into an `error` reject)."""
     from data_jobs.faces import face_backend
@@ -254,9 +252,9 @@ def smoke_test_backends(config: DataJobConfig) -> None:
     blank = np.full((config.align.size, config.align.size, 3), 127, np.uint8)
     checks = (
         ("faces.model_pack" if config.faces.backend == "insightface" else "faces.backend",
-         lambda: face_backend(config.faces.backend, config.faces.model_pack).detect(blank)),
+         lambda: face_backend(config.faces.backend, config.faces.model_pack, device).detect(blank)),
         ("iqa.weights" if config.iqa.backend == "hyperiqa" else "iqa.backend",
-         lambda: iqa_scorer(config.iqa.backend, config.iqa.weights)(blank)),
+         lambda: iqa_scorer(config.iqa.backend, config.iqa.weights, device)(blank)),
     )  # fmt: skip
     for key, check in checks:
         try:
@@ -515,6 +513,12 @@ def read_if_present(url: str, found: dict[str, dict]) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _name(url: str) -> str:
