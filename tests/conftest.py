@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -159,3 +160,26 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     seed = getattr(config.option, "randomly_seed", None)
     if seed is not None:
         terminalreporter.write_line(f"test order: --randomly-seed={seed}")
+
+
+def kill_data_job_once(argv: list[str], markers: str, mlflow_db: str, timeout: float) -> int:
+    """Start `python -m pipelines.data argv` in its own process group, SIGKILL it (the driver and
+    the local Ray it started) as soon as a commit marker matches the `markers` glob, and return how
+    many had matched by then."""
+    from lipforcing import storage
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{mlflow_db}"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.data", "execution.progress=false", *argv], cwd=REPO_ROOT, env=env,
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + timeout
+        while not storage.glob(markers):
+            assert process.poll() is None, "the job ended before it could be killed"
+            assert time.monotonic() < deadline, f"nothing matched {markers} within {timeout} s"
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    return len(storage.glob(markers))

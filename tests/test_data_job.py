@@ -11,11 +11,7 @@ import io
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tarfile
-import time
 
 import numpy as np
 import pandas as pd
@@ -32,7 +28,7 @@ from lipforcing import storage
 from lipforcing.config import ConfigError
 from lipforcing.data.shards import decode_mp4
 from pipelines.jobs import resolve_config
-from tests.conftest import REAL_DATA, REPO_ROOT
+from tests.conftest import REAL_DATA, kill_data_job_once
 
 pytestmark = pytest.mark.integration
 SIZE = 256  # the tiny profile's crop size
@@ -215,21 +211,7 @@ def test_killed_job_resumes_to_the_same_keys(local_ray, sample_list, sample_job,
     output = str(tmp_path / "data")
     argv = [f"input={subset}", f"output={output}", "write.inputs_per_task=1", "execution.concurrency=1"]
     argv.append("score.enabled=false")  # the ingest pass alone: the SyncNet pass has its own tests
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/killed.db"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.data", "execution.progress=false", *argv],
-        cwd=REPO_ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 180
-        while not storage.glob(f"{output}/stats/*.json"):
-            assert process.poll() is None, "the job ended before it could be killed"
-            assert time.monotonic() < deadline, "no task committed within 180 s"
-            time.sleep(0.1)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)  # the driver and the local Ray it started
-        process.wait()
-    committed_at_kill = len(storage.glob(f"{output}/stats/*.json"))
+    committed_at_kill = kill_data_job_once(argv, f"{output}/stats/*.json", f"{tmp_path}/killed.db", timeout=180)
     assert committed_at_kill < 4
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/resumed.db")

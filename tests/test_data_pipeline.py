@@ -10,11 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
-import subprocess
-import sys
 import tarfile
-import time
 
 import pandas as pd
 import pytest
@@ -34,7 +30,7 @@ from data_jobs.manifest import read_table
 from lipforcing import storage
 from lipforcing.config import ConfigError
 from pipelines.jobs import resolve_config
-from tests.conftest import REPO_ROOT
+from tests.conftest import kill_data_job_once
 
 GOOD = ["hdtf_astronaut_25fps.mp4", "vox_offset_0p4s.mp4", "hallo3_t1b_2997fps.mp4"]
 ADDED = ["vox_hard_cut.mp4"]
@@ -201,22 +197,8 @@ def test_a_kill_mid_score_pass_resumes_without_duplicates_or_gaps(local_ray, s3_
     raw, output = f"{s3_bucket}/raw/kill", f"{s3_bucket}/kill"
     upload(sample_list, raw, GOOD)
     argv = [f"input={raw}", f"output={output}", f"score.syncnet={trained_syncnet}", "write.inputs_per_task=1",
-            "execution.concurrency=1", "execution.progress=false"]  # fmt: skip
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/killed.db"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.data", *argv], cwd=REPO_ROOT, env=env, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 600
-        while not storage.glob(f"{output}/stats/*.json"):  # the first scored task
-            assert process.poll() is None, "the job ended before the score pass could be killed"
-            assert time.monotonic() < deadline, "no task scored within 600 s"
-            time.sleep(0.05)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)  # the driver and the local Ray it started
-        process.wait()
-    scored_at_kill = len(storage.glob(f"{output}/stats/*.json"))
+            "execution.concurrency=1"]  # fmt: skip
+    scored_at_kill = kill_data_job_once(argv, f"{output}/stats/*.json", f"{tmp_path}/killed.db", timeout=600)  # the first scored task
     assert scored_at_kill < len(GOOD)
 
     from pipelines.data import main
