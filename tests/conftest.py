@@ -165,7 +165,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 def kill_data_job_once(argv: list[str], markers: str, mlflow_db: str, timeout: float) -> int:
     """Start `python -m pipelines.data argv` in its own process group, SIGKILL it (the driver and
     the local Ray it started) as soon as a commit marker matches the `markers` glob, and return how
-    many had matched by then."""
+    many match once the kill has settled."""
     from lipforcing import storage
 
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{mlflow_db}"}
@@ -182,4 +182,11 @@ def kill_data_job_once(argv: list[str], markers: str, mlflow_db: str, timeout: f
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-    return len(storage.glob(markers))
+    # A worker process Ray started may outlive the group by a moment and still commit its task:
+    # count once the markers stop changing.
+    count, stable_since = len(storage.glob(markers)), time.monotonic()
+    while time.monotonic() - stable_since < 3:
+        time.sleep(0.5)
+        if (now := len(storage.glob(markers))) != count:
+            count, stable_since = now, time.monotonic()
+    return count
