@@ -215,7 +215,7 @@ class IngestWorker:
 
     def __init__(self, config: DataJobConfig, digest: str):
         self.config, self.digest, self.layout = config, digest, Layout(config.output)
-        self.device = "cuda" if config.execution.ingest_num_gpus > 0 and _cuda() else "cpu"
+        self.device = worker_device(config.execution.ingest_num_gpus)
         smoke_test_backends(config, self.device)  # loads and caches the models in this process
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -223,11 +223,9 @@ class IngestWorker:
         return {key: [row[key] for row in rows] for key in ("task", "samples", "reasons")}
 
     def run(self, task: Task) -> dict[str, Any]:
-        url = self.layout.stats_url(task.name)
-        if storage.exists(url):  # a retried block: tasks committed before the worker died stay done
-            stats = json.loads(storage.read_text(url))
-            if not stats.get("failed"):
-                return stats
+        url, done = self.layout.stats_url(task.name), {}
+        if read_if_present(url, done) and not done[task.name].get("failed"):  # a retried block's finished task
+            return done[task.name]
         sources = [{"source": item.video, "dataset": item.dataset} for item in task.items]
         fields = {"config_hash": self.digest, "inputs": [item.video for item in task.items]}
         return guarded(url, task.name, sources, self.config.execution.task_attempts, lambda: self.ingest(task, url), **fields)
@@ -446,13 +444,14 @@ def run_data_job(config: DataJobConfig) -> JobSummary:
                                               config_hash=digest, inputs=[i.video for i in task.items])  # fmt: skip
     stats = {**kept, **fresh}
     remove_stale(layout, stats, markers)
-    summary = finalize(layout, list(stats.values()), listing_reject_rows(items), time.perf_counter() - started, len(tasks))
-    summary.failure = failure_check(summary, config.execution.max_failure_share)
-    return summary
+    return finalize(layout, list(stats.values()), listing_reject_rows(items), time.perf_counter() - started, len(tasks),
+                    config.execution.max_failure_share)  # fmt: skip
 
 
-def finalize(layout: Layout, stats: list[dict[str, Any]], listing_rejects: list[dict], wall_s: float, tasks_run: int) -> JobSummary:
-    """Rebuild the Parquet tables (one manifest per shard set) and the summary from the markers."""
+def finalize(layout: Layout, stats: list[dict[str, Any]], listing_rejects: list[dict], wall_s: float, tasks_run: int,
+             max_failure_share: float) -> JobSummary:  # fmt: skip
+    """Rebuild the Parquet tables (one manifest per shard set) and the summary, with its failure
+    verdict, from the markers."""
     rows = [row for task in sorted(stats, key=lambda s: s["task"]) for row in task["samples"]]
     for split in SPLITS:
         chosen = [row for row in rows if row.get("split", "train") == split]
@@ -461,6 +460,7 @@ def finalize(layout: Layout, stats: list[dict[str, Any]], listing_rejects: list[
     rejects = listing_rejects + [row for task in stats for row in task["rejects"]]
     write_table(rejects, REJECTS_SCHEMA, layout.file("rejects.parquet"), ["source", "stage", "start_s"])
     summary = summarize(stats, listing_rejects, wall_s, tasks_run)
+    summary.failure = failure_check(summary, max_failure_share)
     storage.write_text(layout.file("summary.json"), json.dumps(summary.__dict__, indent=1))
     print(summary.table())
     return summary
@@ -515,10 +515,11 @@ def read_if_present(url: str, found: dict[str, dict]) -> bool:
     return True
 
 
-def _cuda() -> bool:
+def worker_device(num_gpus: float) -> str:
+    """Where a worker's models run: the GPU Ray gave it, else the CPU."""
     import torch
 
-    return torch.cuda.is_available()
+    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
 def _name(url: str) -> str:

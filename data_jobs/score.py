@@ -34,15 +34,16 @@ from data_jobs.job import (
     SplitWriters,
     commit_failure,
     commit_task,
-    failure_check,
     finalize,
     guarded,
     node_name,
     progress_row,
+    read_if_present,
     read_markers,
     remove_stale,
     require_ray,
     run_until_committed,
+    worker_device,
 )
 from data_jobs.manifest import manifest_row, read_table
 from data_jobs.media import encode_wav
@@ -183,10 +184,9 @@ class ScoreWorker:
     then one ingest task per call."""
 
     def __init__(self, config: DataJobConfig, weights: str):
-        device = "cuda" if config.execution.score_num_gpus > 0 and torch.cuda.is_available() else "cpu"
         torch.set_num_threads(max(1, int(config.execution.num_cpus_per_task)))
         self.config, self.weights = config, weights
-        self.sync = build_filter(config, weights, device)
+        self.sync = build_filter(config, weights, worker_device(config.execution.score_num_gpus))
         self.aligned, self.layout = Layout(storage.join(config.output, "aligned")), Layout(config.output)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -195,11 +195,9 @@ class ScoreWorker:
 
     def run(self, task: str) -> dict[str, Any]:
         source = json.loads(storage.read_text(self.aligned.stats_url(task)))
-        url = self.layout.stats_url(task)
-        if storage.exists(url):  # a retried block: tasks scored before the worker died stay done
-            final = json.loads(storage.read_text(url))
-            if _is_current(final, source, self.config):
-                return final
+        url, done = self.layout.stats_url(task), {}
+        if read_if_present(url, done) and _is_current(done[task], source, self.config):  # a retried block's finished task
+            return done[task]
         if source.get("failed"):  # ingest could not finish it: its failure carries over, retried next run
             return commit_task(url, [], [], source["rejects"], **{**source, "score_hash": score_hash(self.config.score)})
         fields = {k: source[k] for k in ("config_hash", "inputs")}
@@ -230,11 +228,11 @@ def score_plan(config: DataJobConfig) -> tuple[dict[str, dict], dict[str, dict],
     return sources, finals, pending
 
 
-def run_score_pass(config: DataJobConfig, weights: str, started: float) -> JobSummary:
-    """Score the pending ingest tasks with `ScoreWorker` actors on Ray (already initialised) and the
-    SyncNet at `weights`, then rebuild the final tables from every task's final marker."""
+def run_score_pass(config: DataJobConfig, weights: str, started: float, plan: tuple[dict, dict, list[str]]) -> JobSummary:
+    """Score the pending tasks of `plan` (`score_plan`'s) with `ScoreWorker` actors on Ray (already
+    initialised) and the SyncNet at `weights`, then rebuild the final tables from every final marker."""
     layout = Layout(config.output)
-    sources, finals, pending = score_plan(config)
+    sources, finals, pending = plan
     log.info("score: %d tasks, %d already scored, %d to score", len(sources), len(sources) - len(pending), len(pending))
     if pending:
         require_ray()
@@ -252,6 +250,5 @@ def run_score_pass(config: DataJobConfig, weights: str, started: float) -> JobSu
     storage.write_text(layout.file("config.yaml"), to_yaml(config))
     listing = read_table(storage.join(config.output, "aligned", "rejects.parquet"))
     listing_rejects = listing[listing["stage"] == "input"].to_dict("records")
-    summary = finalize(layout, list(stats.values()), listing_rejects, time.perf_counter() - started, len(pending))
-    summary.failure = failure_check(summary, config.execution.max_failure_share)
-    return summary
+    return finalize(layout, list(stats.values()), listing_rejects, time.perf_counter() - started, len(pending),
+                    config.execution.max_failure_share)  # fmt: skip

@@ -32,9 +32,9 @@ def run_data(config: DataJobConfig) -> JobSummary:
     ingest = run_data_job(dataclasses.replace(config, output=aligned))
     if ingest.failure:  # the machinery is broken: scoring its leftovers would hide that
         return ingest
-    *_, pending = score_plan(config)
-    weights = syncnet_for_scoring(config, aligned) if pending else ""
-    return run_score_pass(config, weights, started)
+    plan = score_plan(config)
+    weights = syncnet_for_scoring(config, aligned) if plan[2] else ""
+    return run_score_pass(config, weights, started, plan)
 
 
 def syncnet_for_scoring(config: DataJobConfig, aligned: str) -> str:
