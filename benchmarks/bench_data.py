@@ -3,9 +3,12 @@
     python -m benchmarks.bench_data                 # print the markdown section
     python -m benchmarks.bench_data --write         # also replace "## Data" in benchmarks/RESULTS.md
     python -m benchmarks.bench_data align.size=256  # any data-job override
+    python -m benchmarks.bench_data --inputs real   # the real clips of ../shared/data/real
+    python -m benchmarks.bench_data --repeat 3      # 3 copies of each clip (fixed costs amortised)
 
 Inputs: the clips of the embedded sample that become training samples (generated into a temporary
-folder, seed 0). Throughput is input clip-seconds per wall-second, one run each, on a local Ray:
+folder, seed 0), or the real talking-head clips. Throughput is input clip-seconds per wall-second,
+one run each, on a local Ray:
 1. the ingest job (probe -> resample, then one decode per input streamed through shots -> faces ->
    align, then per segment faces -> iqa -> encode -> shards), two workers, one input per task;
 2. a bare decode + resize to the crop size + H.264 encode of the same clips with the same encoder
@@ -32,27 +35,28 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from benchmarks.real_clips import write_real_list
 from benchmarks.results import report
 from lipforcing.data import SAMPLE_RATE
 
 HEADING = "## Data"
 
 
-def good_clips(sample_list: str, repeat: int = 1) -> str:
-    """A list file with only the sample's clips that yield samples (what a clean dataset looks like),
-    each `repeat` times as copies under other names, so fixed costs (starting workers, loading
-    models) weigh in the ratio as little as they do on a large dataset."""
-    table = pd.read_csv(sample_list)
-    good = table[table["expect"].str.startswith("samples=")]
-    root = Path(sample_list).parent
+def good_clips(clip_list: str, repeat: int = 1) -> str:
+    """A list file with only the clips that yield samples (what a clean dataset looks like: the
+    sample's marked ones, all real ones), each `repeat` times as copies under other names, so fixed
+    costs (starting workers, loading models) weigh in the ratio as little as on a large dataset."""
+    table = pd.read_csv(clip_list, keep_default_na=False)
+    good = table[table["expect"].str.startswith("samples=")] if "expect" in table else table
+    root = Path(clip_list).parent
     rows = []
     for copy in range(repeat):
         for row in good.to_dict("records"):
             if copy:
                 for column in ("video", "audio"):
                     if isinstance(row[column], str) and row[column]:
-                        name = str(Path(row[column]).with_name(f"copy{copy}_{Path(row[column]).name}"))
-                        shutil.copy(root / row[column], root / name)
+                        name = str(root / f"copy{copy}_{Path(row[column]).name}")
+                        shutil.copy(root / row[column], name)
                         row = {**row, column: name}
             rows.append(row)
     path = str(root / "bench.csv")
@@ -103,18 +107,30 @@ def run_job(list_url: str, output: str, overrides: list[str], concurrency: int):
     return config, run_data_job(config)
 
 
-def measure(overrides: list[str], repeat: int = 1) -> str:
+def clip_list(folder: str, inputs: str) -> str:
+    """The list file of the embedded sample (generated, seed 0) or of the real clips."""
+    from data_jobs.sample import generate_sample
+
+    if inputs == "real":
+        os.makedirs(os.path.join(folder, "sample"))
+        path = Path(folder) / "sample" / "real.csv"
+        write_real_list(path)
+        return str(path)
+    return generate_sample(os.path.join(folder, "sample"), seed=0)
+
+
+def measure(overrides: list[str], repeat: int = 1, inputs: str = "sample") -> str:
     import ray
 
-    from data_jobs.sample import generate_sample
     from pipelines.ray_cluster import init_ray
 
     with tempfile.TemporaryDirectory(prefix="bench-data-") as folder:
-        clips = good_clips(generate_sample(os.path.join(folder, "sample"), seed=0), repeat)
+        clips = good_clips(clip_list(folder, inputs), repeat)
         init_ray(num_cpus=2)
         try:
             # Warm-up: both workers start and load their face models before anything is timed.
-            warm = pd.read_csv(clips).nsmallest(2, "duration_s")
+            table = pd.read_csv(clips)
+            warm = table.loc[table["video"].map(lambda v: os.path.getsize(Path(clips).parent / v)).nsmallest(2).index]
             warm.to_csv(os.path.join(folder, "sample", "warm.csv"), index=False)
             config, _ = run_job(
                 os.path.join(folder, "sample", "warm.csv"),
@@ -142,13 +158,15 @@ def measure(overrides: list[str], repeat: int = 1) -> str:
         seconds / bare_wall,
     )
     total = sum(two.timings_s.values())
-    command = " ".join(["python -m benchmarks.bench_data", *overrides, *([f"--repeat {repeat}"] if repeat > 1 else [])])
+    options = [*([f"--repeat {repeat}"] if repeat > 1 else []), *(["--inputs real"] if inputs == "real" else [])]
+    command = " ".join(["python -m benchmarks.bench_data", *overrides, *options])
+    described = "real clip of `../shared/data/real`" if inputs == "real" else "clip of the embedded sample that yields samples"
     lines = [
         HEADING,
         "",
         f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores shared with other jobs "
         f"(load average {loads[0]:.1f} before the timed runs), local Ray. "
-        f"Command: `{command}`. Inputs: the {two.inputs} clips ({repeat} copies of each clip of the embedded sample that yields samples) "
+        f"Command: `{command}`. Inputs: the {two.inputs} clips ({repeat} copies of each {described}) "
         f"({two.clip_seconds_in:.1f} clip-seconds, {two.written} samples), crops {config.align.size}x{config.align.size}, "
         f"x264 crf {config.write.crf} `{config.write.preset}`, faces `{config.faces.backend}` (detect every "
         f"{config.faces.stride} frames around the tracked face, the whole frame every {config.faces.check_every} "
@@ -180,9 +198,10 @@ def main(argv: list[str] | None = None) -> str:
         "--write", action="store_true", help="replace the Data section of benchmarks/RESULTS.md"
     )
     parser.add_argument("--repeat", type=int, default=1, help="copies of each clip in the input (amortises fixed costs)")
+    parser.add_argument("--inputs", choices=["sample", "real"], default="sample", help="the embedded sample or ../shared/data/real")
     parser.add_argument("overrides", nargs="*", help="data-job overrides, e.g. align.size=256")
     args = parser.parse_args(argv)
-    return report(measure(args.overrides, args.repeat), HEADING, args.write)
+    return report(measure(args.overrides, args.repeat, args.inputs), HEADING, args.write)
 
 
 if __name__ == "__main__":

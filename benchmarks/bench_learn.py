@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.real_clips import REAL, write_real_list
 from benchmarks.results import RESULTS, machine, report
 from lipforcing.data.encode import EncodedBatch, from_records
 from lipforcing.data.shards import Reader, epoch_samples, shard_urls
@@ -48,21 +49,10 @@ from pipelines.stages.student import stream_student
 HEADING = "## Learning at toy scale"
 COMMAND = "python -m benchmarks.bench_learn --write"
 PLOT = RESULTS.with_name("learn_curves.png")
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 # iterations per stage (2 workers; teacher stages at batch 2 per worker, DMD at 1)
 STEPS = {"teacher_base": 1500, "teacher": 100, "student": 600, "dmd": 400}
 WINDOWS, SEEDS = 8, 2  # evaluated windows, samples per window and model
 LOSSES = {"teacher_base": ["base_loss"], "teacher": ["teacher_loss"], "student": ["loss"], "dmd": ["dmd_loss", "fake_score_loss"]}
-
-
-def clip_list(real: Path, path: Path) -> int:
-    """The data job's input list: every real mp4, with its separate wav when it has one."""
-    rows = ["video,audio,dataset"]
-    for video in sorted(real.glob("*.mp4")):
-        wav = video.with_suffix(".wav")
-        rows.append(f"{video},{wav if wav.exists() else ''},{video.stem.split('_')[0]}")
-    path.write_text("\n".join(rows) + "\n")
-    return len(rows) - 1
 
 
 def run(module: str, args: list[str], log: Path) -> float:
@@ -85,7 +75,7 @@ def distill_args(scratch: Path, steps: dict[str, int]) -> list[str]:
 
 def train(real: Path, scratch: Path, steps: dict[str, int]) -> dict[str, float]:
     log = scratch / "jobs.log"
-    count = clip_list(real, scratch / "list.csv")
+    count = write_real_list(scratch / "list.csv", real)
     times = {"clips": float(count)}
     data = ["profile=tiny", f"input={scratch / 'list.csv'}", f"output={scratch / 'data'}", "align.size=64"]
     times["data"] = run("pipelines.data", [*data, "score.enabled=false", "execution.progress=false"], log)

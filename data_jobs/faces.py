@@ -6,7 +6,8 @@ the detector (cheap, and small faces get upscaled), or in the whole frame to acq
 re-acquire it after misses and every `check_every` detections to look for a comparable second
 face. The whole-frame scale follows from the frame and `min_face_size`: dlib's HOG sees faces of
 about `DLIB_MIN_FACE` px, so a frame is scaled by DLIB_MIN_FACE / min_face_size (up when needed)
-to acquire, and only as fine as a comparable second face needs when checking. The landmark
+to acquire (after cheaper coarser passes, which suffice when the face is large), and only as fine
+as a comparable second face needs when checking. The landmark
 predictor (dlib) runs at detection frames only; frames in between are interpolated, then the
 landmarks are Gaussian-smoothed along time so the aligned crop does not shake. InsightFace's
 SCRFD returns landmarks with each box and letterboxes its input itself, so it searches the whole
@@ -38,8 +39,9 @@ from data_jobs.pipeline import Sample, Transform
 from lipforcing import storage
 
 DLIB_MIN_FACE = 80  # px: the HOG detector's 80x80 window
-TRACK_FACE = 100  # px: face width in the region search (the predictor runs on the same image)
-TRACK_MARGIN = 0.5  # region = last box grown by this many box widths on every side
+TRACK_FACE = 90  # px: face width in the region search (the predictor runs on the same image)
+TRACK_MARGIN = 0.35  # region = last box grown by this many box widths on every side
+ACQUIRE_COARSE = (4, 2)  # acquisition tries the whole frame this many times coarser first
 TRACK_MISSES = 2  # region misses in a row before the tracker searches the whole frame again
 
 
@@ -167,12 +169,11 @@ class FaceTracker:
             self.since_check += 1
             faces = self._search(frame, self._region(self.box), TRACK_FACE / self._width(self.box))
             checked = False
+        elif tracking:  # only as fine as a comparable second face needs
+            faces = self._search(frame, self._whole, min(self.acquire_scale, self._check_scale(self.box)))
+            self.since_check, checked = 0, True
         else:
-            scale = self.acquire_scale
-            if tracking:  # only as fine as a comparable second face needs
-                second = math.sqrt(self.config.second_face_ratio) * self._width(self.box)
-                scale = min(scale, DLIB_MIN_FACE / second)
-            faces = self._search(frame, (0, 0, self.width, self.height), scale)
+            faces = self._acquire(frame)
             self.since_check, checked = 0, True
         main = faces[0] if faces else None
         if main is None:
@@ -183,6 +184,27 @@ class FaceTracker:
             self.box, self.misses = main.box, 0
         multiple = checked and len(faces) > 1 and faces[1].area >= self.config.second_face_ratio * faces[0].area
         return Detection(position, main, checked, multiple)
+
+    def _acquire(self, frame: np.ndarray) -> list[Face]:
+        """Whole-frame search for a face, coarse to fine (dlib): the fine scale sees faces down to
+        `min_face_size` but costs most on large frames, while most faces are far larger. A coarser
+        pass that finds a face is kept when it also sees any comparable second face (so the result
+        matches the fine search's); otherwise the next finer scale is searched."""
+        fine = self.acquire_scale
+        if self.backend.refines:
+            for factor in ACQUIRE_COARSE:
+                faces = self._search(frame, self._whole, fine / factor)
+                if faces and fine / factor >= self._check_scale(faces[0].box):
+                    return faces
+        return self._search(frame, self._whole, fine)
+
+    @property
+    def _whole(self) -> tuple[int, int, int, int]:
+        return 0, 0, self.width, self.height
+
+    def _check_scale(self, box: np.ndarray) -> float:
+        """The coarsest scale at which a face `second_face_ratio` of this box's area is seen."""
+        return DLIB_MIN_FACE / (math.sqrt(self.config.second_face_ratio) * self._width(box))
 
     @staticmethod
     def _width(box: np.ndarray) -> float:

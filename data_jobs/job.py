@@ -516,10 +516,13 @@ def read_if_present(url: str, found: dict[str, dict]) -> bool:
 
 
 def worker_device(num_gpus: float) -> str:
-    """Where a worker's models run: the GPU Ray gave it, else the CPU."""
+    """Where a worker's models run: the GPU Ray gave it, else the CPU (without importing torch,
+    which a CPU ingest worker never needs)."""
+    if num_gpus <= 0:
+        return "cpu"
     import torch
 
-    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _name(url: str) -> str:

@@ -15,14 +15,17 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
 import av
 import cv2
 import numpy as np
 import soundfile
-import torch
 
 from lipforcing.data import SAMPLE_RATE
+
+if TYPE_CHECKING:  # torch is imported by the callers that pass tensors; ingest workers start without it
+    import torch
 
 
 @dataclass
@@ -55,6 +58,32 @@ def probe_media(path: str) -> MediaInfo:
             stream_duration = float(stream.duration * stream.time_base) if stream.duration else 0.0
             info.duration_s = stream_duration or container_duration
     return info
+
+
+# FFmpeg's colour-space codes that mean BT.601 (unspecified decodes as BT.601 too) and its limited range.
+BT601_SPACES = (2, 5, 6)  # unspecified, BT470BG, SMPTE170M
+LIMITED_RANGES = (0, 1)  # unspecified, MPEG
+
+
+def rgb_array(frame: av.VideoFrame) -> np.ndarray:
+    """A decoded frame as RGB uint8 (h, w, 3). The common case (yuv420p, BT.601 or untagged,
+    limited range, even size) is converted by OpenCV, several times cheaper than swscale's
+    conversion on these CPUs and the same matrix; everything else (BT.709 tags, full range, other
+    pixel formats) goes through FFmpeg, which honours the frame's tags."""
+    if (
+        frame.format.name == "yuv420p" and frame.width % 2 == 0 and frame.height % 2 == 0
+        and frame.colorspace in BT601_SPACES and frame.color_range in LIMITED_RANGES
+    ):  # fmt: skip
+        return cv2.cvtColor(frame.to_ndarray(format="yuv420p"), cv2.COLOR_YUV2RGB_I420)
+    return frame.to_ndarray(format="rgb24")
+
+
+def yuv420_frame(image: np.ndarray) -> av.VideoFrame:
+    """An RGB uint8 image as the encoder's yuv420p frame (BT.601, limited range: what swscale
+    makes of an untagged rgb24 frame), converted by OpenCV; odd sizes go through FFmpeg."""
+    if image.shape[0] % 2 or image.shape[1] % 2:
+        return av.VideoFrame.from_ndarray(image, format="rgb24")
+    return av.VideoFrame.from_ndarray(cv2.cvtColor(image, cv2.COLOR_RGB2YUV_I420), format="yuv420p")
 
 
 class VideoFrames:
@@ -105,7 +134,7 @@ class VideoFrames:
             self._pyav_position = (container, iter(container.decode(video=0)), 0)
         container, frames, next_index = self._pyav_position
         while next_index <= index:
-            self._last = next(frames).to_ndarray(format="rgb24")
+            self._last = rgb_array(next(frames))
             next_index += 1
         self._pyav_position = (container, frames, next_index)
         frame = self._last
@@ -173,7 +202,7 @@ def _decode_timeline(path: str, indices: np.ndarray) -> Iterator[np.ndarray]:
             if frame is None:
                 raise ValueError(f"{path}: no decodable video frames")
             if image is None:
-                image = frame.to_ndarray(format="rgb24")
+                image = rgb_array(frame)
             yield image
 
 
@@ -249,7 +278,7 @@ def encode_mp4(
             audio = audio if audio.ndim == 2 else audio[:, None]
             sound = container.add_stream("aac", rate=sample_rate, layout="stereo" if audio.shape[1] == 2 else "mono")
         for frame in itertools.chain([first], frames):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            for packet in stream.encode(yuv420_frame(frame)):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
@@ -272,7 +301,7 @@ def _mux_audio(container: av.container.OutputContainer, stream: av.audio.AudioSt
 
 def to_uint8(frames: torch.Tensor) -> torch.Tensor:
     """[T, 3, H, W] in [0, 1] -> [T, H, W, 3] uint8 (what SyncNet and the video encoder read)."""
-    return (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return (frames.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).contiguous()
 
 
 def encode_wav(audio: np.ndarray, sample_rate: int) -> bytes:

@@ -5,20 +5,23 @@ from __future__ import annotations
 import tarfile
 import threading
 
+import av
+import cv2
 import numpy as np
 import pytest
 import torch
 from scipy.ndimage import gaussian_filter1d
 
+from data_jobs import faces as faces_module
 from data_jobs.align import ARCFACE, apply_affine, similarity_transform, template_points
 from data_jobs.config import DataJobConfig, WriteConfig
-from data_jobs.faces import LandmarkTrack
+from data_jobs.faces import FaceTracker, LandmarkTrack, face_backend
 from data_jobs.hyperiqa import HyperIQA, ResNet50, five_crops, load_hyperiqa, load_torchvision_resnet50
 from data_jobs.inputs import list_inputs
 from data_jobs.iqa import sharpness_score
-from data_jobs.media import VideoFrames, cfr_indices, read_audio, timeline_frames
-from data_jobs.sample import CLIPS, ClipSpec, encode_clip, render_frame
-from data_jobs.shots import split_shot, split_tail
+from data_jobs.media import VideoFrames, cfr_indices, read_audio, rgb_array, timeline_frames, yuv420_frame
+from data_jobs.sample import CLIPS, FACE_WIDTH_FRACTION, ClipSpec, encode_clip, portrait, render_frame
+from data_jobs.shots import split_shot, split_tail, thumbnail
 from data_jobs.writer import ShardWriter
 from lipforcing.config import ConfigError
 from pipelines.jobs import resolve_config
@@ -115,6 +118,24 @@ def test_similarity_transform_recovers_a_known_rotation_scale_and_shift():
     np.testing.assert_allclose(matrix[:, :2], scale * rotation, atol=1e-9)
     np.testing.assert_allclose(matrix[:, 2], shift, atol=1e-9)
     np.testing.assert_allclose(apply_affine(matrix, source), target, atol=1e-9)
+
+
+def test_similarity_transform_is_the_least_squares_fit_without_reflection():
+    rng = np.random.default_rng(3)
+    source = rng.uniform(0, 100, (5, 2))
+
+    def residual(matrix: np.ndarray) -> float:
+        return float(((apply_affine(matrix, source) - target) ** 2).sum())
+
+    for target in (source * 1.7 + rng.normal(0, 4, (5, 2)), source[:, ::-1] + 10.0):  # noisy; mirrored
+        matrix = similarity_transform(source, target)
+        a, b = matrix[0, 0], matrix[1, 0]
+        np.testing.assert_allclose(matrix[:, :2], [[a, -b], [b, a]])  # rotation and uniform scale only
+        best = residual(matrix)
+        for _ in range(200):  # no nearby similarity fits better
+            da, db, dx, dy = rng.normal(0, 1e-3, 4)
+            nearby = matrix + np.array([[da, -db, dx], [db, da, dy]])
+            assert residual(nearby) >= best - 1e-9
 
 
 def test_templates_keep_the_face_upright_and_centred():
@@ -294,3 +315,109 @@ def test_timeline_frames_match_random_access_reads_and_stop_cleanly(tmp_path):
     assert threading.active_count() == helpers
     with pytest.raises(FileNotFoundError):  # raised in the decode thread, seen by the consumer
         next(timeline_frames(str(tmp_path / "missing.mp4"), indices))
+
+
+class SearchLog:
+    """The dlib backend, noting the size of every image its detector searched."""
+
+    def __init__(self):
+        self.backend, self.searched = face_backend("dlib"), []
+        self.refines = True
+
+    def prepare(self, frame):
+        return self.backend.prepare(frame)
+
+    def detect(self, image):
+        self.searched.append(image.shape[0] * image.shape[1])
+        return self.backend.detect(image)
+
+    def refine(self, image, box):
+        return self.backend.refine(image, box)
+
+
+COARSE = faces_module.ACQUIRE_COARSE
+
+
+def acquire(frame: np.ndarray, coarse: tuple[int, ...], monkeypatch) -> tuple:
+    """A fresh tracker's first detection in `frame` with the given coarse passes: (detection, image sizes searched)."""
+    monkeypatch.setattr(faces_module, "ACQUIRE_COARSE", coarse)
+    log = SearchLog()
+    config = resolve_config(DataJobConfig, ["profile=tiny"]).faces
+    detection = FaceTracker(config, log, frame.shape[1], frame.shape[0]).detect(0, frame)
+    return detection, log.searched
+
+
+def face_on_canvas(face_width: int) -> np.ndarray:
+    """The astronaut's face about `face_width` px wide, pasted on a plain grey 1280x720 frame."""
+    side = round(face_width / FACE_WIDTH_FRACTION)
+    canvas = np.full((720, 1280, 3), 128, np.uint8)
+    top, left = (720 - side) // 2, (1280 - side) // 2
+    canvas[top : top + side, left : left + side] = portrait("astronaut", side, side).image
+    return canvas
+
+
+# At the tiny profile's fine scale (80 / 64 px) the coarse passes see faces from 128 and 256 px,
+# but a pass counts only if it would also see a face of half the area: from 181 and 362 px.
+@pytest.mark.parametrize("face_width, coarse_enough", [(240, True), (150, False), (72, False)])
+def test_coarse_to_fine_acquisition_finds_what_the_fine_search_finds(face_width, coarse_enough, monkeypatch):
+    frame = face_on_canvas(face_width)
+    fine, fine_sizes = acquire(frame, (), monkeypatch)
+    found, sizes = acquire(frame, COARSE, monkeypatch)
+    assert fine.face is not None and found.face is not None
+    assert found.checked and not found.multiple
+    width = fine.face.box[2] - fine.face.box[0]
+    assert width == pytest.approx(face_width, rel=0.35)  # the planted face, not something else
+    # The same face: boxes agree to a fifth of its width (each scale's HOG grid places it a little differently).
+    assert np.abs(found.face.box - fine.face.box).max() < 0.2 * width
+    assert np.abs(found.face.landmarks - fine.face.landmarks).max() < 0.1 * width
+    if coarse_enough:  # the fine (largest) image is never searched
+        assert max(sizes) < fine_sizes[0]
+    else:  # both coarse passes run, then the fine search decides
+        assert sizes[-1] == fine_sizes[0] and len(sizes) == 1 + len(COARSE)
+
+
+def test_coarse_acquisition_still_sees_a_comparable_second_face(monkeypatch):
+    spec = ClipSpec("two", ("astronaut", "t1d"), 25, 16000, 1, 1.0, (960, 480), "x", "x")
+    frame = render_frame(spec, 0.0, 0.0, 0.0)
+    fine, _ = acquire(frame, (), monkeypatch)
+    found, _ = acquire(frame, COARSE, monkeypatch)
+    assert fine.multiple and found.multiple
+
+
+def test_thumbnail_of_a_large_frame_matches_area_averaging():
+    rng = np.random.default_rng(0)
+    # Smooth content with detail at several scales, as a video frame has.
+    noise = cv2.GaussianBlur(rng.normal(128, 60, (720, 1280, 3)).astype(np.float32), (0, 0), 3)
+    frame = np.clip(noise + np.linspace(0, 60, 1280)[None, :, None], 0, 255).astype(np.uint8)
+    small = thumbnail(frame, (96, 54))
+    assert small.shape == (54, 96, 3)
+    area = cv2.resize(frame, (96, 54), interpolation=cv2.INTER_AREA)
+    assert np.abs(small.astype(int) - area).mean() < 2.0
+    assert np.array_equal(thumbnail(area, (96, 54)), area)  # already small: area averaging only
+
+
+def test_yuv_fast_paths_use_ffmpegs_bt601_limited_range_conversion():
+    """OpenCV converts the common case; the colours must be what FFmpeg itself would give."""
+    rng = np.random.default_rng(0)
+    image = cv2.GaussianBlur(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8), (0, 0), 2)
+    image[:16, :16] = (255, 0, 0)  # saturated patches: a wrong matrix or range shows most here
+    image[:16, 16:32] = (0, 255, 0)
+    image[:16, 32:48] = (0, 0, 255)
+    by_ffmpeg = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p")
+    ours = yuv420_frame(image)
+    for plane, (a, b) in enumerate(zip(ours.planes, by_ffmpeg.planes)):
+        ours_plane, ffmpeg_plane = (np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, : p.width] for p in (a, b))
+        # The matrix and range agree inside flat patches; chroma subsampling filters differ only at edges.
+        patch = (slice(2, 6), slice(2, 6)) if plane else (slice(4, 12), slice(4, 12))
+        for column in range(3):
+            shifted = (patch[0], slice(patch[1].start + column * (16 >> bool(plane)), patch[1].stop + column * (16 >> bool(plane))))
+            assert np.abs(ours_plane[shifted].astype(int) - ffmpeg_plane[shifted]).max() <= 1
+        assert np.abs(ours_plane.astype(int) - ffmpeg_plane).mean() < 1.5
+    decoded = rgb_array(by_ffmpeg)
+    assert np.abs(decoded[4:12, 4:44].astype(int) - by_ffmpeg.to_ndarray(format="rgb24")[4:12, 4:44]).max() <= 2
+    assert np.abs(decoded.astype(int) - by_ffmpeg.to_ndarray(format="rgb24")).mean() < 1.5
+    tagged = by_ffmpeg.reformat(format="yuv420p")
+    tagged.colorspace = 1  # BT.709: OpenCV's matrix would be wrong, FFmpeg honours the tag
+    assert np.array_equal(rgb_array(tagged), tagged.to_ndarray(format="rgb24"))
+    odd = image[:63, :95]
+    assert yuv420_frame(odd).format.name == "rgb24"  # odd sizes are left to FFmpeg

@@ -76,3 +76,15 @@ def test_training_code_does_not_import_job_entry_points():
         if modules & jobs:
             found[path.name] = sorted(modules & jobs)
     assert found == {}
+
+
+def test_a_cpu_ingest_worker_starts_without_torch():
+    """Every ingest actor imports the job module when it starts; torch alone would add over a second
+    to each start, and the CPU ingest path (dlib, sharpness) never needs it."""
+    probe = (
+        "import sys; import data_jobs.job as job; assert job.worker_device(0) == 'cpu'; "
+        "print('torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "False"
