@@ -17,7 +17,7 @@ from data_jobs.config import DataJobConfig, validate
 from data_jobs.job import JobSummary, data_config_hash, run_data_job
 from data_jobs.score import run_score_pass, score_plan
 from lipforcing import storage
-from pipelines import syncnet_choice, tracking
+from pipelines import lineage, syncnet_choice, tracking
 from pipelines.jobs import run_job
 from pipelines.ray_cluster import init_ray
 
@@ -45,20 +45,35 @@ def syncnet_for_scoring(config: DataJobConfig, aligned: str) -> str:
     return choice.weights
 
 
+def log_produced(output: str) -> None:
+    """The shard sets this job wrote, as the data run's datasets ("output"; "heldout" when any
+    identity was held out), so a model trained on them can be traced back to this run."""
+    lineage.log_dataset(lineage.data_lineage(output), "output")
+    heldout = storage.join(output, lineage.HELDOUT)
+    if storage.exists(storage.join(heldout, "manifest.parquet")):
+        lineage.log_dataset(lineage.data_lineage(heldout), "heldout")
+
+
 def main(config: DataJobConfig) -> int:
     summary = run_data(config)
-    syncnet_tags, syncnet_params = syncnet_choice.for_data_run(config.output) if config.score.enabled else ({}, {})
-    tags = {"job": "data", "data_config_hash": data_config_hash(config), **syncnet_tags}
-    with tracking.start_run("data", config=config, tags=tags):
-        tracking.mlflow.log_params(syncnet_params)
-        metrics = {k: v for k, v in summary.__dict__.items() if isinstance(v, int | float)}
-        metrics.update({f"rejected.{k.replace('/', '.')}": v for k, v in summary.reasons.items()})
-        metrics.update({f"stage_s.{k}": v for k, v in summary.timings_s.items()})
-        tracking.log_metrics(metrics)
+    log_data_run(config, summary)
     if summary.failure:
         print(f"data job failed: {summary.failure}", file=sys.stderr)
         return 1
     return 0
+
+
+def log_data_run(config: DataJobConfig, summary: JobSummary) -> None:
+    """The data run in MLflow: config, the SyncNet choice, the summary's counts and the datasets written."""
+    syncnet_tags, syncnet_params = syncnet_choice.for_data_run(config.output) if config.score.enabled else ({}, {})
+    tags = {"job": "data", "data_config_hash": data_config_hash(config), **syncnet_tags}
+    with tracking.start_run("data", config=config, tags=tags):
+        tracking.mlflow.log_params(syncnet_params)
+        log_produced(config.output)
+        metrics = {k: v for k, v in summary.__dict__.items() if isinstance(v, int | float)}
+        metrics.update({f"rejected.{k.replace('/', '.')}": v for k, v in summary.reasons.items()})
+        metrics.update({f"stage_s.{k}": v for k, v in summary.timings_s.items()})
+        tracking.log_metrics(metrics)
 
 
 if __name__ == "__main__":

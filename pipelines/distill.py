@@ -16,7 +16,7 @@ import mlflow
 from lipforcing import storage
 from lipforcing.config import ConfigError, to_yaml
 from lipforcing.data.shards import RAW_FIELDS, check_readable
-from pipelines import tracking
+from pipelines import lineage, tracking
 from pipelines.distill_config import STAGES, DistillConfig
 from pipelines.jobs import run_job
 from pipelines.ray_cluster import init_ray
@@ -93,6 +93,7 @@ def distill(config: DistillConfig) -> int:
     resume = f"distill:{storage.join(config.output, config.run_name)}"
     with tracking.start_run("distill", config=config, tags={"job": "distill"}, resume_key=resume) as parent:
         parent_id = parent.info.run_id
+        trained_on = log_lineage(config)
         for stage in config.stages:
             done = storage.exists(stage_weights(config.output, stage))
             if stage == "teacher" and config.teacher.weights:
@@ -113,19 +114,34 @@ def distill(config: DistillConfig) -> int:
             else:
                 resolve_syncnet(config)
                 run_stage(DistributionMatching, config, config.dmd.train, "dmd", parent_id)
-                register_student(config, parent_id)
+                register_student(config, parent_id, trained_on)
     return 0
 
 
-def register_student(config: DistillConfig, parent_id: str) -> None:
-    """Register the DMD run's exported student as `lipforcing-student` under `dmd.registered_alias`."""
+def log_lineage(config: DistillConfig) -> dict[str, str]:
+    """Record in the active (job) run what it learns from: the dataset it reads (context "training")
+    and the models it starts from or uses (`upstream.*`: a given teacher, the reward's SyncNet).
+    Returns the tags a registered student carries for it."""
+    trained_on = lineage.data_lineage(config.data)
+    lineage.log_dataset(trained_on, "training")
+    upstream = {}
+    if config.teacher.weights:
+        upstream.update(lineage.log_upstream("teacher", config.teacher.weights, "teacher.weights"))
+    if "dmd" in config.stages and config.dmd.syncnet:
+        upstream.update(lineage.log_upstream("syncnet", config.dmd.syncnet, "dmd.syncnet"))
+    return {**trained_on.tags(), **upstream}
+
+
+def register_student(config: DistillConfig, parent_id: str, trained_on: dict[str, str]) -> None:
+    """Register the DMD run's exported student as `lipforcing-student` under `dmd.registered_alias`,
+    tagged with the lineage of its training data and the upstream models (`trained_on`)."""
     runs = mlflow.search_runs(
         experiment_names=[tracking.EXPERIMENT],
         filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and tags.stage = 'dmd'",
         output_format="list",
     )
     name, alias = config.dmd.registered_name, config.dmd.registered_alias
-    version = tracking.register_artifact(name, runs[0].info.run_id, WEIGHTS_FILE, alias=alias)
+    version = tracking.register_artifact(name, runs[0].info.run_id, WEIGHTS_FILE, alias=alias, tags=trained_on)
     log.info("registered models:/%s@%s (version %s)", name, alias, version)
 
 

@@ -192,8 +192,8 @@ def train_and_register(config: SyncNetJobConfig) -> int:
     version. The version carries the lineage of its training data as tags (and the run as params), so
     the data job can tell a SyncNet of the data it scores from one trained on something else."""
     from pipelines import tracking
+    from pipelines.lineage import data_lineage
     from pipelines.ray_cluster import init_ray
-    from pipelines.syncnet_choice import data_lineage
 
     check_readable(config.data, RAW_FIELDS, "data")
     lineage = data_lineage(config.data).tags()

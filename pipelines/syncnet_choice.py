@@ -21,75 +21,21 @@ logged, written to `<output>/syncnet.json` beside the shards, and logged to the 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
 import json
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
-import pandas as pd
-import yaml
-
 from data_jobs.config import DataJobConfig
-from data_jobs.job import data_config_hash
 from lipforcing import storage
-from lipforcing.config import ConfigError, load_config
+from lipforcing.config import ConfigError
 from pipelines import tracking
+from pipelines.lineage import DataLineage, data_lineage
 
 KEY = "score.syncnet"
-LINEAGE = "lineage."  # prefix of the lineage tags on a model version and params on its run
 CHOICE_FILE = "syncnet.json"
 
 log = logging.getLogger("lipforcing.data")
-
-
-@dataclass(frozen=True)
-class DataLineage:
-    """What a data job's output holds: the data a SyncNet was trained on, or the data being scored."""
-
-    data: str  # where it was read
-    data_config_hash: str = ""  # the data job's config hash (what shaped the data), from its config.yaml
-    datasets: tuple[str, ...] = ()  # sorted `dataset` values of its manifest
-    manifest_sha256: str = ""  # the exact rows it held
-
-    def fields(self) -> dict[str, str]:
-        """The known fields as strings (datasets as a JSON list)."""
-        values = {"data": self.data, "data_config_hash": self.data_config_hash,
-                  "datasets": json.dumps(list(self.datasets)) if self.datasets else "",
-                  "manifest_sha256": self.manifest_sha256}  # fmt: skip
-        return {name: value for name, value in values.items() if value}
-
-    def tags(self) -> dict[str, str]:
-        return {LINEAGE + name: value for name, value in self.fields().items()}
-
-    @classmethod
-    def from_tags(cls, tags: dict[str, str]) -> DataLineage | None:
-        """The lineage in a model version's tags; None when it has none (registered before lineage)."""
-        values = {name.removeprefix(LINEAGE): value for name, value in tags.items() if name.startswith(LINEAGE)}
-        if not values.get("data_config_hash") and not values.get("datasets"):
-            return None
-        return cls(values.get("data", ""), values.get("data_config_hash", ""),
-                   tuple(json.loads(values.get("datasets") or "[]")), values.get("manifest_sha256", ""))  # fmt: skip
-
-
-def data_lineage(data: str) -> DataLineage:
-    """The lineage of a data job's output (final or aligned) from its `config.yaml` and `manifest.parquet`;
-    a field stays empty when its file is missing (shards copied without their tables)."""
-    location = os.path.abspath(data) if storage.is_local(data) else data
-    config_url, manifest_url = storage.join(data, "config.yaml"), storage.join(data, "manifest.parquet")
-    digest = ""
-    if storage.exists(config_url):
-        written = yaml.safe_load(storage.read_text(config_url)) or {}
-        digest = data_config_hash(load_config(DataJobConfig, lenient_files=[written]))
-    datasets: tuple[str, ...] = ()
-    sha = ""
-    if storage.exists(manifest_url):
-        raw = storage.read_bytes(manifest_url)
-        sha = hashlib.sha256(raw).hexdigest()
-        datasets = tuple(sorted(pd.read_parquet(io.BytesIO(raw), columns=["dataset"])["dataset"].dropna().unique()))
-    return DataLineage(location, digest, datasets, sha)
 
 
 def same_data(trained_on: DataLineage | None, scored: DataLineage) -> tuple[bool, str]:

@@ -7,6 +7,7 @@ Ray with input and output on the local S3 server.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -14,6 +15,7 @@ import tarfile
 
 import pandas as pd
 import pytest
+from mlflow.tracking import MlflowClient
 
 from data_jobs.config import DataJobConfig
 from data_jobs.inputs import InputItem
@@ -174,6 +176,11 @@ def test_make_data_with_scoring_on_s3_then_an_incremental_rerun(local_ray, s3_bu
     argv = [f"input={raw}", f"output={output}", f"score.syncnet={trained_syncnet}", "write.inputs_per_task=1"]
     assert main(job_config(*argv)) == 0
     first = assert_every_aligned_sample_accounted(output)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("lipforcing").experiment_id], "tags.job = 'data'")
+    [written] = [i.dataset for i in run.inputs.dataset_inputs if {t.key: t.value for t in i.tags}["mlflow.data.context"] == "output"]
+    assert json.loads(written.source)["uri"] == output  # the data run names the shards where they lie
+    assert written.digest == hashlib.sha256(storage.read_bytes(f"{output}/manifest.parquet")).hexdigest()[:32]
     marker_urls = storage.glob(f"{output}/aligned/stats/*.json") + storage.glob(f"{output}/stats/*.json")
     markers = {url: storage.read_bytes(url) for url in marker_urls}
     assert len(storage.glob(f"{output}/aligned/stats/*.json")) == len(GOOD)

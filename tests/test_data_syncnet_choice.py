@@ -24,7 +24,8 @@ from lipforcing.config import ConfigError, to_yaml
 from lipforcing.models.syncnet import StableSyncNet, SyncNetConfig, load_syncnet, save_syncnet
 from pipelines import tracking
 from pipelines.data import syncnet_for_scoring
-from pipelines.syncnet_choice import DataLineage, choose_syncnet, data_lineage, for_data_run, same_data
+from pipelines.lineage import DataLineage, data_lineage
+from pipelines.syncnet_choice import choose_syncnet, for_data_run, same_data
 
 
 @pytest.fixture(autouse=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 
@@ -96,7 +97,13 @@ def test_dmd_counters_cfg_fraction_reward_and_registration(distilled):
     client = mlflow.tracking.MlflowClient()
     assert [v.name for v in client.search_model_versions(f"run_id = '{run.info.run_id}'")] == ["lipforcing-student"]
     newest = max(int(v.version) for v in client.search_model_versions("name = 'lipforcing-student'"))
-    assert int(client.get_model_version_by_alias("lipforcing-student", "candidate").version) == newest  # moved on each registration
+    candidate = client.get_model_version_by_alias("lipforcing-student", "candidate")
+    assert int(candidate.version) == newest  # moved on each registration
+    # The version says what it learned from: the shards' manifest and the reward's SyncNet version.
+    manifest = storage.read_bytes(storage.join(config.data, "manifest.parquet"))
+    assert candidate.tags["lineage.manifest_sha256"] == hashlib.sha256(manifest).hexdigest()
+    assert candidate.tags["upstream.syncnet"] == "models:/syncnet@champion"
+    assert candidate.tags["upstream.syncnet.version"].startswith("syncnet/")
 
 
 def test_rerun_skips_finished_stages(distilled):
