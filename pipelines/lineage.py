@@ -17,7 +17,7 @@ import io
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlflow
@@ -44,7 +44,7 @@ class DataLineage:
     data_config_hash: str = ""  # the data job's config hash (what shaped the data), from its config.yaml
     datasets: tuple[str, ...] = ()  # sorted `dataset` values of its manifest
     manifest_sha256: str = ""  # the exact rows it held
-    samples: int = 0  # rows of its manifest
+    samples: int = field(default=0, compare=False)  # rows of its manifest (the sha256 identifies them)
 
     def fields(self) -> dict[str, str]:
         """The known identifying fields as strings (datasets as a JSON list)."""

@@ -192,15 +192,17 @@ def train_and_register(config: SyncNetJobConfig) -> int:
     version. The version carries the lineage of its training data as tags (and the run as params), so
     the data job can tell a SyncNet of the data it scores from one trained on something else."""
     from pipelines import tracking
-    from pipelines.lineage import data_lineage
+    from pipelines.lineage import data_lineage, log_dataset
     from pipelines.ray_cluster import init_ray
 
     check_readable(config.data, RAW_FIELDS, "data")
-    lineage = data_lineage(config.data).tags()
+    trained_on = data_lineage(config.data)
+    lineage = trained_on.tags()
     init_ray()
     storage.write_text(storage.join(config.output, "config.yaml"), to_yaml(config))
     with tracking.start_run("syncnet", config=config, tags={"job": "syncnet"}) as run:
         tracking.mlflow.log_params(lineage)
+        log_dataset(trained_on, "training")
         result = fit(
             SyncNetStage,
             config,

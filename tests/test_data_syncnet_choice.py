@@ -182,6 +182,9 @@ def test_make_syncnet_tags_its_version_with_the_lineage_of_its_data(trained_sync
     assert DataLineage.from_tags(version.tags) == data_lineage(sample_shards)
     assert version.tags["lineage.datasets"] == '["hallo3", "hdtf", "voxceleb2"]'
     assert run.data.params["lineage.data_config_hash"] == version.tags["lineage.data_config_hash"]
+    [read] = run.inputs.dataset_inputs  # and the run names the dataset it trained on
+    assert {t.key: t.value for t in read.tags}["mlflow.data.context"] == "training"
+    assert read.dataset.digest == data_lineage(sample_shards).manifest_sha256[:32]
 
 
 @pytest.mark.integration
