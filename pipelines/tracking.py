@@ -25,6 +25,8 @@ from mlflow.entities.model_registry import ModelVersion
 from lipforcing.config import config_hash, flatten, to_dict
 
 EXPERIMENT = "lipforcing"
+# MLflow 3 files experiments as GenAI apps or model training; ours trains models.
+KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 logger = logging.getLogger("lipforcing.tracking")
 DEFAULT_ROOT = Path("outputs")
 _SECRET = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key|private)", re.IGNORECASE)
@@ -36,7 +38,8 @@ def default_tracking_uri(root: Path = DEFAULT_ROOT) -> str:
 
 
 def setup_tracking(root: Path = DEFAULT_ROOT, experiment: str = EXPERIMENT) -> str:
-    """Point MLflow at the configured store and make sure the experiment exists; returns its id."""
+    """Point MLflow at the configured store and make sure the experiment exists, as a model-training
+    experiment (an older one gets the kind once); returns its id."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         root.mkdir(parents=True, exist_ok=True)
@@ -44,11 +47,19 @@ def setup_tracking(root: Path = DEFAULT_ROOT, experiment: str = EXPERIMENT) -> s
     mlflow.set_tracking_uri(uri)
     found = mlflow.get_experiment_by_name(experiment)
     if found is not None:
+        if found.tags.get(KIND_TAG) != TRAINING_KIND:
+            mlflow.tracking.MlflowClient().set_experiment_tag(found.experiment_id, KIND_TAG, TRAINING_KIND)
         return found.experiment_id
     artifact_location = None
     if uri.startswith("sqlite:///"):  # a file store: keep artifacts beside the database, not in ./mlruns
         artifact_location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-    return mlflow.create_experiment(experiment, artifact_location=artifact_location)
+    return mlflow.create_experiment(experiment, artifact_location=artifact_location, tags={KIND_TAG: TRAINING_KIND})
+
+
+def runs_page(base_url: str, experiment_id: str) -> str:
+    """The UI page of an experiment's runs in MLflow 3's model-training view. The 3.x UI opens on its
+    GenAI view (traces) unless told otherwise; the `workflowType` query switches it for this visit."""
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 @contextlib.contextmanager

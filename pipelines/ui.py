@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass
 
 from lipforcing.config import ConfigError, load_config
-from pipelines.tracking import DEFAULT_ROOT, default_tracking_uri
+from pipelines.tracking import DEFAULT_ROOT, EXPERIMENT, default_tracking_uri, runs_page, setup_tracking
 
 
 @dataclass
@@ -26,7 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     if store.startswith("sqlite:///") and not os.path.exists(store.removeprefix("sqlite:///")):
         print(f"no MLflow store yet at {store}: run `make demo` or a job first", file=sys.stderr)
         return 1
-    print(f"MLflow UI for {store} at http://{config.host}:{config.port}", flush=True)
+    os.environ["MLFLOW_TRACKING_URI"] = store
+    experiment = setup_tracking()
+    address = runs_page(f"http://{config.host}:{config.port}", experiment)
+    print(f"MLflow UI for {store}: the runs of '{EXPERIMENT}' are at {address}", flush=True)
     mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
     command = [mlflow, "ui", "--backend-store-uri", store, "--host", config.host, "--port", str(config.port)]
     os.execv(mlflow, command)

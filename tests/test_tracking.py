@@ -56,6 +56,17 @@ def test_parent_and_nested_runs_read_back(local_store):
     assert location == (local_store / "mlartifacts").resolve().as_uri()  # beside the database, not ./mlruns
 
 
+def test_the_experiment_is_filed_as_model_training(local_store):
+    """MLflow 3 files an experiment without a kind under GenAI; ours is created as model training,
+    and one created before that gets the kind on its next run."""
+    experiment_id = tracking.setup_tracking(local_store)
+    assert mlflow.get_experiment(experiment_id).tags[tracking.KIND_TAG] == "custom_model_development"
+    older = mlflow.create_experiment("older")
+    assert tracking.KIND_TAG not in mlflow.get_experiment(older).tags
+    assert tracking.setup_tracking(local_store, "older") == older
+    assert mlflow.get_experiment(older).tags[tracking.KIND_TAG] == "custom_model_development"
+
+
 def test_credentials_are_not_logged(local_store):
     with tracking.start_run("data", config=Job(), root=local_store) as run:
         pass
