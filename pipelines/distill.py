@@ -8,6 +8,7 @@ is skipped unless `force=true`. The DMD stage registers the student as `lipforci
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 
@@ -140,9 +141,14 @@ def register_student(config: DistillConfig, parent_id: str, trained_on: dict[str
         filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and tags.stage = 'dmd'",
         output_format="list",
     )
+    from pipelines.evaluate import EvalConfig
+    from pipelines.student_model import log_student
+
     name, alias = config.dmd.registered_name, config.dmd.registered_alias
-    version = tracking.register_artifact(name, runs[0].info.run_id, WEIGHTS_FILE, alias=alias, tags=trained_on)
-    log.info("registered models:/%s@%s (version %s)", name, alias, version)
+    inference = dataclasses.replace(EvalConfig.for_profile(config.profile), model=config.model, window=config.window, seed=config.seed)
+    version = log_student(runs[0].info.run_id, WEIGHTS_FILE, inference, name, trained_on)
+    mlflow.tracking.MlflowClient().set_registered_model_alias(name, alias, str(version))
+    log.info("registered models:/%s@%s (version %s): mlflow.pyfunc.load_model lip-syncs with it", name, alias, version)
 
 
 if __name__ == "__main__":

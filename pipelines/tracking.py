@@ -27,6 +27,8 @@ from lipforcing.config import config_hash, flatten, to_dict
 EXPERIMENT = "lipforcing"
 # MLflow 3 files experiments as GenAI apps or model training; ours trains models.
 KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+# On a registered version that is an MLflow model (the student): the location of its weights file.
+WEIGHTS_TAG = "weights"
 logger = logging.getLogger("lipforcing.tracking")
 DEFAULT_ROOT = Path("outputs")
 _SECRET = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key|private)", re.IGNORECASE)
@@ -218,7 +220,7 @@ def resolve_model(uri: str, destination: str | Path, key: str = "weights") -> tu
             raise FileNotFoundError(f"no weights at {uri!r} (config key '{key}')")
         return uri, ""
     version = find_version(uri, key)
-    source = version.source
+    source = version.tags.get(WEIGHTS_TAG) or version.source  # a logged model names its weights file
     if source.startswith("file://"):
         return source.removeprefix("file://"), str(version.version)
     if "://" in source and source.split("://", 1)[0] in ("s3", "gs", "gcs", "az", "abfs"):

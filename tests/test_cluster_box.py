@@ -127,7 +127,8 @@ def test_data_distill_eval_leave_everything_where_the_readme_says(box, pipeline)
     client = mlflow.tracking.MlflowClient()
     syncnet = client.get_model_version_by_alias("syncnet", "champion")
     student = client.get_model_version_by_alias("lipforcing-student", "candidate")
-    assert syncnet.source.startswith("mlflow-artifacts:") and student.source.startswith("mlflow-artifacts:")
+    assert syncnet.source.startswith("mlflow-artifacts:") and student.tags["weights"].startswith("mlflow-artifacts:")
+    assert student.source.startswith("models:/")  # the student is an MLflow model naming its weights file
     assert storage.glob(f"{bucket}/mlflow/*/*/artifacts/dit.safetensors")  # the proxy stored it in the bucket
     # eval ran on a worker node (a GPU one when the cluster has GPUs), not on the head
     evaluation = mlflow.get_run(report["mlflow_run_id"])
