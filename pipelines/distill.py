@@ -146,8 +146,7 @@ def register_student(config: DistillConfig, parent_id: str, trained_on: dict[str
 
     name, alias = config.dmd.registered_name, config.dmd.registered_alias
     inference = dataclasses.replace(EvalConfig.for_profile(config.profile), model=config.model, window=config.window, seed=config.seed)
-    version = log_student(runs[0].info.run_id, WEIGHTS_FILE, inference, name, trained_on)
-    mlflow.tracking.MlflowClient().set_registered_model_alias(name, alias, str(version))
+    version = log_student(runs[0].info.run_id, WEIGHTS_FILE, inference, name, trained_on, alias)
     log.info("registered models:/%s@%s (version %s): mlflow.pyfunc.load_model lip-syncs with it", name, alias, version)
 
 

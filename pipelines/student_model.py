@@ -7,23 +7,17 @@ Each row: `video` is an aligned face-crop clip at 25 fps (what `make data` write
 `audio` the speech to lip-sync it to (any file FFmpeg reads; empty: the video's own audio track),
 `output` where the generated mp4 (with that audio) is written (a path or object-storage URL). The
 student streams the clip chunk by chunk with its two-step schedule, as `make eval` runs it; the
-clip's first frame is the reference. Generated crops are not pasted back into full frames.
-
-The model holds no copy of the weights: its config names the run artifact the distill job logged
-(`runs:/<run>/dit.safetensors`), fetched when the model loads, so a 14B student is stored once. The
-registered version carries the same location as its `weights` tag, which is what loading by path
-(`student_weights=models:/...` in `make eval`) reads.
+clip's first frame is the reference. Generated crops are not pasted back into full frames. The
+model names its run's weights file rather than holding a copy (`tracking.register_model`).
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-import warnings
 from typing import Any
 
 import mlflow
-import numpy as np
 import pandas as pd
 import torch
 from mlflow.models.signature import ModelSignature
@@ -33,12 +27,23 @@ from lipforcing import storage
 from lipforcing.config import load_config, to_dict
 from lipforcing.data import FPS, SAMPLE_RATE
 from lipforcing.data.shards import Clip, decode_mp4
-from pipelines.tracking import WEIGHTS_TAG
+from pipelines import tracking
 
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "video"), ColSpec("string", "audio", required=False), ColSpec("string", "output")]),
     outputs=Schema([ColSpec("string", "output"), ColSpec("long", "frames"), ColSpec("double", "fps")]),
 )
+SETTINGS = ("profile", "model", "window", "decoder", "seed")  # the EvalConfig keys inference needs
+
+
+def read_crop_clip(video: str, audio: str) -> Clip:
+    """A face-crop clip at 25 fps and the audio to pair with it (`audio` empty: its own track)."""
+    from data_jobs.media import read_audio
+
+    with storage.temporary_local(video) as frames_path, storage.temporary_local(audio or video) as sound_path:
+        with open(frames_path, "rb") as handle:
+            frames = decode_mp4(handle.read())
+        return Clip(os.path.basename(video), frames, read_audio(sound_path, SAMPLE_RATE), SAMPLE_RATE, {})
 
 
 class LipSyncStudent(mlflow.pyfunc.PythonModel):
@@ -47,53 +52,30 @@ class LipSyncStudent(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from pipelines.evaluate import EvalConfig, Evaluator
 
-        settings = dict(context.model_config)
-        weights_uri = settings.pop(WEIGHTS_TAG)
+        settings = {key: value for key, value in context.model_config.items() if key in SETTINGS}
         self.config = load_config(EvalConfig, lenient_files=[settings])
-        self.scratch = tempfile.mkdtemp(prefix="lipforcing-student-")
-        weights = mlflow.artifacts.download_artifacts(artifact_uri=weights_uri, dst_path=self.scratch)
+        weights = tracking.fetch_weights(context.model_config, tempfile.mkdtemp(prefix="lipforcing-student-"))
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.evaluator = Evaluator(self.config, weights, "", device)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        from data_jobs.media import encode_mp4, read_audio, to_uint8
+        from data_jobs.media import encode_mp4, to_uint8
         from pipelines.evaluate import prepare_clip
 
         rows = []
         for row in model_input.to_dict("records"):
-            audio_source = row.get("audio") or row["video"]
-            with storage.temporary_local(row["video"]) as video, storage.temporary_local(audio_source) as audio:
-                frames = decode_mp4(open(video, "rb").read())
-                sound = read_audio(audio, SAMPLE_RATE)
-            clip = prepare_clip(Clip(os.path.basename(row["video"]), frames, sound, SAMPLE_RATE, {}),
-                                self.config.window.size, self.evaluator.first_chunk_frames)  # fmt: skip
+            clip = prepare_clip(read_crop_clip(row["video"], row.get("audio") or ""), self.config.window.size, self.evaluator.first_chunk_frames)
             if isinstance(clip, str):
                 raise ValueError(f"{row['video']}: {clip}")
             generation = self.evaluator.generate(clip)
-            video_bytes = encode_mp4(to_uint8(generation.frames).numpy(), FPS, crf=18, audio=clip.audio.numpy(), sample_rate=SAMPLE_RATE)
-            storage.write_bytes(row["output"], video_bytes)
+            video = encode_mp4(to_uint8(generation.frames).numpy(), FPS, crf=18, audio=clip.audio.numpy(), sample_rate=SAMPLE_RATE)
+            storage.write_bytes(row["output"], video)
             rows.append({"output": row["output"], "frames": int(generation.frames.shape[0]), "fps": float(generation.fps)})
         return pd.DataFrame(rows, columns=["output", "frames", "fps"])
 
 
-def log_student(run_id: str, weights_artifact: str, eval_settings: Any, name: str, tags: dict[str, str]) -> int:
-    """Log the student in run `run_id` as an MLflow pyfunc model reading that run's `weights_artifact`
-    (configured by `eval_settings`, an EvalConfig: model, window, decoder, seed), register it as a new
-    version of `name` with `tags` plus its weights location; returns the version number."""
-    client = mlflow.tracking.MlflowClient()
-    weights_uri = f"runs:/{run_id}/{weights_artifact}"
-    settings = {key: value for key, value in to_dict(eval_settings).items() if key in ("profile", "model", "window", "decoder", "seed")}
-    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None), warnings.catch_warnings():
-        # No input example on purpose: MLflow would load the model (the weights) and run the example
-        # through it while logging. The signature states the columns instead.
-        warnings.filterwarnings("ignore", "An input example was not provided", UserWarning)
-        info = mlflow.pyfunc.log_model(
-            name="student", python_model=LipSyncStudent(), model_config={**settings, WEIGHTS_TAG: weights_uri},
-            signature=SIGNATURE, registered_model_name=name,
-            pip_requirements=[f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
-        )  # fmt: skip
-    version = str(info.registered_model_version)
-    weights_location = f"{client.get_run(run_id).info.artifact_uri}/{weights_artifact}"
-    for key, value in {**tags, WEIGHTS_TAG: weights_location}.items():
-        client.set_model_version_tag(name, version, key, value)
-    return int(version)
+def log_student(run_id: str, weights_artifact: str, eval_settings: Any, name: str, tags: dict[str, str], alias: str | None = None) -> int:
+    """Register the student whose weights run `run_id` logged as `weights_artifact`, configured for
+    inference by `eval_settings` (an EvalConfig: model, window, decoder, seed); returns its version."""
+    settings = {key: value for key, value in to_dict(eval_settings).items() if key in SETTINGS}
+    return tracking.register_model(run_id, weights_artifact, LipSyncStudent(), settings, SIGNATURE, name, tags, alias)

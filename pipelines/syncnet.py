@@ -194,6 +194,7 @@ def train_and_register(config: SyncNetJobConfig) -> int:
     from pipelines import tracking
     from pipelines.lineage import data_lineage, log_dataset
     from pipelines.ray_cluster import init_ray
+    from pipelines.syncnet_model import log_syncnet
 
     check_readable(config.data, RAW_FIELDS, "data")
     trained_on = data_lineage(config.data)
@@ -214,7 +215,7 @@ def train_and_register(config: SyncNetJobConfig) -> int:
         )
         if result.error is not None:
             raise result.error
-        version = tracking.register_artifact(REGISTERED_NAME, run.info.run_id, "syncnet.pt", alias=ALIAS, tags=lineage)
+        version = log_syncnet(run.info.run_id, "syncnet.pt", REGISTERED_NAME, lineage, alias=ALIAS)
         log.info("registered models:/%s@%s (version %s), trained on %s", REGISTERED_NAME, ALIAS, version, lineage)
     return version
 

@@ -142,25 +142,39 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
 
-def register_artifact(
-    name: str, run_id: str, artifact_path: str, alias: str | None = None, tags: Mapping[str, str] | None = None
-) -> int:
-    """Register a run's artifact (a checkpoint file or folder) as a new version of model `name`.
+def register_model(run_id: str, weights_artifact: str, python_model: Any, settings: Mapping[str, Any],
+                   signature: Any, name: str, tags: Mapping[str, str] | None = None, alias: str | None = None) -> int:  # fmt: skip
+    """Log `python_model` (an `mlflow.pyfunc.PythonModel`) in run `run_id` and register it as a new
+    version of `name`; returns the version number. The model holds no copy of the weights: its config
+    (`settings` plus `weights`) names the run's `weights_artifact` as `runs:/<run>/<file>`, fetched when
+    it loads, so a 14B checkpoint is stored once. The version carries `tags` and the weights file's
+    location (`weights`), which loading by path (`resolve_model`) reads; `alias` is moved to it."""
+    import warnings
 
-    Returns the version number; `alias` (e.g. "champion") is moved to it. `tags` go on the version
-    (e.g. the lineage of its training data), so whoever resolves the alias later can read them.
-    """
+    from mlflow import pyfunc
+
     client = mlflow.tracking.MlflowClient()
-    try:
-        client.create_registered_model(name)
-    except mlflow.exceptions.MlflowException as err:
-        if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
-            raise
-    source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
-    version = client.create_model_version(name, source=source, run_id=run_id, tags=dict(tags or {}))
+    requirements = [f"mlflow=={mlflow.__version__}"]
+    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None), warnings.catch_warnings():
+        # No input example on purpose: MLflow would load the model (the weights) and run the example
+        # through it while logging. The signature states the columns instead.
+        warnings.filterwarnings("ignore", "An input example was not provided", UserWarning)
+        info = pyfunc.log_model(
+            name=name, python_model=python_model, model_config={**settings, WEIGHTS_TAG: f"runs:/{run_id}/{weights_artifact}"},
+            signature=signature, registered_model_name=name, pip_requirements=requirements,
+        )  # fmt: skip
+    version = str(info.registered_model_version)
+    location = f"{client.get_run(run_id).info.artifact_uri}/{weights_artifact}"
+    for key, value in {**(tags or {}), WEIGHTS_TAG: location}.items():
+        client.set_model_version_tag(name, version, key, value)
     if alias:
-        client.set_registered_model_alias(name, alias, version.version)
-    return int(version.version)
+        client.set_registered_model_alias(name, alias, version)
+    return int(version)
+
+
+def fetch_weights(model_config: Mapping[str, Any], scratch: str) -> str:
+    """Inside a loading model: a local copy of the weights file its config names."""
+    return mlflow.artifacts.download_artifacts(artifact_uri=model_config[WEIGHTS_TAG], dst_path=scratch)
 
 
 def registered_version(uri: str):

@@ -175,7 +175,9 @@ def test_a_worker_node_dies_mid_data_job(box, pipeline):
     from data_jobs.manifest import read_table
 
     bucket = f"s3://{box.bucket}"
-    args = f"input={bucket}/raw output={bucket}/data-kill execution.progress=false write.inputs_per_task=1"
+    # Three inputs per task: a task runs for seconds, so the node dies while its task is still running
+    # (the state API reports a task some time after it starts; one short input could be done by then).
+    args = f"input={bucket}/raw output={bucket}/data-kill execution.progress=false write.inputs_per_task=3"
     args += f" score.syncnet={bucket}/data/syncnet/syncnet.pt"  # the undisturbed run's SyncNet: the same verdicts
     job = make(box, "data", args, wait=False)
     def a_task_running() -> list[dict]:
@@ -184,7 +186,7 @@ def test_a_worker_node_dies_mid_data_job(box, pipeline):
         return [t for t in box.tasks(INGEST_CALL) if t["state"] == "RUNNING"]
 
     wait_for(a_task_running, 900, "a committed ingest task and another one running")
-    running = a_task_running()[0]
+    running = max(a_task_running(), key=lambda task: task.get("start_time_ms") or 0)  # the most time left
     victim = box.node_of(running["node_id"])
     replace_a_worker(box, victim)
     finish(job)

@@ -26,6 +26,7 @@ from pipelines import tracking
 from pipelines.data import syncnet_for_scoring
 from pipelines.lineage import DataLineage, data_lineage
 from pipelines.syncnet_choice import choose_syncnet, for_data_run, same_data
+from pipelines.syncnet_model import log_syncnet
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +52,7 @@ def register_syncnet(folder, tags: dict[str, str], name: str = "") -> str:
     save_syncnet(StableSyncNet(SyncNetConfig()), str(weights))
     with tracking.start_run("syncnet-choice-test", tags={"job": "test"}) as run:
         mlflow.log_artifact(str(weights))
-        tracking.register_artifact(name, run.info.run_id, "syncnet.pt", alias="champion", tags=tags)
+    log_syncnet(run.info.run_id, "syncnet.pt", name, tags, alias="champion")
     return f"models:/{name}@champion"
 
 

@@ -28,7 +28,8 @@ from lipforcing.models.config import model_config
 from lipforcing.models.syncnet import StableSyncNet, SyncNetConfig, load_syncnet, save_syncnet, score_clip
 from pipelines import tracking
 from pipelines.evaluate import TINY_WARNING, EvalConfig, FeatureSets, evaluate, prepare_clip, validate
-from pipelines.jobs import run_job
+from pipelines.jobs import resolve_config, run_job
+from pipelines.student_model import log_student
 from tests.insightface_pack import write_pack
 
 FPS, RATE, SIZE = 25, 16_000, 64
@@ -100,9 +101,7 @@ def workspace(tmp_path, monkeypatch):
     save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(weights))
     with tracking.start_run("distill-stub", tags={"job": "test"}) as run:
         mlflow.log_artifact(str(weights))
-    version = tracking.register_artifact(
-        "lipforcing-student", run.info.run_id, "dit.safetensors", alias="candidate"
-    )
+    version = log_student(run.info.run_id, "dit.safetensors", resolve_config(EvalConfig, ["profile=tiny"]), "lipforcing-student", {}, "candidate")
     save_syncnet(StableSyncNet(SyncNetConfig()), str(tmp_path / "syncnet.pt"))
     write_pack(tmp_path / "buffalo_l")  # its stub ArcFace model gives CSIM
     return tmp_path, version

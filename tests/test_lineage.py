@@ -19,6 +19,7 @@ from pipelines.data import log_data_run
 from pipelines.distill import log_lineage, register_student
 from pipelines.distill_config import DistillConfig
 from pipelines.jobs import resolve_config
+from pipelines.syncnet_model import log_syncnet
 
 pytestmark = pytest.mark.integration
 
@@ -99,7 +100,7 @@ def test_a_registered_upstream_model_is_pinned_to_the_version_used(store, sample
     with tracking.start_run("syncnet", tags={"job": "syncnet"}) as run:
         mlflow.log_artifact(str(weights))
     for _ in range(2):  # versions 1 and 2; the alias ends on 2
-        tracking.register_artifact("syncnet", run.info.run_id, "syncnet.pt", alias="champion")
+        log_syncnet(run.info.run_id, "syncnet.pt", "syncnet", {}, alias="champion")
     config = resolve_config(DistillConfig, ["profile=tiny", f"data={sample_job[0]}"])  # dmd.syncnet defaults to the champion
     with tracking.start_run("distill", config=config, tags={"job": "distill"}) as parent:
         tags = log_lineage(config)

@@ -1,6 +1,7 @@
-"""The student as an MLflow model: registered from its run, loaded with `mlflow.pyfunc.load_model` by
-alias, it lip-syncs a clip to new audio; loading its weights by path (`make eval`) keeps working.
-Tiny profile, random-init weights: plumbing and shapes only, never a quality result."""
+"""Students and SyncNets as MLflow models: registered from their runs, loaded with
+`mlflow.pyfunc.load_model` by alias, the student lip-syncs a clip to new audio and the SyncNet scores
+a clip; loading their weights by path (`make eval`, the data job) keeps working. Tiny profile,
+random-init weights: plumbing and shapes only, never a quality result."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from safetensors.torch import save_file
 
 from data_jobs.media import encode_wav, read_audio
@@ -18,10 +20,12 @@ from data_jobs.sample import ClipSpec, encode_clip
 from lipforcing.data import SAMPLE_RATE
 from lipforcing.models import build_student
 from lipforcing.models.config import model_config
+from lipforcing.models.syncnet import StableSyncNet, SyncNetConfig, load_syncnet, save_syncnet, score_clip
 from pipelines import tracking
 from pipelines.evaluate import EvalConfig
 from pipelines.jobs import resolve_config
-from pipelines.student_model import log_student
+from pipelines.student_model import log_student, read_crop_clip
+from pipelines.syncnet_model import log_syncnet
 
 pytestmark = pytest.mark.integration
 
@@ -36,8 +40,7 @@ def registered(tmp_path, monkeypatch):
     with tracking.start_run("dmd", tags={"stage": "dmd"}) as run:
         mlflow.log_artifact(str(weights))
     settings = resolve_config(EvalConfig, ["profile=tiny"])  # as a job resolves it: the tiny window is 64 px
-    version = log_student(run.info.run_id, "dit.safetensors", settings, "lipforcing-student", {"lineage.data": "planted"})
-    mlflow.tracking.MlflowClient().set_registered_model_alias("lipforcing-student", "candidate", str(version))
+    log_student(run.info.run_id, "dit.safetensors", settings, "lipforcing-student", {"lineage.data": "planted"}, "candidate")
     return weights
 
 
@@ -96,3 +99,20 @@ def test_the_model_declares_its_columns_and_holds_no_copy_of_the_weights(registe
     folder = mlflow.artifacts.download_artifacts(artifact_uri=info.model_uri, dst_path=str(tmp_path / "model"))
     held = [path.name for path in Path(folder).rglob("*") if path.is_file()]
     assert "MLmodel" in held and not [name for name in held if name.endswith(".safetensors")]
+
+
+def test_the_registered_syncnet_scores_a_clip_as_the_library_does(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    checkpoint = tmp_path / "syncnet.pt"
+    save_syncnet(StableSyncNet(SyncNetConfig()), str(checkpoint))
+    with tracking.start_run("syncnet", tags={"job": "syncnet"}) as run:
+        mlflow.log_artifact(str(checkpoint))
+    log_syncnet(run.info.run_id, "syncnet.pt", "syncnet", {"lineage.data": "planted"}, alias="champion")
+    video, _ = crop_clip(tmp_path, 2.0)
+    scored = mlflow.pyfunc.load_model("models:/syncnet@champion").predict(pd.DataFrame({"video": [video], "audio": [""]}))
+    clip = read_crop_clip(video, "")
+    direct = score_clip(load_syncnet(SyncNetConfig(weights=str(checkpoint))), torch.from_numpy(clip.frames), clip.audio)
+    assert scored.to_dict("records") == [{"offset": direct.offset, "confidence": pytest.approx(direct.confidence),
+                                          "min_dist": pytest.approx(direct.min_dist)}]  # fmt: skip
+    location, version = tracking.resolve_model("models:/syncnet@champion", tmp_path / "got", "score.syncnet")
+    assert version == "1" and open(location, "rb").read() == checkpoint.read_bytes()  # the data job's path still works
