@@ -136,14 +136,14 @@ def log_lineage(config: DistillConfig) -> dict[str, str]:
 def register_student(config: DistillConfig, parent_id: str, trained_on: dict[str, str]) -> None:
     """Register the DMD run's exported student as `lipforcing-student` under `dmd.registered_alias`,
     tagged with the lineage of its training data and the upstream models (`trained_on`)."""
+    from pipelines.evaluate import EvalConfig
+    from pipelines.student_model import log_student
+
     runs = mlflow.search_runs(
         experiment_names=[tracking.EXPERIMENT],
         filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and tags.stage = 'dmd'",
         output_format="list",
     )
-    from pipelines.evaluate import EvalConfig
-    from pipelines.student_model import log_student
-
     name, alias = config.dmd.registered_name, config.dmd.registered_alias
     inference = dataclasses.replace(EvalConfig.for_profile(config.profile), model=config.model, window=config.window, seed=config.seed)
     version = log_student(runs[0].info.run_id, WEIGHTS_FILE, inference, name, trained_on, alias)

@@ -14,6 +14,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from lipforcing.config import config_hash, flatten, to_dict
 EXPERIMENT = "lipforcing"
 # MLflow 3 files experiments as GenAI apps or model training; ours trains models.
 KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
-# On a registered version that is an MLflow model (the student): the location of its weights file.
+# On a registered version (an MLflow model: student, SyncNet): the location of its weights file.
 WEIGHTS_TAG = "weights"
 logger = logging.getLogger("lipforcing.tracking")
 DEFAULT_ROOT = Path("outputs")
@@ -149,8 +150,6 @@ def register_model(run_id: str, weights_artifact: str, python_model: Any, settin
     (`settings` plus `weights`) names the run's `weights_artifact` as `runs:/<run>/<file>`, fetched when
     it loads, so a 14B checkpoint is stored once. The version carries `tags` and the weights file's
     location (`weights`), which loading by path (`resolve_model`) reads; `alias` is moved to it."""
-    import warnings
-
     from mlflow import pyfunc
 
     client = mlflow.tracking.MlflowClient()
