@@ -165,8 +165,9 @@ def finish(process: subprocess.Popen, timeout: float = 1200) -> str:
     return output
 
 
-# Ray Data's name for a call of an ingest actor (one task of the data job).
-INGEST_CALL = "MapWorker(MapBatches(IngestWorker)).submit"
+# Ray Data's names for an ingest actor and for one call of it (one task of the data job).
+INGEST_ACTOR = "MapWorker(MapBatches(IngestWorker))"
+INGEST_CALL = f"{INGEST_ACTOR}.submit"
 
 
 def test_a_worker_node_dies_mid_data_job(box, pipeline):
@@ -175,18 +176,21 @@ def test_a_worker_node_dies_mid_data_job(box, pipeline):
     from data_jobs.manifest import read_table
 
     bucket = f"s3://{box.bucket}"
-    # Three inputs per task: a task runs for seconds, so the node dies while its task is still running
-    # (the state API reports a task some time after it starts; one short input could be done by then).
+    # Three inputs per task: a task runs for seconds. The node dies once a task has committed while
+    # the job goes on: every actor is then busy with a task (more tasks are queued than there are
+    # actors), so the dying node takes a running task with it. The state API reports task states
+    # late, so the victim is picked by its live actor, not by a task seen running.
     args = f"input={bucket}/raw output={bucket}/data-kill execution.progress=false write.inputs_per_task=3"
     args += f" score.syncnet={bucket}/data/syncnet/syncnet.pt"  # the undisturbed run's SyncNet: the same verdicts
     job = make(box, "data", args, wait=False)
-    def a_task_running() -> list[dict]:
+    def mid_job() -> list[dict]:
+        assert job.poll() is None, "the data job ended before a node could be killed in its middle"
         if not storage.glob(f"{bucket}/data-kill/aligned/stats/*.json"):
-            return []  # wait for one committed task first: the kill lands in the middle of the job
-        return [t for t in box.tasks(INGEST_CALL) if t["state"] == "RUNNING"]
+            return []
+        return box.actors(INGEST_ACTOR)
 
-    wait_for(a_task_running, 900, "a committed ingest task and another one running")
-    running = max(a_task_running(), key=lambda task: task.get("start_time_ms") or 0)  # the most time left
+    wait_for(mid_job, 900, "a committed ingest task while the job goes on")
+    running = mid_job()[0]
     victim = box.node_of(running["node_id"])
     replace_a_worker(box, victim)
     finish(job)
