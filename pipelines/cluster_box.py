@@ -148,9 +148,10 @@ class Box:
         return self._state("tasks", filter_keys="name", filter_predicates="=", filter_values=name, detail="true")
 
     def actors(self, class_name: str) -> list[dict]:
-        """The live actors of a class (`node_id`, `state`, ...), e.g. Ray Train's `RayTrainWorker`."""
-        found = self._state("actors", filter_keys="class_name", filter_predicates="=", filter_values=class_name, detail="true")
-        return [actor for actor in found if actor["state"] == "ALIVE"]
+        """The live actors whose class name contains `class_name` (`node_id`, `state`, ...), e.g. Ray
+        Train's `RayTrainWorker` or the data job's `IngestWorker` (inside Ray Data's wrapper name)."""
+        found = self._state("actors", detail="true")
+        return [actor for actor in found if class_name in actor.get("class_name", "") and actor["state"] == "ALIVE"]
 
     def node_of(self, node_id: str) -> str:
         """The box's name of a worker node, from its Ray node id."""
