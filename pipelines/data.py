@@ -14,7 +14,7 @@ import sys
 import time
 
 from data_jobs.config import DataJobConfig, validate
-from data_jobs.job import JobSummary, data_config_hash, run_data_job
+from data_jobs.job import SPLITS, JobSummary, data_config_hash, run_data_job
 from data_jobs.score import run_score_pass, score_plan
 from lipforcing import storage
 from pipelines import lineage, syncnet_choice, tracking
@@ -33,7 +33,8 @@ def run_data(config: DataJobConfig) -> JobSummary:
     if ingest.failure:  # the machinery is broken: scoring its leftovers would hide that
         return ingest
     plan = score_plan(config)
-    weights = syncnet_for_scoring(config, aligned) if plan[2] else ""
+    *_, pending = plan
+    weights = syncnet_for_scoring(config, aligned) if pending else ""
     return run_score_pass(config, weights, started, plan)
 
 
@@ -48,10 +49,10 @@ def syncnet_for_scoring(config: DataJobConfig, aligned: str) -> str:
 def log_produced(output: str) -> None:
     """The shard sets this job wrote, as the data run's datasets ("output"; "heldout" when any
     identity was held out), so a model trained on them can be traced back to this run."""
-    lineage.log_dataset(lineage.data_lineage(output), "output")
-    heldout = storage.join(output, lineage.HELDOUT)
-    if storage.exists(storage.join(heldout, "manifest.parquet")):
-        lineage.log_dataset(lineage.data_lineage(heldout), "heldout")
+    for split in SPLITS:
+        produced = lineage.data_lineage(output, split)
+        if split == "train" or produced.manifest_sha256:
+            lineage.log_dataset(produced, "output" if split == "train" else split)
 
 
 def main(config: DataJobConfig) -> int:

@@ -121,15 +121,18 @@ def distill(config: DistillConfig) -> int:
 
 def log_lineage(config: DistillConfig) -> dict[str, str]:
     """Record in the active (job) run what it learns from: the dataset it reads (context "training")
-    and the models it starts from or uses (`upstream.*`: a given teacher, the reward's SyncNet).
-    Returns the tags a registered student carries for it."""
+    and the models it starts from or uses (`upstream.*`: a given teacher, the reward's SyncNet),
+    pinning a registered one to the version recorded, which the job then uses. Returns the tags a
+    registered student carries for it."""
     trained_on = lineage.data_lineage(config.data)
     lineage.log_dataset(trained_on, "training")
     upstream = {}
     if config.teacher.weights:
-        upstream.update(lineage.log_upstream("teacher", config.teacher.weights, "teacher.weights"))
+        tags, config.teacher.weights = lineage.log_upstream("teacher", config.teacher.weights, "teacher.weights")
+        upstream.update(tags)
     if "dmd" in config.stages and config.dmd.syncnet:
-        upstream.update(lineage.log_upstream("syncnet", config.dmd.syncnet, "dmd.syncnet"))
+        tags, config.dmd.syncnet = lineage.log_upstream("syncnet", config.dmd.syncnet, "dmd.syncnet")
+        upstream.update(tags)
     return {**trained_on.tags(), **upstream}
 
 

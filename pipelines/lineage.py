@@ -25,7 +25,7 @@ import pandas as pd
 import yaml
 
 from data_jobs.config import DataJobConfig
-from data_jobs.job import data_config_hash
+from data_jobs.job import Layout, data_config_hash
 from lipforcing import storage
 from lipforcing.config import load_config
 from pipelines import tracking
@@ -33,7 +33,6 @@ from pipelines import tracking
 LINEAGE = "lineage."  # prefix of the lineage tags on a model version and params on its run
 UPSTREAM = "upstream."  # prefix of the tags naming the models a training run started from or used
 DIGEST_CHARS = 32  # MLflow keeps at most 36 characters of a dataset digest
-HELDOUT = "heldout"  # the data job's held-out shard set, a folder of its output
 
 
 @dataclass(frozen=True)
@@ -79,25 +78,32 @@ class DataLineage:
         return MetaDataset(source=source, name=name, digest=self.digest or None)
 
 
-def data_lineage(data: str) -> DataLineage:
-    """The lineage of a data job's output (final, aligned or held-out) from its `config.yaml` and
-    `manifest.parquet`; a field stays empty when its file is missing (shards copied without tables)."""
+def data_lineage(output: str, split: str = "train") -> DataLineage:
+    """The lineage of one shard set of a data job's output (final or aligned; `split` "heldout" for
+    its held-out set) from the job's `config.yaml` and the set's `manifest.parquet`; a field stays
+    empty when its file is missing (shards copied without their tables)."""
+    layout = Layout(output)
+    data = layout.set_root(split)
     location = os.path.abspath(data) if storage.is_local(data) else data
-    config_url, manifest_url = storage.join(data, "config.yaml"), storage.join(data, "manifest.parquet")
-    if os.path.basename(data.rstrip("/")) == HELDOUT and not storage.exists(config_url):
-        config_url = storage.join(os.path.dirname(data.rstrip("/")), "config.yaml")  # the job's, one up
     digest = ""
-    if storage.exists(config_url):
-        written = yaml.safe_load(storage.read_text(config_url)) or {}
-        digest = data_config_hash(load_config(DataJobConfig, lenient_files=[written]))
+    written = _read_if_present(layout.file("config.yaml"))
+    if written is not None:
+        digest = data_config_hash(load_config(DataJobConfig, lenient_files=[yaml.safe_load(written) or {}]))
     datasets: tuple[str, ...] = ()
     sha, samples = "", 0
-    if storage.exists(manifest_url):
-        raw = storage.read_bytes(manifest_url)
+    raw = _read_if_present(storage.join(data, "manifest.parquet"))
+    if raw is not None:
         sha = hashlib.sha256(raw).hexdigest()
         column = pd.read_parquet(io.BytesIO(raw), columns=["dataset"])["dataset"]
         datasets, samples = tuple(sorted(column.dropna().unique())), len(column)
     return DataLineage(location, digest, datasets, sha, samples)
+
+
+def _read_if_present(url: str) -> bytes | None:
+    try:
+        return storage.read_bytes(url)
+    except FileNotFoundError:
+        return None
 
 
 def log_dataset(lineage: DataLineage, context: str) -> None:
@@ -108,15 +114,18 @@ def log_dataset(lineage: DataLineage, context: str) -> None:
     mlflow.log_input(lineage.dataset(name), context=context, tags=tags)
 
 
-def log_upstream(role: str, uri: str, key: str) -> dict[str, str]:
-    """Tag the active run with a model it used (`role`: teacher, syncnet, student) as given (config
-    key `key`) and, for a registered model, the version its alias points at now; returns the tags."""
-    tags = {UPSTREAM + role: uri}
+def log_upstream(role: str, uri: str, key: str) -> tuple[dict[str, str], str]:
+    """Tag the active run with a model it uses (`role`: teacher, syncnet) as given (config key `key`)
+    and, for a registered model, the version its alias points at now. Returns the tags and the URI to
+    use from here on: that version pinned (`models:/name/N`), so an alias moved while the job runs
+    changes neither what it uses nor what it recorded."""
+    tags, pinned = {UPSTREAM + role: uri}, uri
     if uri.startswith("models:/"):
         version = tracking.find_version(uri, key)
         tags[f"{UPSTREAM}{role}.version"] = f"{version.name}/{version.version}"
+        pinned = f"models:/{version.name}/{version.version}"
     mlflow.set_tags(tags)
-    return tags
+    return tags, pinned
 
 
 def chain(model_uri: str) -> list[dict[str, Any]]:

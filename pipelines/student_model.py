@@ -13,6 +13,7 @@ model names its run's weights file rather than holding a copy (`tracking.registe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from typing import Any
@@ -40,7 +41,9 @@ def read_crop_clip(video: str, audio: str) -> Clip:
     """A face-crop clip at 25 fps and the audio to pair with it (`audio` empty: its own track)."""
     from data_jobs.media import read_audio
 
-    with storage.temporary_local(video) as frames_path, storage.temporary_local(audio or video) as sound_path:
+    with contextlib.ExitStack() as stack:
+        frames_path = stack.enter_context(storage.temporary_local(video))
+        sound_path = stack.enter_context(storage.temporary_local(audio)) if audio else frames_path  # one download
         with open(frames_path, "rb") as handle:
             frames = decode_mp4(handle.read())
         return Clip(os.path.basename(video), frames, read_audio(sound_path, SAMPLE_RATE), SAMPLE_RATE, {})

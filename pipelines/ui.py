@@ -26,8 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     if store.startswith("sqlite:///") and not os.path.exists(store.removeprefix("sqlite:///")):
         print(f"no MLflow store yet at {store}: run `make demo` or a job first", file=sys.stderr)
         return 1
-    os.environ["MLFLOW_TRACKING_URI"] = store
-    experiment = setup_tracking()
+    experiment = setup_tracking()  # the same store: MLFLOW_TRACKING_URI, else the default one
     address = runs_page(f"http://{config.host}:{config.port}", experiment)
     print(f"MLflow UI for {store}: the runs of '{EXPERIMENT}' are at {address}", flush=True)
     mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")

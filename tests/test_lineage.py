@@ -108,3 +108,5 @@ def test_a_registered_upstream_model_is_pinned_to_the_version_used(store, sample
     recorded = mlflow.tracking.MlflowClient().get_run(parent.info.run_id).data.tags
     assert recorded["upstream.syncnet.version"] == "syncnet/2"
     assert "upstream.teacher" not in recorded  # the teacher is trained here, not given
+    # The job goes on with the version it recorded: a later move of the alias changes neither.
+    assert config.dmd.syncnet == "models:/syncnet/2"
