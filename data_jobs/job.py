@@ -418,17 +418,23 @@ def listing_reject_rows(items: list[InputItem]) -> list[dict[str, Any]]:
     return rows
 
 
+def plan_ingest(config: DataJobConfig) -> tuple[list[InputItem], dict[str, dict], dict[str, dict], list[Task]]:
+    """(inputs listed, markers found, markers kept, tasks still to run) of the ingest at `config.output`:
+    what a run would do, read from the listing and the commit markers without processing anything."""
+    items = list_inputs(config.input, config.split)
+    markers = read_markers(Layout(config.output).stats)
+    kept = kept_markers(markers, items, data_config_hash(config), config.output)
+    return items, markers, kept, plan_tasks(config, items, {video for stats in kept.values() for video in stats["inputs"]})
+
+
 def run_data_job(config: DataJobConfig) -> JobSummary:
     """Plan, run the pending tasks on Ray (already initialised), rebuild the tables, report."""
     started = time.perf_counter()
     digest = data_config_hash(config)
     layout = Layout(config.output)
-    _prepare_input(config)
+    prepare_input(config)
     _check_weights(config)
-    items = list_inputs(config.input, config.split)
-    markers = read_markers(layout.stats)
-    kept = kept_markers(markers, items, digest, config.output)
-    tasks = plan_tasks(config, items, {video for stats in kept.values() for video in stats["inputs"]})
+    items, markers, kept, tasks = plan_ingest(config)
     storage.write_text(layout.file("config.yaml"), to_yaml(config))
     log.info("data job %s: %d tasks committed, %d to run", digest, len(kept), len(tasks))
     if tasks:
@@ -487,7 +493,7 @@ def remove_stale(layout: Layout, stats: dict[str, dict], markers: dict[str, dict
                     os.remove(os.path.join(path, leftover))
 
 
-def _prepare_input(config: DataJobConfig) -> None:
+def prepare_input(config: DataJobConfig) -> None:
     """The default input is the embedded sample: generate it on first use."""
     from data_jobs.config import DEFAULT_INPUT, DEFAULT_SAMPLE
 

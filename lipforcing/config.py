@@ -155,7 +155,10 @@ def _merge(base: DictConfig, values: Mapping[str, Any], origin: str) -> DictConf
 
 
 def _check_keys(values: Mapping[str, Any], node: DictConfig, prefix: str, origin: str) -> None:
-    """Unknown keys get a message listing the keys allowed at that level."""
+    """Unknown keys get a message listing the keys allowed at that level; a `dict[str, ...]` field
+    takes any key (its values are still type-checked by OmegaConf)."""
+    if OmegaConf.get_type(node) is dict:
+        return
     for key, value in values.items():
         dotted = f"{prefix}{key}"
         if key not in node:

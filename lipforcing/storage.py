@@ -65,6 +65,13 @@ def is_local(url: str | Path) -> bool:
     return isinstance(filesystem(url)[0], LocalFileSystem)
 
 
+def absolute(url: str | Path) -> str:
+    """The location as one that names the same place from any working directory (a relative
+    local path made absolute; URLs as they are), for records other jobs read later."""
+    text = str(url)
+    return os.path.abspath(text) if "://" not in text else text
+
+
 def join(url: str | Path, *parts: str) -> str:
     """Join URL parts with '/', keeping the scheme (`s3://b/x` + `y` -> `s3://b/x/y`)."""
     base = str(url).rstrip("/")

@@ -12,6 +12,7 @@ COMMANDS = {
     "encode": "pipelines.encode",
     "distill": "pipelines.distill",
     "eval": "pipelines.evaluate",
+    "compare": "pipelines.compare",
     "bench": "benchmarks",
     "ui": "pipelines.ui",
     "cluster-check": "pipelines.cluster_check",

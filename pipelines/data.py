@@ -28,14 +28,18 @@ def run_data(config: DataJobConfig) -> JobSummary:
     if not config.score.enabled:
         return run_data_job(config)
     started = time.perf_counter()
-    aligned = storage.join(config.output, "aligned")
-    ingest = run_data_job(dataclasses.replace(config, output=aligned))
+    ingest = run_data_job(ingest_config(config))
     if ingest.failure:  # the machinery is broken: scoring its leftovers would hide that
         return ingest
     plan = score_plan(config)
     *_, pending = plan
-    weights = syncnet_for_scoring(config, aligned) if pending else ""
+    weights = syncnet_for_scoring(config, ingest_config(config).output) if pending else ""
     return run_score_pass(config, weights, started, plan)
+
+
+def ingest_config(config: DataJobConfig) -> DataJobConfig:
+    """The ingest pass's config: with scoring on it writes `<output>/aligned`, else the final output."""
+    return dataclasses.replace(config, output=storage.join(config.output, "aligned")) if config.score.enabled else config
 
 
 def syncnet_for_scoring(config: DataJobConfig, aligned: str) -> str:
@@ -58,23 +62,30 @@ def log_produced(output: str) -> None:
 def main(config: DataJobConfig) -> int:
     summary = run_data(config)
     log_data_run(config, summary)
+    return report_failure(summary)
+
+
+def report_failure(summary: JobSummary) -> int:
+    """The job's exit status, with the failure said on stderr."""
     if summary.failure:
         print(f"data job failed: {summary.failure}", file=sys.stderr)
         return 1
     return 0
 
 
-def log_data_run(config: DataJobConfig, summary: JobSummary) -> None:
-    """The data run in MLflow: config, the SyncNet choice, the summary's counts and the datasets written."""
+def log_data_run(config: DataJobConfig, summary: JobSummary) -> str:
+    """The data run in MLflow: config, the SyncNet choice, the summary's counts and the datasets
+    written; returns its run id."""
     syncnet_tags, syncnet_params = syncnet_choice.for_data_run(config.output) if config.score.enabled else ({}, {})
     tags = {"job": "data", "data_config_hash": data_config_hash(config), **syncnet_tags}
-    with tracking.start_run("data", config=config, tags=tags):
+    with tracking.start_run("data", config=config, tags=tags) as run:
         tracking.mlflow.log_params(syncnet_params)
         log_produced(config.output)
         metrics = {k: v for k, v in summary.__dict__.items() if isinstance(v, int | float)}
         metrics.update({f"rejected.{k.replace('/', '.')}": v for k, v in summary.reasons.items()})
         metrics.update({f"stage_s.{k}": v for k, v in summary.timings_s.items()})
         tracking.log_metrics(metrics)
+    return run.info.run_id
 
 
 if __name__ == "__main__":

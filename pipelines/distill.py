@@ -21,7 +21,7 @@ from pipelines import lineage, tracking
 from pipelines.distill_config import STAGES, DistillConfig
 from pipelines.jobs import run_job
 from pipelines.ray_cluster import init_ray
-from pipelines.stages.common import WEIGHTS_FILE, stage_weights
+from pipelines.stages.common import WEIGHTS_FILE, given_weights, stage_weights
 from pipelines.trainer import CHECKPOINT_FOLDER, TrainerConfig, accumulation, fit, placed
 
 TRAINED = ("teacher_base", "teacher", "student", "dmd")
@@ -63,10 +63,14 @@ def trainers(config: DistillConfig) -> dict[str, TrainerConfig]:
     return {key: trainer for key, trainer in sections.items() if key.split(".")[0] in config.stages}
 
 
-def resolve_syncnet(config: DistillConfig) -> None:
-    """Turn `models:/syncnet@champion` into a location every worker can read (on a cluster: an
-    object-storage URL, never a file on the driver's disk)."""
-    if config.dmd.syncnet:
+def resolve_models(config: DistillConfig) -> None:
+    """Turn registered models (`models:/...`) the stages read into locations every worker can read
+    (on a cluster: an object-storage URL, never a file on the driver's disk)."""
+    if config.teacher.weights:
+        config.teacher.weights = tracking.resolve_model_for_workers(config.teacher.weights, config.output, "teacher.weights")
+    if config.student.weights:
+        config.student.weights = tracking.resolve_model_for_workers(config.student.weights, config.output, "student.weights")
+    if "dmd" in config.stages and config.dmd.syncnet:
         config.dmd.syncnet = tracking.resolve_model_for_workers(config.dmd.syncnet, config.output, "dmd.syncnet")
 
 
@@ -84,6 +88,12 @@ def run_stage(stage_class, config: DistillConfig, trainer: TrainerConfig, name: 
 
 
 def distill(config: DistillConfig) -> int:
+    run_distill(config)
+    return 0
+
+
+def run_distill(config: DistillConfig) -> int | None:
+    """The job; returns the student version it registered (None when DMD did not run here)."""
     from pipelines.stages.dmd import DistributionMatching
     from pipelines.stages.student import StudentDiffusionForcing
     from pipelines.stages.teacher import TeacherBase, TeacherLora
@@ -92,13 +102,15 @@ def distill(config: DistillConfig) -> int:
     init_ray()
     storage.write_text(storage.join(config.output, "config.yaml"), to_yaml(config))
     resume = f"distill:{storage.join(config.output, config.run_name)}"
+    registered = None
     with tracking.start_run("distill", config=config, tags={"job": "distill"}, resume_key=resume) as parent:
         parent_id = parent.info.run_id
         trained_on = log_lineage(config)
+        resolve_models(config)
         for stage in config.stages:
             done = storage.exists(stage_weights(config.output, stage))
-            if stage == "teacher" and config.teacher.weights:
-                log.info("teacher: using %s", config.teacher.weights)
+            if given_weights(config, stage):
+                log.info("%s: using %s", stage, given_weights(config, stage))
                 continue
             if done and not config.force:
                 log.info("%s: output exists at %s, skipped (force=true reruns)", stage, stage_weights(config.output, stage))
@@ -113,32 +125,36 @@ def distill(config: DistillConfig) -> int:
             elif stage == "student":
                 run_stage(StudentDiffusionForcing, config, config.student.train, "student", parent_id)
             else:
-                resolve_syncnet(config)
                 run_stage(DistributionMatching, config, config.dmd.train, "dmd", parent_id)
-                register_student(config, parent_id, trained_on)
-    return 0
+                registered = register_student(config, parent_id, trained_on)
+    return registered
 
 
 def log_lineage(config: DistillConfig) -> dict[str, str]:
     """Record in the active (job) run what it learns from: the dataset it reads (context "training")
-    and the models it starts from or uses (`upstream.*`: a given teacher, the reward's SyncNet),
-    pinning a registered one to the version recorded, which the job then uses. Returns the tags a
-    registered student carries for it."""
+    and the models it starts from or uses (`upstream.*`: the teacher, given or trained here, a given
+    student, the reward's SyncNet), pinning a registered one to the version recorded, which the job
+    then uses. Returns the tags a registered student carries for it."""
     trained_on = lineage.data_lineage(config.data)
     lineage.log_dataset(trained_on, "training")
     upstream = {}
-    if config.teacher.weights:
-        tags, config.teacher.weights = lineage.log_upstream("teacher", config.teacher.weights, "teacher.weights")
-        upstream.update(tags)
+    for role, key in (("teacher", "teacher.weights"), ("student", "student.weights")):
+        if given_weights(config, role):
+            tags, pinned = lineage.log_upstream(role, given_weights(config, role), key)
+            getattr(config, role).weights = pinned
+            upstream.update(tags)
+    if "dmd" in config.stages and not config.teacher.weights:  # the teacher trained here: a later run can reuse it
+        upstream.update(lineage.log_upstream("teacher", storage.absolute(stage_weights(config.output, "teacher")), "teacher.weights")[0])
     if "dmd" in config.stages and config.dmd.syncnet:
         tags, config.dmd.syncnet = lineage.log_upstream("syncnet", config.dmd.syncnet, "dmd.syncnet")
         upstream.update(tags)
     return {**trained_on.tags(), **upstream}
 
 
-def register_student(config: DistillConfig, parent_id: str, trained_on: dict[str, str]) -> None:
+def register_student(config: DistillConfig, parent_id: str, trained_on: dict[str, str]) -> int:
     """Register the DMD run's exported student as `lipforcing-student` under `dmd.registered_alias`,
-    tagged with the lineage of its training data and the upstream models (`trained_on`)."""
+    tagged with the lineage of its training data and the upstream models (`trained_on`); returns
+    the version."""
     from pipelines.evaluate import EvalConfig
     from pipelines.student_model import log_student
 
@@ -150,7 +166,8 @@ def register_student(config: DistillConfig, parent_id: str, trained_on: dict[str
     name, alias = config.dmd.registered_name, config.dmd.registered_alias
     inference = dataclasses.replace(EvalConfig.for_profile(config.profile), model=config.model, window=config.window, seed=config.seed)
     version = log_student(runs[0].info.run_id, WEIGHTS_FILE, inference, name, trained_on, alias)
-    log.info("registered models:/%s@%s (version %s): mlflow.pyfunc.load_model lip-syncs with it", name, alias, version)
+    log.info("registered models:/%s/%s%s: mlflow.pyfunc.load_model lip-syncs with it", name, version, f" (@{alias})" if alias else "")
+    return version
 
 
 if __name__ == "__main__":

@@ -30,6 +30,9 @@ class TeacherConfig:
 class StudentConfig:
     """Diffusion Forcing pretraining of the causal student from the teacher's weights."""
 
+    # An existing student (Wan layout; a path, URL or models:/ URI, e.g. the champion a retrain
+    # fine-tunes): the stage is skipped and DMD starts from it.
+    weights: str = ""
     train: TrainerConfig = field(default_factory=lambda: TrainerConfig(steps=5000, lr=1e-5, warmup_steps=1000))
     # Each chunk's noise level, drawn uniformly from this list. Released: the student's steps plus 0.0,
     # so a third of the chunks are clean context, as the streaming cache always is.

@@ -22,7 +22,7 @@ from lipforcing.config import ConfigError, load_config
 from pipelines.ray_cluster import in_submitted_job, init_ray, should_submit, submit_job
 
 # Config keys that name where a job reads and writes: on a cluster, every node must reach them.
-LOCATION_KEYS = ("input", "output", "data", "latents")
+LOCATION_KEYS = ("input", "output", "data", "latents", "root")
 
 T = TypeVar("T")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -60,7 +60,7 @@ def check_shared_locations(config: Any) -> None:
                 f"config key '{key}' is the local path {value!r}, but this Ray cluster has {nodes} nodes, which share "
                 "only object storage: give an s3:// (or other object-store) URL"
             )
-    tracked = hasattr(config, "output")  # every job that writes something logs it to MLflow
+    tracked = hasattr(config, "output") or hasattr(config, "root")  # every job that writes something logs it to MLflow
     if tracked and not os.environ.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://", "databricks")):
         raise ConfigError(
             f"MLFLOW_TRACKING_URI is {os.environ.get('MLFLOW_TRACKING_URI') or 'unset'}, a store on one node of a "

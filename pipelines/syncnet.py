@@ -4,7 +4,8 @@ Pairs are 50/50: a video window with its own audio (label 1) or with audio from 
 shifted by at least one window (label 0); the loss is BCE on the scaled cosine similarity.
 Validation reports pair accuracy and the offset-recovery rate: held-out clips get their audio
 shifted by known amounts and the SyncNet must find each shift within +-1 frame.
-The data job's sync filter, the DMD reward and the metrics read `models:/syncnet@champion`; each
+The data job's sync filter, the DMD reward and the metrics read `models:/syncnet@champion`, which a
+new version replaces only through the promotion gate (`promotion`, pipelines/promotion.py); each
 registered version is tagged with the lineage of its training data (`lineage.*`), which the data job
 checks before it scores other data with it (pipelines/syncnet_choice.py).
 """
@@ -38,12 +39,12 @@ from lipforcing.data.shards import (
     training_samples,
     worker_reader,
 )
-from lipforcing.models.syncnet import StableSyncNet, SyncNetConfig, save_syncnet, score_clip
+from lipforcing.models.syncnet import StableSyncNet, SyncNetConfig, load_syncnet, save_syncnet, score_clip
 from pipelines.jobs import run_job
+from pipelines.promotion import Decision, PromotionRule, validate_rule
 from pipelines.trainer import Stage, TrainerConfig, fit
 
 REGISTERED_NAME = "syncnet"
-ALIAS = "champion"
 SHIFTS_TESTED = (-8, -4, 0, 4, 8)  # frames; validation's planted offsets
 
 log = logging.getLogger("lipforcing.syncnet")
@@ -63,6 +64,11 @@ class SyncNetJobConfig:
     pairs_per_clip: int = 32  # pairs drawn from one decoded clip before the next is decoded
     val_fraction: float = 0.2  # share of clips (by key hash) held out for validation
     seed: int = 0
+    # When the new SyncNet replaces syncnet@champion (which the data filter, the DMD reward and the
+    # metrics read): both scored on this run's held-out clips; the first one becomes champion.
+    promotion: PromotionRule = field(
+        default_factory=lambda: PromotionRule(tolerances={"val_accuracy": 0.02}, better_any=["offset_recovery_rate", "val_accuracy"])
+    )
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
@@ -169,7 +175,7 @@ def held_out_metrics(model: StableSyncNet, config: SyncNetJobConfig) -> dict[str
     correct = total = recovered = trials = 0
     for clip in clips:
         pairs = list(clip_pairs(model, clip, 64, rng))
-        if pairs:
+        if pairs and isinstance(model, StableSyncNet):  # the public syncnet_v2 has no pair classifier
             video, sound, label = (torch.stack([torch.as_tensor(p[k]) for p in pairs]) for k in range(3))
             correct += int(((model.sync_logits(video, sound) > 0).float() == label).sum())
             total += len(pairs)
@@ -179,17 +185,39 @@ def held_out_metrics(model: StableSyncNet, config: SyncNetJobConfig) -> dict[str
             found = score_clip(model, torch.from_numpy(clip.frames), shifted).offset
             recovered += int(abs(found - (-shift)) <= 1)
             trials += 1
-    return {
-        "val_accuracy": correct / max(total, 1),
-        "offset_recovery_rate": recovered / max(trials, 1),
-        "val_clips": float(len(clips)),
-        "val_is_train": float(not held_out),
-    }
+    metrics = {"offset_recovery_rate": recovered / max(trials, 1), "val_clips": float(len(clips)), "val_is_train": float(not held_out)}
+    if total:
+        metrics["val_accuracy"] = correct / total
+    return metrics
+
+
+def gate(config: SyncNetJobConfig, run_id: str, version: int) -> Decision:
+    """Score the current `syncnet@champion` on the held-out clips the new version was validated on,
+    and apply `config.promotion` (the new version is `@challenger` whatever the outcome)."""
+    import tempfile
+
+    from pipelines import tracking
+    from pipelines.promotion import current_champion, decide, record
+
+    keys = ("val_accuracy", "offset_recovery_rate")
+    measured = tracking.mlflow.get_run(run_id).data.metrics
+    challenger = {k: measured[k] for k in keys if k in measured}
+    champion_version = current_champion(REGISTERED_NAME)
+    champion = None
+    if champion_version:
+        with tempfile.TemporaryDirectory(prefix="lipforcing-syncnet-champion-") as scratch:
+            weights, _ = tracking.resolve_model(f"models:/{REGISTERED_NAME}/{champion_version}", scratch, "syncnet")
+            scores = held_out_metrics(load_syncnet(SyncNetConfig(weights=weights), key="syncnet").eval(), config)
+        champion = {k: scores[k] for k in keys if k in scores}
+    decision = decide(challenger, champion, config.promotion)
+    record(decision, REGISTERED_NAME, version, champion_version)
+    log.info("syncnet version %s %s as @champion: %s", version, decision.verdict, decision.reason)
+    return decision
 
 
 def train_and_register(config: SyncNetJobConfig) -> int:
-    """Train on `config.data` and register the checkpoint as the new `syncnet@champion`; returns its
-    version. The version carries the lineage of its training data as tags (and the run as params), so
+    """Train on `config.data`, register the checkpoint as `syncnet@challenger` and promote it to
+    `@champion` when `config.promotion` says so (`gate`); returns its version. The version carries the lineage of its training data as tags (and the run as params), so
     the data job can tell a SyncNet of the data it scores from one trained on something else."""
     from pipelines import tracking
     from pipelines.lineage import data_lineage, log_dataset
@@ -215,9 +243,15 @@ def train_and_register(config: SyncNetJobConfig) -> int:
         )
         if result.error is not None:
             raise result.error
-        version = log_syncnet(run.info.run_id, "syncnet.pt", REGISTERED_NAME, lineage, alias=ALIAS)
-        log.info("registered models:/%s@%s (version %s), trained on %s", REGISTERED_NAME, ALIAS, version, lineage)
+        version = log_syncnet(run.info.run_id, "syncnet.pt", REGISTERED_NAME, lineage)
+        log.info("registered models:/%s/%s, trained on %s", REGISTERED_NAME, version, lineage)
+        gate(config, run.info.run_id, version)
     return version
+
+
+def validate(config: SyncNetJobConfig) -> None:
+    validate_rule(config.promotion, "promotion")
+    check_readable(config.data, RAW_FIELDS, "data")
 
 
 def main(config: SyncNetJobConfig) -> int:
@@ -226,4 +260,4 @@ def main(config: SyncNetJobConfig) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_job("pipelines.syncnet", SyncNetJobConfig, main, validate=lambda config: check_readable(config.data, RAW_FIELDS, "data")))
+    sys.exit(run_job("pipelines.syncnet", SyncNetJobConfig, main, validate=validate))

@@ -17,7 +17,9 @@ MANIFESTS = sorted(CLUSTER.rglob("*.yaml"))
 SCHEMAS = {
     "pipelines.data": ("data_jobs.config", "DataJobConfig"),
     "pipelines.distill": ("pipelines.distill_config", "DistillConfig"),
+    "pipelines.retrain": ("pipelines.retrain", "RetrainConfig"),
 }
+RUN_DATE = "$(date -u +%F)"  # what a scheduled command passes as `date=`; its shell expands it
 
 
 def entrypoints(document: dict) -> list[str]:
@@ -51,7 +53,7 @@ def test_entrypoints_resolve_against_the_job_schemas(path, monkeypatch):
     read: list[str] = []  # the datasets a job would open before submitting: none exist here
     for entrypoint in commands:
         for command in entrypoint.split("&&"):
-            words = shlex.split(command)
+            words = shlex.split(command.replace(RUN_DATE, "2026-11-30"))
             assert words[:2] == ["python", "-m"], command
             module, args = words[2], words[3:]
             schema_module, schema_name = SCHEMAS[module]
@@ -63,6 +65,26 @@ def test_entrypoints_resolve_against_the_job_schemas(path, monkeypatch):
                     monkeypatch.setattr(job, "check_readable", lambda location, fields, key: read.append(location))
                 job.validate(config)  # e.g. distill: every pretrained weight it needs is given
                 assert all(location.startswith("s3://") for location in read), read  # object storage on a cluster
+            if module == "pipelines.retrain":  # a schedule passes the day it fires as the run date
+                assert f"date={RUN_DATE}" in command and config.date == "2026-11-30"
+                assert config.input.startswith("s3://") and config.root.startswith("s3://")
+
+
+def test_the_cron_line_runs_a_valid_retrain_command(monkeypatch):
+    """cluster/retrain.cron: five schedule fields, then a command whose retrain arguments resolve."""
+    monkeypatch.chdir(CLUSTER.parent)
+    line = next(row for row in (CLUSTER / "retrain.cron").read_text().splitlines() if row and row[0].isdigit())
+    schedule, command = line.split(None, 5)[:5], line.split(None, 5)[5]
+    assert schedule == kuberay_documents()["raycronjob-retrain.yaml"]["spec"]["schedule"].split()
+    assert "date=$(date -u +\\%F)" in command  # cron would end the command at an unescaped %
+    words = shlex.split(command.split(">>")[0].replace("$(date -u +\\%F)", "2026-11-30"))
+    start = words.index("-m")
+    assert words[start + 1] == "pipelines.retrain"
+    from pipelines.retrain import RetrainConfig, validate
+
+    config = resolve_config(RetrainConfig, words[start + 2 :])
+    validate(config)
+    assert config.profile == "1.3b" and config.date == "2026-11-30" and config.root.startswith("s3://")
 
 
 def kuberay_documents() -> dict[str, dict]:
@@ -119,10 +141,16 @@ def test_gpu_count_matches_the_profile_the_job_trains(name, monkeypatch):
     document = kuberay_documents()[name]
     gpus = sum(int(pod["containers"][0].get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0)) * replicas
                for _, pod, replicas in pod_specs(document))  # fmt: skip
-    distill = next(c for e in entrypoints(document) for c in e.split("&&") if "pipelines.distill" in c)
+    command = next(c for e in entrypoints(document) for c in e.split("&&") if "pipelines.distill" in c or "pipelines.retrain" in c)
+    args = shlex.split(command.replace(RUN_DATE, "2026-11-30"))[3:]
+    if "pipelines.retrain" in command:  # the distill job a retrain cycle runs
+        from pipelines.retrain import RetrainConfig
+
+        retrain = resolve_config(RetrainConfig, args)
+        args = [f"profile={retrain.profile}", *retrain.distill_args]
     from pipelines.distill_config import DistillConfig
 
-    config = resolve_config(DistillConfig, shlex.split(distill)[3:])
+    config = resolve_config(DistillConfig, args)
     from pipelines.trainer import accumulation
 
     for stage in ("teacher", "student", "dmd"):

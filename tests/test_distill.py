@@ -185,7 +185,7 @@ def test_dmd_worker_killed_mid_stage_resumes_with_its_counters(distilled, tmp_pa
     import shutil
 
     from pipelines import tracking
-    from pipelines.distill import resolve_syncnet, run_stage
+    from pipelines.distill import resolve_models, run_stage
 
     output, config = distilled
     for stage in ("teacher", "student"):
@@ -197,7 +197,7 @@ def test_dmd_worker_killed_mid_stage_resumes_with_its_counters(distilled, tmp_pa
             "dmd.train.steps=6", "dmd.train.checkpoint_every=2", "dmd.student_every=5",
         ],
     )  # fmt: skip
-    resolve_syncnet(resumed)
+    resolve_models(resumed)
     marker = tmp_path / "killed"
     with tracking.start_run("distill-kill") as parent:
         run_stage(killing_dmd(str(marker), kill_at=5), resumed, resumed.dmd.train, "dmd", parent.info.run_id)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import mlflow
 import pandas as pd
@@ -107,6 +108,8 @@ def test_a_registered_upstream_model_is_pinned_to_the_version_used(store, sample
     assert tags["upstream.syncnet"] == "models:/syncnet@champion" and tags["upstream.syncnet.version"] == "syncnet/2"
     recorded = mlflow.tracking.MlflowClient().get_run(parent.info.run_id).data.tags
     assert recorded["upstream.syncnet.version"] == "syncnet/2"
-    assert "upstream.teacher" not in recorded  # the teacher is trained here, not given
+    # the teacher is trained here: the run names where its weights land, for a later fine-tune to reuse
+    assert recorded["upstream.teacher"] == os.path.join(os.path.abspath(config.output), "teacher", "dit.safetensors")
+    assert "upstream.teacher.version" not in recorded
     # The job goes on with the version it recorded: a later move of the alias changes neither.
     assert config.dmd.syncnet == "models:/syncnet/2"

@@ -39,6 +39,16 @@ def stage_weights(output: str, stage: str) -> str:
     return storage.join(output, stage, WEIGHTS_FILE)
 
 
+def given_weights(config: DistillConfig, stage: str) -> str:
+    """The configured weights that replace a stage's own training (`teacher.weights`, `student.weights`), or ""."""
+    return {"teacher": config.teacher.weights, "student": config.student.weights}.get(stage, "")
+
+
+def starting_weights(config: DistillConfig, stage: str) -> str:
+    """Where the weights a stage hands on are read: the configured ones, else the stage's output."""
+    return given_weights(config, stage) or stage_weights(config.output, stage)
+
+
 class WindowStream(torch.utils.data.IterableDataset):
     """Raw training windows for one rank, batched; each dataloader worker reads its own stream."""
 
@@ -129,10 +139,8 @@ class DiffusionStage(Stage[DistillConfig]):
         return self.encoder(batch)
 
     def weights(self, stage: str) -> str:
-        """Local path of an earlier stage's output (or the configured teacher)."""
-        config = self.context.config
-        url = config.teacher.weights if stage == "teacher" and config.teacher.weights else stage_weights(config.output, stage)
-        return storage.cached(url)
+        """Local path of an earlier stage's output (or the configured teacher / student)."""
+        return storage.cached(starting_weights(self.context.config, stage))
 
     def student_base(self) -> str | None:
         """Where the student and the fake score start: the teacher when sizes match, else None, the
