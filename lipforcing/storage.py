@@ -163,6 +163,14 @@ def atomic_open(url: str | Path) -> Iterator[IO[bytes]]:
         fs.put_file(spool.name, path)
 
 
+def upload_folder(local_folder: str | Path, url: str | Path) -> None:
+    """Copy every file under a local folder to the same relative paths under `url`."""
+    for root, _, files in os.walk(local_folder):
+        for name in files:
+            path = os.path.join(root, name)
+            upload_file(path, join(url, os.path.relpath(path, local_folder)))
+
+
 def upload_file(local_path: str | Path, url: str | Path) -> None:
     """Copy a local file to `url` atomically."""
     fs, path = filesystem(url)

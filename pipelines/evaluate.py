@@ -410,10 +410,7 @@ def write_outputs(report: dict[str, Any], folder: str, output: str) -> None:
         json.dump(report, handle, indent=2)
     with open(os.path.join(folder, "report.md"), "w") as handle:
         handle.write(render_markdown(report))
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            storage.upload_file(path, storage.join(output, os.path.relpath(path, folder)))
+    storage.upload_folder(folder, output)
     mlflow.log_artifacts(folder)
 
 

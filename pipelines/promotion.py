@@ -7,8 +7,9 @@ configured rule holds on numbers measured for both on the same held-out data in 
 challenger's version tags (`promotion.*`) and to the MLflow run that made it, with its numbers.
 
 The rule: every metric in `tolerances` may be worse than the champion's by at most its tolerance
-(in the metric's own units), and at least one metric of `better_any` that both have must be strictly
-better. Which way is better comes from `HIGHER_IS_BETTER` / `LOWER_IS_BETTER`.
+(in the metric's own units), and at least one metric of `better_any` that both have must be better
+by more than its `min_gain` (a mean SSIM up by 1e-7 is noise, not a better model). Which way is
+better comes from `HIGHER_IS_BETTER` / `LOWER_IS_BETTER`.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ class PromotionRule:
 
     # metric -> how much worse than the champion's the challenger's may be (0: not worse at all)
     tolerances: dict[str, float] = field(default_factory=lambda: {"sync_c": 0.1})
-    # at least one of these, measured for both, must be strictly better
+    # at least one of these, measured for both, must be better by more than its margin in `min_gain`
     better_any: list[str] = field(default_factory=lambda: ["fvd", "ssim"])
+    # metric -> the least improvement that counts (0 or absent: any); below it is noise, not progress
+    min_gain: dict[str, float] = field(default_factory=lambda: {"ssim": 0.001, "fvd": 1.0})
     # gate: apply the rule; always: promote whatever the numbers (logged as such); never: only register
     mode: Literal["gate", "always", "never"] = "gate"
 
@@ -44,13 +47,14 @@ class PromotionRule:
 def validate_rule(rule: PromotionRule, key: str) -> None:
     """Every metric the rule names must have a known direction (config key `key`)."""
     known = HIGHER_IS_BETTER | LOWER_IS_BETTER
-    for name, metrics in (("tolerances", list(rule.tolerances)), ("better_any", rule.better_any)):
+    for name, metrics in (("tolerances", list(rule.tolerances)), ("better_any", rule.better_any), ("min_gain", list(rule.min_gain))):
         unknown = [m for m in metrics if m not in known]
         if unknown:
             raise ConfigError(f"config key '{key}.{name}' names {unknown}; allowed values: {', '.join(sorted(known))}")
-    negative = {m: t for m, t in rule.tolerances.items() if t < 0}
-    if negative:
-        raise ConfigError(f"config key '{key}.tolerances' has {negative}; allowed values: tolerances >= 0")
+    for name, values in (("tolerances", rule.tolerances), ("min_gain", rule.min_gain)):
+        negative = {m: t for m, t in values.items() if t < 0}
+        if negative:
+            raise ConfigError(f"config key '{key}.{name}' has {negative}; allowed values: numbers >= 0")
 
 
 def worsening(metric: str, challenger: float, champion: float) -> float:
@@ -88,12 +92,12 @@ def decide(challenger: Mapping[str, float], champion: Mapping[str, float] | None
         text = f"{metric} {ours[metric]:.4g} vs {theirs[metric]:.4g} (worse by {worse:.4g}, tolerance {tolerance:g})"
         (failed if worse > tolerance else checked).append(text)
     compared = [m for m in rule.better_any if _measured(m, ours, theirs)]
-    improved = [m for m in compared if worsening(m, ours[m], theirs[m]) < 0]
-    scores = ", ".join(f"{m} {ours[m]:.4g} vs {theirs[m]:.4g}" for m in compared)
+    improved = [m for m in compared if -worsening(m, ours[m], theirs[m]) > rule.min_gain.get(m, 0.0)]
+    scores = ", ".join(f"{m} {ours[m]:.4g} vs {theirs[m]:.4g} (needs a gain over {rule.min_gain.get(m, 0.0):g})" for m in compared)
     if not compared:
         failed.append(f"none of {rule.better_any} was measured for both, so no improvement can be shown")
     elif not improved:
-        failed.append(f"none of {compared} is better ({scores})")
+        failed.append(f"none of {compared} is better by its margin: {scores}")
     if failed:
         return Decision(False, "; ".join(failed), ours, theirs)
     return Decision(True, f"{', '.join(improved)} better ({scores}); within tolerance: {'; '.join(checked) or 'none set'}", ours, theirs)

@@ -33,6 +33,7 @@ import json
 import logging
 import re
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,7 +133,7 @@ class Cycle:
                 f"run_name=retrain-{self.run}", f"dmd.syncnet={syncnet}", f"dmd.registered_name={self.config.registered_name}",
                 "dmd.registered_alias=", f"seed={self.data.seed}"]  # fmt: skip
         if champion:
-            teacher = tracking.find_version(champion, "model").tags.get(f"{lineage.UPSTREAM}teacher", "")
+            teacher = tracking.find_version(champion, "registered_name").tags.get(f"{lineage.UPSTREAM}teacher", "")
             given = any(item.startswith("teacher.weights=") for item in self.config.distill_args)
             if not teacher and not given:
                 raise ConfigError(f"{champion} records no teacher (tag upstream.teacher): give distill_args=[teacher.weights=...]")
@@ -159,27 +160,42 @@ def pending_inputs(data: DataJobConfig) -> tuple[int, int]:
     return len(items), sum(len(task.items) for task in tasks)
 
 
-def deliver_sample_upload(root: str, state: State) -> str:
-    """The embedded default's inbox `<root>/inbox.csv`: the sample's list, cut into two uploads
-    (everything but the VoxCeleb2 clips, then those), one more each time the last was trained on."""
+def deliver_sample_upload(inbox: str, delivered: int, trained: bool) -> int:
+    """The embedded default's uploads into the list `inbox`: the sample's list cut in two (everything
+    but the VoxCeleb2 clips, then those), the next one only once the last was `trained` on. Returns
+    how many uploads have arrived."""
     import pandas as pd
 
     from data_jobs.job import prepare_input
 
+    if delivered >= 2 or (delivered and not trained):
+        return delivered
     prepare_input(resolve_config(DataJobConfig, [f"input={DEFAULT_INPUT}"]))  # generates the sample once
-    inbox = storage.join(root, "inbox.csv")
-    delivered = state.values.get("uploads_delivered", 0)
-    if delivered >= 2 or (delivered and not state.last_finished()):
-        return inbox
     sample = pd.read_csv(DEFAULT_INPUT, keep_default_na=False)
     folder = storage.absolute(DEFAULT_INPUT).rsplit("/", 1)[0]
     for column in ("video", "audio"):
         sample[column] = [f"{folder}/{path}" if path else "" for path in sample[column]]
     arrived = sample[sample["dataset"] != "voxceleb2"] if delivered == 0 else sample
     storage.write_text(inbox, arrived.to_csv(index=False))
-    state.values["uploads_delivered"] = delivered + 1
     log.info("embedded default: upload %d of the sample arrived in %s", delivered + 1, inbox)
-    return inbox
+    return delivered + 1
+
+
+def raw_inputs(config: RetrainConfig, state: State, scratch: str) -> str:
+    """Where this cycle's raw inputs are listed: `input`, or the embedded default's inbox after its
+    next upload (a dry run builds that inbox in `scratch`, leaving the real one and the state alone)."""
+    if config.input:
+        return config.input
+    inbox = storage.join(config.root, "inbox.csv")
+    delivered, trained = state.values.get("uploads_delivered", 0), state.last_finished() is not None
+    if not config.dry_run:
+        state.values["uploads_delivered"] = deliver_sample_upload(inbox, delivered, trained)
+        return inbox
+    preview = storage.join(scratch, "inbox.csv")
+    if storage.exists(inbox):
+        storage.write_bytes(preview, storage.read_bytes(inbox))
+    deliver_sample_upload(preview, delivered, trained)
+    return preview
 
 
 def retrain(config: RetrainConfig) -> int:
@@ -201,24 +217,22 @@ def retrain(config: RetrainConfig) -> int:
 def plan_cycle(config: RetrainConfig, state: State) -> dict[str, Any] | None:
     """A new cycle's record, or None (and the reason printed) when there is nothing to do or it is a dry run."""
     date = run_date(config)
-    if config.input or not config.dry_run:
-        raw = config.input or deliver_sample_upload(config.root, state)
-    else:  # a dry run delivers nothing: it reads the inbox as it is
-        raw = storage.join(config.root, "inbox.csv")
-        print(f"retrain (dry run): embedded default; a real run first adds the sample's next upload to {raw}")
-    data = data_config(config, raw)
-    listed, pending = pending_inputs(data) if storage.exists(raw) else (0, 0)
+    with tempfile.TemporaryDirectory(prefix="lipforcing-retrain-") as scratch:
+        raw = raw_inputs(config, state, scratch)
+        data = data_config(config, raw)
+        listed, pending = pending_inputs(data) if storage.exists(raw) else (0, 0)
+    source = config.input or f"{storage.join(config.root, 'inbox.csv')} (the embedded sample's uploads)"
     last = state.last_finished()
     champion = promotion.current_champion(config.registered_name)
     if not pending and last is not None and not config.force:
-        print(f"retrain: nothing new in {raw} ({listed} inputs, all ingested) since cycle {last['run']} "
+        print(f"retrain: nothing new in {source} ({listed} inputs, all ingested) since cycle {last['run']} "
               f"({last['decision']}): nothing to do (force=true runs a cycle anyway)")  # fmt: skip
         return None
     run = state.new_run(date)
     if config.dry_run:
         start = f"fine-tune models:/{config.registered_name}/{champion} (@champion) with DMD" if champion else "distill a student in full (no champion yet)"
         rule = config.promotion
-        print(f"retrain (dry run): cycle {run} would ingest {pending} new of {listed} inputs from {raw} into {data.output}, "
+        print(f"retrain (dry run): cycle {run} would ingest {pending} new of {listed} inputs from {source} into {data.output}, "
               f"{start} into {storage.join(config.root, 'runs', run)}, evaluate the challenger"
               f"{' and the champion' if champion else ''} on {storage.join(data.output, 'heldout')}, and promote it when "
               f"{'it is the first' if not champion else f'no metric is worse than {rule.tolerances} allows and one of {rule.better_any} is better'} "

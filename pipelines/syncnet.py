@@ -67,7 +67,7 @@ class SyncNetJobConfig:
     # When the new SyncNet replaces syncnet@champion (which the data filter, the DMD reward and the
     # metrics read): both scored on this run's held-out clips; the first one becomes champion.
     promotion: PromotionRule = field(
-        default_factory=lambda: PromotionRule(tolerances={"val_accuracy": 0.02}, better_any=["offset_recovery_rate", "val_accuracy"])
+        default_factory=lambda: PromotionRule(tolerances={"val_accuracy": 0.02}, better_any=["offset_recovery_rate", "val_accuracy"], min_gain={})
     )
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 

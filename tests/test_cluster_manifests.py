@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lipforcing.config import load_config
 from pipelines.jobs import resolve_config
 
 CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
@@ -20,6 +21,12 @@ SCHEMAS = {
     "pipelines.retrain": ("pipelines.retrain", "RetrainConfig"),
 }
 RUN_DATE = "$(date -u +%F)"  # what a scheduled command passes as `date=`; its shell expands it
+WEEK_AGO = "$(date -u -d '-7 days' +%F)"
+
+
+def expand_dates(command: str) -> str:
+    """The command as its shell would run it on 2026-11-30."""
+    return command.replace(RUN_DATE, "2026-11-30").replace(WEEK_AGO, "2026-11-23")
 
 
 def entrypoints(document: dict) -> list[str]:
@@ -53,9 +60,17 @@ def test_entrypoints_resolve_against_the_job_schemas(path, monkeypatch):
     read: list[str] = []  # the datasets a job would open before submitting: none exist here
     for entrypoint in commands:
         for command in entrypoint.split("&&"):
-            words = shlex.split(command.replace(RUN_DATE, "2026-11-30"))
+            words = shlex.split(expand_dates(command))
             assert words[:2] == ["python", "-m"], command
             module, args = words[2], words[3:]
+            if module == "pipelines.compare":  # the report after a scheduled retrain: no profile, no Ray
+                from pipelines.compare import CompareConfig, one_item_lists
+                from pipelines.compare import validate as validate_compare
+
+                report = load_config(CompareConfig, overrides=one_item_lists(args))
+                validate_compare(report)
+                assert report.output.startswith("s3://") and report.since == "2026-11-23"
+                continue
             schema_module, schema_name = SCHEMAS[module]
             job = importlib.import_module(module)
             config = resolve_config(getattr(importlib.import_module(schema_module), schema_name), args)
@@ -142,7 +157,7 @@ def test_gpu_count_matches_the_profile_the_job_trains(name, monkeypatch):
     gpus = sum(int(pod["containers"][0].get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0)) * replicas
                for _, pod, replicas in pod_specs(document))  # fmt: skip
     command = next(c for e in entrypoints(document) for c in e.split("&&") if "pipelines.distill" in c or "pipelines.retrain" in c)
-    args = shlex.split(command.replace(RUN_DATE, "2026-11-30"))[3:]
+    args = shlex.split(expand_dates(command))[3:]
     if "pipelines.retrain" in command:  # the distill job a retrain cycle runs
         from pipelines.retrain import RetrainConfig
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import mlflow
 import pytest
@@ -29,11 +30,12 @@ def test_directions_of_the_metrics_the_paper_reports():
         ({"sync_c": 4.95, "ssim": 0.81, "fvd": 210.0}, True, "ssim better"),  # Sync-C 0.05 down, within 0.1
         ({"sync_c": 4.85, "ssim": 0.81, "fvd": 150.0}, False, "sync_c 4.85 vs 5 (worse by 0.15"),  # 0.15 down
         ({"sync_c": 5.50, "ssim": 0.80, "fvd": 200.0}, False, "none of ['fvd', 'ssim'] is better"),  # ties improve nothing
+        ({"sync_c": 5.00, "ssim": 0.8005, "fvd": 199.5}, False, "ssim 0.8005 vs 0.8 (needs a gain over 0.001)"),  # noise
         ({"sync_c": 5.00, "ssim": 0.70, "fvd": 190.0}, True, "fvd better"),  # FVD alone is enough
     ],
 )
 def test_the_default_rule(challenger, promoted, words):
-    """Sync-C not worse by more than 0.1, and FVD or SSIM better."""
+    """Sync-C not worse by more than 0.1, and FVD better by over 1 or SSIM by over 0.001."""
     decision = decide(challenger, CHAMPION, PromotionRule())
     assert decision.promote is promoted and words in decision.reason
 
@@ -63,8 +65,10 @@ def test_rules_are_config_with_named_errors():
         validate_rule(PromotionRule(tolerances={"lpips": 0.1}), "promotion")
     with pytest.raises(ConfigError, match="'promotion.better_any'"):
         validate_rule(PromotionRule(better_any=["accuracy"]), "promotion")
-    with pytest.raises(ConfigError, match="tolerances >= 0"):
+    with pytest.raises(ConfigError, match=r"'promotion.tolerances' has \{'sync_c': -1.0\}"):
         validate_rule(PromotionRule(tolerances={"sync_c": -1.0}), "promotion")
+    with pytest.raises(ConfigError, match="'promotion.min_gain' names"):
+        validate_rule(PromotionRule(min_gain={"lpips": 0.1}), "promotion")
     with pytest.raises(ConfigError, match="mode"):
         load_config(PromotionRule, overrides=["mode=sometimes"])
 
@@ -74,6 +78,7 @@ def test_a_decision_moves_the_alias_only_when_promoted_and_is_recorded(tmp_path,
     """In a real SQLite registry: each new version becomes @challenger; @champion moves only on a
     promotion; the version and the active run carry the decision and the numbers."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])  # MLflow keeps the last store it was pointed at
     weights = tmp_path / "w.bin"
     weights.write_bytes(b"planted")
     name = "gated"

@@ -1,6 +1,6 @@
 """`make retrain` end to end on real services: two cycles in a SQLite MLflow store on the local Ray,
-the first promoting (there is no champion), the second refused (its student is made worse on
-purpose), a same-day rerun with no new data that does nothing, and a dry run that changes nothing."""
+the first promoting (there is no champion), the second refused (its student is no better by
+construction), a same-day rerun with no new data that does nothing, and a dry run that changes nothing."""
 
 from __future__ import annotations
 
@@ -22,9 +22,10 @@ FAST = [
     "distill_args=[teacher.base.steps=4,teacher.train.steps=2,student.train.steps=2,dmd.train.steps=2]",
     "eval_args=[clips=2,max_frames=33,samples=0]",
 ]
-# The second cycle's student is ruined on purpose: large DMD steps on every iteration. Adam moves each
-# weight by about the learning rate per step, so the weights stay finite while the output degrades.
-RUINED = "distill_args=[dmd.train.steps=3,dmd.student_every=1,dmd.train.lr=0.05]"
+# The second cycle's student is no better than the champion by construction: fine-tuned with a zero
+# learning rate it is the champion's weights again, so the same eval gives the same numbers. (The tiny
+# profile's random-init models score at the floor, SSIM ~0.001, so "worse" cannot be made reliably.)
+NO_BETTER = "distill_args=[dmd.train.steps=2,dmd.train.lr=0.0]"
 
 
 def write_upload(sample_list: str, inbox: str, datasets_left_out: tuple[str, ...]) -> None:
@@ -80,16 +81,17 @@ def test_two_cycles_one_promotion_one_refusal_and_an_idempotent_rerun(sample_lis
     assert "would ingest 3 new of 15 inputs" in said and f"fine-tune models:/{NAME}/1 (@champion)" in said
     assert State(root).values == state_before and versions() == [1]
 
-    # Cycle 2: the champion fine-tuned on the grown data, ruined on purpose: refused, champion kept.
-    assert run("date=2026-12-07", RUINED) == 0
+    # Cycle 2: the champion fine-tuned on the grown data, no better by construction: refused, champion kept.
+    assert run("date=2026-12-07", NO_BETTER) == 0
     assert client.get_model_version_by_alias(NAME, "champion").version == 1
     challenger = client.get_model_version_by_alias(NAME, "challenger")
     assert challenger.version == 2 and challenger.tags["promotion.decision"] == "refused"
     assert challenger.tags["upstream.student.version"] == f"{NAME}/1"  # fine-tuned from the champion ...
     assert challenger.tags["upstream.teacher"] == teacher  # ... with the teacher it was distilled with
     numbers = json.loads(challenger.tags["promotion.numbers"])
-    assert numbers["challenger"]["ssim"] < numbers["champion"]["ssim"]  # the construction did ruin it
-    assert "none of ['ssim'] is better" in challenger.tags["promotion.reason"]
+    for metric in ("ssim", "sync_c", "sync_d", "mouth_l1"):  # the construction holds: the same student, the same eval
+        assert numbers["challenger"][metric] == numbers["champion"][metric], metric
+    assert challenger.tags["promotion.reason"].startswith("none of ['ssim'] is better by its margin")  # no FVD weights here
     second = [r for r in retrain_runs() if r.data.tags["retrain.run"] == "2026-12-07"]
     assert len(second) == 1 and second[0].data.tags["retrain.decision"] == "refused"
     assert second[0].data.metrics["champion.ssim"] == pytest.approx(numbers["champion"]["ssim"])
@@ -105,18 +107,18 @@ def test_the_embedded_default_delivers_the_sample_in_two_uploads(sample_list, tm
     """With no input, the sample arrives as two uploads: the held-out identity with the first, the
     VoxCeleb2 clips with the second, each only once the last was trained on."""
     monkeypatch.setattr("pipelines.retrain.DEFAULT_INPUT", sample_list)
-    root = str(tmp_path)
-    state = State(root)
-    inbox = deliver_sample_upload(root, state)
+    inbox = str(tmp_path / "inbox.csv")
+    assert deliver_sample_upload(inbox, 0, trained=False) == 1
     first = pd.read_csv(inbox, keep_default_na=False)
     assert "voxceleb2" not in set(first["dataset"]) and "heldout" in set(first["split"])
-    assert all(os.path.isabs(v) and os.path.exists(v) for v in first["video"] if "bad_" not in v)
-    assert len(pd.read_csv(deliver_sample_upload(root, state))) == len(first)  # not trained on yet: no new upload
-    state.cycles.append({"run": "d", "status": "done", "decision": "promoted"})
-    everything = pd.read_csv(deliver_sample_upload(root, state), keep_default_na=False)
-    assert len(everything) == len(pd.read_csv(sample_list)) and "voxceleb2" in set(everything["dataset"])
-    state.cycles.append({"run": "e", "status": "done", "decision": "refused"})
-    assert len(pd.read_csv(deliver_sample_upload(root, state))) == len(everything)  # nothing more arrives
+    assert all(os.path.isabs(v) and os.path.exists(v) for v in first["video"])
+    assert deliver_sample_upload(inbox, 1, trained=False) == 1  # not trained on yet: nothing arrives
+    assert len(pd.read_csv(inbox)) == len(first)
+    assert deliver_sample_upload(inbox, 1, trained=True) == 2
+    everything = pd.read_csv(inbox, keep_default_na=False)
+    assert len(everything) == len(pd.read_csv(sample_list)) and set(everything["dataset"]) - set(first["dataset"]) == {"voxceleb2"}
+    assert deliver_sample_upload(inbox, 2, trained=True) == 2  # nothing more arrives
+    assert len(pd.read_csv(inbox)) == len(everything)
 
 
 @pytest.mark.parametrize(("arg", "key"), [("date=2026-02-30", "'date'"), ("distill_args=[steps]", "'distill_args'"),

@@ -86,3 +86,27 @@ def test_two_workers_train_on_a_single_shard(sample_shards, local_ray, mlflow_st
     [run] = syncnet_runs(output)
     assert [m.step for m in history(run.info.run_id, "loss")] == [1, 2, 3, 4]
     assert run.data.metrics["data/skipped_samples"] == 0
+
+
+def test_a_new_syncnet_moves_the_champion_only_through_the_gate(sample_shards, local_ray, tmp_path, monkeypatch):
+    """In its own store: the first SyncNet becomes champion; the same training again (same seed, same
+    data, so the same held-out numbers) improves nothing and is refused, staying @challenger; forced
+    (`promotion.mode=always`), a third moves the alias and says why."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+
+    def train(name: str, *args: str) -> None:
+        config = resolve_config(SyncNetJobConfig, [f"data={sample_shards}", f"output={tmp_path / name}", "train.steps=6", *args])
+        assert train_syncnet(config) == 0
+
+    train("first")
+    assert client.get_model_version_by_alias("syncnet", "champion").version == 1
+    train("again")
+    again = client.get_model_version("syncnet", "2")
+    assert again.tags["promotion.decision"] == "refused" and "is better" in again.tags["promotion.reason"]
+    assert again.tags["promotion.champion_before"] == "1"
+    assert client.get_model_version_by_alias("syncnet", "champion").version == 1
+    assert client.get_model_version_by_alias("syncnet", "challenger").version == 2
+    train("forced", "promotion.mode=always")
+    forced = client.get_model_version_by_alias("syncnet", "champion")
+    assert forced.version == 3 and forced.tags["promotion.reason"].startswith("promotion forced")
