@@ -28,12 +28,14 @@ embedded sample arrives in two uploads, the next one each time the previous one 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
 import re
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -258,7 +260,10 @@ def run_cycle(config: RetrainConfig, state: State, record: dict[str, Any]) -> in
     trained_on = lineage.data_lineage(cycle.data.output)
     last = state.last_finished()
     if last is not None and last.get("manifest_sha256") == trained_on.manifest_sha256 and not config.force:
-        return finish(state, record, "no_new_samples", "the new inputs added no training sample (all rejected)", config)
+        reason = "the new inputs added no training sample (all rejected: see the data run's rejects)"
+        with decision_run(config, record, "no_new_samples", reason):
+            pass
+        return finish(state, record, "no_new_samples", reason, config)
     record["manifest_sha256"] = trained_on.manifest_sha256
     champion_version = record["champion_before"]
     champion = f"models:/{config.registered_name}/{champion_version}" if champion_version else ""
@@ -271,13 +276,22 @@ def run_cycle(config: RetrainConfig, state: State, record: dict[str, Any]) -> in
     challenger = f"models:/{config.registered_name}/{record['challenger']}"
     scores = {side: evaluated(cycle, uri, syncnet, side) for side, uri in (("challenger", challenger), ("champion", champion)) if uri}
     decision = promotion.decide(scores["challenger"], scores.get("champion"), config.promotion)
-    with tracking.start_run("retrain", config=config, tags={"job": "retrain", "retrain.run": cycle.run, "retrain.date": record["date"]}) as run:
-        mlflow.log_params({"challenger": challenger, "champion": champion or "none", "syncnet": syncnet, "data_run": record["data_run"]})
+    with decision_run(config, record, decision.verdict, decision.reason):
+        mlflow.log_params({"challenger": challenger, "champion": champion or "none", "syncnet": syncnet})
         promotion.record(decision, config.registered_name, record["challenger"], champion_version)
-        mlflow.set_tags({"retrain.decision": decision.verdict, "retrain.reason": decision.reason[:5000]})
-        record["mlflow_run"] = run.info.run_id
     record.update(challenger_metrics=decision.challenger, champion_metrics=decision.champion)
     return finish(state, record, decision.verdict, decision.reason, config)
+
+
+@contextlib.contextmanager
+def decision_run(config: RetrainConfig, record: dict[str, Any], decision: str, reason: str) -> Iterator[None]:
+    """The cycle's MLflow run `retrain`, which says what was decided and why (`retrain.*` tags)."""
+    tags = {"job": "retrain", "retrain.run": record["run"], "retrain.date": record["date"],
+            "retrain.decision": decision, "retrain.reason": reason[:5000]}  # fmt: skip
+    with tracking.start_run("retrain", config=config, tags=tags) as run:
+        mlflow.log_param("data_run", record["data_run"])
+        record["mlflow_run"] = run.info.run_id
+        yield
 
 
 def pinned_syncnet(cycle: Cycle) -> str:

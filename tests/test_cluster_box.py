@@ -169,22 +169,27 @@ def finish(process: subprocess.Popen, timeout: float = 1200) -> str:
 INGEST_CALL = "MapWorker(MapBatches(IngestWorker)).submit"
 
 
-@pytest.mark.skip(reason="OPEN (see the stop note): since ingest got faster, the data job on the box ends before the "
-                  "Ray State API lists a running ingest task or actor, so the kill cannot be aimed; needs a kill "
-                  "aimed from inside the job (e.g. an ingest task that signals its node) before it runs again")
 def test_a_worker_node_dies_mid_data_job(box, pipeline):
     """Node loss during ingest: the lost task reruns elsewhere (on a replacement node) and the job
-    ends with exactly the keys of the undisturbed run of the same input, no duplicates, no gaps."""
+    ends with exactly the segments of the undisturbed run of the same clips, no duplicates, no gaps."""
+    from collections import Counter
+
     from data_jobs.manifest import read_table
 
     bucket = f"s3://{box.bucket}"
-    # Three inputs per task: a task runs for seconds. The node dies once a task has committed while
-    # the job goes on: every actor is then busy with a task (more tasks are queued than there are
-    # actors), so the dying node takes a running task with it. The state API reports task states
-    # late, so the victim is picked by its live actor, not by a task seen running.
-    args = f"input={bucket}/raw output={bucket}/data-kill execution.progress=false write.inputs_per_task=3"
+    # Enough work that the job is still running when the first task commits: each clip of the
+    # undisturbed run four times over (new names, so new keys), two inputs per task, four times as
+    # many tasks as ingest actors. The node dies once a task has committed while the job goes on:
+    # every actor is then busy, so the dying node takes a running task with it. The state API reports
+    # task states late, so the victim is picked by its live actor, not by a task seen running.
+    copies = 4
+    for copy in range(copies):
+        for name in CLIPS:
+            storage.write_bytes(f"{bucket}/raw-kill/videos/c{copy}_{name}", storage.read_bytes(f"{bucket}/raw/videos/{name}"))
+    args = f"input={bucket}/raw-kill output={bucket}/data-kill execution.progress=false write.inputs_per_task=2"
     args += f" score.syncnet={bucket}/data/syncnet/syncnet.pt"  # the undisturbed run's SyncNet: the same verdicts
     job = make(box, "data", args, wait=False)
+
     def mid_job() -> list[dict]:
         assert job.poll() is None, "the data job ended before a node could be killed in its middle"
         if not storage.glob(f"{bucket}/data-kill/aligned/stats/*.json"):
@@ -200,9 +205,15 @@ def test_a_worker_node_dies_mid_data_job(box, pipeline):
     calls = [t for t in box.tasks(INGEST_CALL) if t["job_id"] == running["job_id"]]  # one entry per call or attempt
     assert len(calls) > tasks, "the killed node's task was not run again"
     killed, undisturbed = read_table(f"{bucket}/data-kill/manifest.parquet"), read_table(f"{bucket}/data/manifest.parquet")
-    assert sorted(killed["key"]) == sorted(undisturbed["key"])
+
+    def segments(table, copy_prefix: bool) -> Counter:
+        """(clip, segment start) of each row; a copy counts as the clip it copies."""
+        names = [source.rsplit("/", 1)[1].split("_", 1)[1] if copy_prefix else source.rsplit("/", 1)[1] for source in table["source"]]
+        return Counter(zip(names, table["start_s"].round(3)))
+
+    assert segments(killed, True) == Counter({seg: n * copies for seg, n in segments(undisturbed, False).items()})
     members = [name for url in storage.glob(f"{bucket}/data-kill/shards/*.tar") for name in _tar_keys(url)]
-    assert sorted(members) == sorted(killed["key"])  # each sample once
+    assert sorted(members) == sorted(killed["key"]) and len(set(members)) == len(members)  # each sample once
 
 
 def _tar_keys(url: str) -> list[str]:

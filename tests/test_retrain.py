@@ -97,6 +97,15 @@ def test_two_cycles_one_promotion_one_refusal_and_an_idempotent_rerun(sample_lis
     assert second[0].data.metrics["champion.ssim"] == pytest.approx(numbers["champion"]["ssim"])
     cycles = State(root).cycles
     assert [(c["run"], c["status"], c["decision"]) for c in cycles] == [("2026-11-30", "done", "promoted"), ("2026-12-07", "done", "refused")]
+    # An upload whose one file is rejected: a cycle that trains nothing, and says why in MLflow.
+    broken = tmp_path / "upload3.mp4"
+    broken.write_bytes(b"not a video" * 100)
+    rows = pd.read_csv(inbox, keep_default_na=False)
+    pd.concat([rows, rows.iloc[:1].assign(video=str(broken), audio="")]).to_csv(inbox, index=False)
+    assert run("date=2026-12-14") == 0
+    third = [r for r in retrain_runs() if r.data.tags["retrain.run"] == "2026-12-14"]
+    assert len(third) == 1 and third[0].data.tags["retrain.decision"] == "no_new_samples"
+    assert versions() == [1, 2] and State(root).cycles[-1]["decision"] == "no_new_samples"
     # both students were judged on the one held-out split the first upload brought
     reports = [json.load(open(f"{root}/runs/2026-12-07/eval/{side}/report.json")) for side in ("challenger", "champion")]
     keys = [[clip["key"] for clip in report["clips"]] for report in reports]
