@@ -418,10 +418,11 @@ def listing_reject_rows(items: list[InputItem]) -> list[dict[str, Any]]:
     return rows
 
 
-def plan_ingest(config: DataJobConfig) -> tuple[list[InputItem], dict[str, dict], dict[str, dict], list[Task]]:
+def plan_ingest(config: DataJobConfig, items: list[InputItem] | None = None) -> tuple[list[InputItem], dict[str, dict], dict[str, dict], list[Task]]:
     """(inputs listed, markers found, markers kept, tasks still to run) of the ingest at `config.output`:
-    what a run would do, read from the listing and the commit markers without processing anything."""
-    items = list_inputs(config.input, config.split)
+    what a run would do, read from the listing (`items`, else `config.input`'s) and the commit markers
+    without processing anything."""
+    items = list_inputs(config.input, config.split) if items is None else items
     markers = read_markers(Layout(config.output).stats)
     kept = kept_markers(markers, items, data_config_hash(config), config.output)
     return items, markers, kept, plan_tasks(config, items, {video for stats in kept.values() for video in stats["inputs"]})

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 import time
@@ -69,7 +70,7 @@ def absolute(url: str | Path) -> str:
     """The location as one that names the same place from any working directory (a relative
     local path made absolute; URLs as they are), for records other jobs read later."""
     text = str(url)
-    return os.path.abspath(text) if "://" not in text else text
+    return text if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", text) else os.path.abspath(text)  # s3://, models:/ ...
 
 
 def join(url: str | Path, *parts: str) -> str:

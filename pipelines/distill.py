@@ -29,7 +29,8 @@ TRAINED = ("teacher_base", "teacher", "student", "dmd")
 log = logging.getLogger("lipforcing.distill")
 
 
-def validate(config: DistillConfig) -> None:
+def validate(config: DistillConfig, check_data: bool = True) -> None:
+    """Values that depend on each other, the weights a profile needs and (`check_data`) the data to read."""
     unknown = [s for s in config.stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"config key 'stages' has {unknown}; allowed values: {', '.join(STAGES)}")
@@ -50,6 +51,8 @@ def validate(config: DistillConfig) -> None:
     for section, trainer in trainers(config).items():
         if trainer.num_workers is not None:  # else the cluster's GPU count decides, checked at launch
             accumulation(trainer, trainer.num_workers, section)
+    if not check_data:
+        return
     if config.latents:
         check_readable(config.latents, ("pth",), "latents")
     else:
@@ -140,7 +143,7 @@ def log_lineage(config: DistillConfig) -> dict[str, str]:
     upstream = {}
     for role, key in (("teacher", "teacher.weights"), ("student", "student.weights")):
         if given_weights(config, role):
-            tags, pinned = lineage.log_upstream(role, given_weights(config, role), key)
+            tags, pinned = lineage.log_upstream(role, storage.absolute(given_weights(config, role)), key)
             getattr(config, role).weights = pinned
             upstream.update(tags)
     if "dmd" in config.stages and not config.teacher.weights:  # the teacher trained here: a later run can reuse it

@@ -52,9 +52,9 @@ def validate_rule(rule: PromotionRule, key: str) -> None:
         if unknown:
             raise ConfigError(f"config key '{key}.{name}' names {unknown}; allowed values: {', '.join(sorted(known))}")
     for name, values in (("tolerances", rule.tolerances), ("min_gain", rule.min_gain)):
-        negative = {m: t for m, t in values.items() if t < 0}
-        if negative:
-            raise ConfigError(f"config key '{key}.{name}' has {negative}; allowed values: numbers >= 0")
+        bad = {m: t for m, t in values.items() if not (math.isfinite(t) and t >= 0)}
+        if bad:
+            raise ConfigError(f"config key '{key}.{name}' has {bad}; allowed values: finite numbers >= 0")
 
 
 def worsening(metric: str, challenger: float, champion: float) -> float:
@@ -127,8 +127,12 @@ def record(decision: Decision, name: str, version: int | str, champion_version: 
 
 
 def current_champion(name: str) -> str:
-    """The version number `@champion` points at now, or "" when there is none."""
+    """The version number `@champion` points at now, or "" when there is none. Any other registry
+    error (an unreachable server) is raised: read as "no champion", it would let the next model
+    replace the real one unchecked."""
     try:
         return str(mlflow.tracking.MlflowClient().get_model_version_by_alias(name, CHAMPION).version)
-    except mlflow.exceptions.MlflowException:
-        return ""
+    except mlflow.exceptions.MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):  # no such model / alias
+            return ""
+        raise

@@ -4,14 +4,16 @@ Pairs are 50/50: a video window with its own audio (label 1) or with audio from 
 shifted by at least one window (label 0); the loss is BCE on the scaled cosine similarity.
 Validation reports pair accuracy and the offset-recovery rate: held-out clips get their audio
 shifted by known amounts and the SyncNet must find each shift within +-1 frame.
-The data job's sync filter, the DMD reward and the metrics read `models:/syncnet@champion`, which a
-new version replaces only through the promotion gate (`promotion`, pipelines/promotion.py); each
+The DMD reward and the metrics read `models:/syncnet@champion` by default, which a new version
+replaces only through the promotion gate (`promotion`, pipelines/promotion.py); the data job scores
+with the version it trained itself when it had to (pipelines/syncnet_choice.py). Each
 registered version is tagged with the lineage of its training data (`lineage.*`), which the data job
 checks before it scores other data with it (pipelines/syncnet_choice.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import random
@@ -39,7 +41,14 @@ from lipforcing.data.shards import (
     training_samples,
     worker_reader,
 )
-from lipforcing.models.syncnet import StableSyncNet, SyncNetConfig, load_syncnet, save_syncnet, score_clip
+from lipforcing.models.syncnet import (
+    StableSyncNet,
+    SyncModel,
+    SyncNetConfig,
+    load_syncnet,
+    save_syncnet,
+    score_clip,
+)
 from pipelines.jobs import run_job
 from pipelines.promotion import Decision, PromotionRule, validate_rule
 from pipelines.trainer import Stage, TrainerConfig, fit
@@ -164,7 +173,7 @@ class SyncNetStage(Stage[SyncNetJobConfig]):
 
 
 @torch.no_grad()
-def held_out_metrics(model: StableSyncNet, config: SyncNetJobConfig) -> dict[str, float]:
+def held_out_metrics(model: SyncModel, config: SyncNetJobConfig) -> dict[str, float]:
     """Pair accuracy and offset recovery on held-out clips (all clips when none is held out)."""
     from lipforcing.data.shards import Reader, epoch_samples
 
@@ -209,7 +218,10 @@ def gate(config: SyncNetJobConfig, run_id: str, version: int) -> Decision:
             weights, _ = tracking.resolve_model(f"models:/{REGISTERED_NAME}/{champion_version}", scratch, "syncnet")
             scores = held_out_metrics(load_syncnet(SyncNetConfig(weights=weights), key="syncnet").eval(), config)
         champion = {k: scores[k] for k in keys if k in scores}
-    decision = decide(challenger, champion, config.promotion)
+    rule = config.promotion
+    if champion is not None:  # the public syncnet_v2 layout has no pair classifier: no pair accuracy to hold it to
+        rule = dataclasses.replace(rule, tolerances={k: v for k, v in rule.tolerances.items() if k in champion})
+    decision = decide(challenger, champion, rule)
     record(decision, REGISTERED_NAME, version, champion_version)
     log.info("syncnet version %s %s as @champion: %s", version, decision.verdict, decision.reason)
     return decision

@@ -196,8 +196,11 @@ def test_a_worker_node_dies_mid_data_job(box, pipeline):
             return []
         return box.actors("IngestWorker")
 
-    wait_for(mid_job, 900, "a committed ingest task while the job goes on")
-    running = mid_job()[0]
+    deadline = time.monotonic() + 900
+    while not (actors := mid_job()):
+        assert time.monotonic() < deadline, "timed out waiting for a committed ingest task while the job goes on"
+        time.sleep(1)
+    running = actors[0]
     victim = box.node_of(running["node_id"])
     replace_a_worker(box, victim)
     finish(job)

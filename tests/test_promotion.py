@@ -44,7 +44,8 @@ def test_a_metric_measured_for_one_side_only_is_not_compared():
     """No FVD weights for the champion's eval: only SSIM can show the improvement; a guarded metric
     that is missing (or NaN) refuses, since the tolerance cannot be checked."""
     rule = PromotionRule()
-    assert decide({"sync_c": 5.0, "ssim": 0.79, "fvd": 10.0}, {"sync_c": 5.0, "ssim": 0.8}, rule).promote is False
+    one_sided = decide({"sync_c": 5.0, "ssim": 0.79, "fvd": 10.0}, {"sync_c": 5.0, "ssim": 0.8}, rule)
+    assert not one_sided.promote and one_sided.reason.startswith("none of ['ssim'] is better by its margin")
     refused = decide({"sync_c": math.nan, "ssim": 0.9}, {"sync_c": 5.0, "ssim": 0.8}, rule)
     assert not refused.promote and "sync_c was not measured for both" in refused.reason
     nothing = decide({"sync_c": 5.0}, {"sync_c": 5.0}, rule)
@@ -67,6 +68,8 @@ def test_rules_are_config_with_named_errors():
         validate_rule(PromotionRule(better_any=["accuracy"]), "promotion")
     with pytest.raises(ConfigError, match=r"'promotion.tolerances' has \{'sync_c': -1.0\}"):
         validate_rule(PromotionRule(tolerances={"sync_c": -1.0}), "promotion")
+    with pytest.raises(ConfigError, match=r"'promotion.tolerances' has \{'sync_c': nan\}"):
+        validate_rule(PromotionRule(tolerances={"sync_c": math.nan}), "promotion")  # NaN would never fail
     with pytest.raises(ConfigError, match="'promotion.min_gain' names"):
         validate_rule(PromotionRule(min_gain={"lpips": 0.1}), "promotion")
     with pytest.raises(ConfigError, match="mode"):
@@ -105,3 +108,17 @@ def test_a_decision_moves_the_alias_only_when_promoted_and_is_recorded(tmp_path,
     logged = client.get_run(gate_run.info.run_id).data
     assert logged.tags["promotion.decision"] == "refused"
     assert logged.metrics["challenger.sync_c"] == 3.0 and logged.metrics["champion.fvd"] == 200.0
+
+
+def test_an_unreachable_registry_is_not_read_as_no_champion(monkeypatch):
+    """Taken for "no champion", an outage would let the next model replace the champion unchecked."""
+    from tests.conftest import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    mlflow.set_tracking_uri(f"http://127.0.0.1:{free_port()}")
+    try:
+        with pytest.raises(mlflow.exceptions.MlflowException):
+            current_champion("lipforcing-student")
+    finally:
+        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", ""))

@@ -131,9 +131,36 @@ def test_the_embedded_default_delivers_the_sample_in_two_uploads(sample_list, tm
 
 
 @pytest.mark.parametrize(("arg", "key"), [("date=2026-02-30", "'date'"), ("distill_args=[steps]", "'distill_args'"),
-                                          ("promotion.better_any=[lpips]", "'promotion.better_any'")])  # fmt: skip
+                                          ("promotion.better_any=[lpips]", "'promotion.better_any'"),
+                                          ("distill_args=[dmd.registered_alias=champion]", "'distill_args' sets"),
+                                          ("eval_args=[student_weights=x]", "'eval_args' sets"),
+                                          ("profile=1.3b", "'distill_args': config keys .*dit_weights"),
+                                          ("root=s3://bucket/retrain", "'input' is empty")])  # fmt: skip
 def test_config_errors_name_the_key(arg, key):
     from pipelines.retrain import validate
 
     with pytest.raises(ConfigError, match=key):
         validate(resolve_config(RetrainConfig, [arg]))
+
+
+def test_a_missing_input_is_an_error_not_nothing_new(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    with pytest.raises(ConfigError, match="'input' is .* which does not exist"):
+        retrain(resolve_config(RetrainConfig, [f"input={tmp_path}/no-such-bucket/", f"root={tmp_path}/r"]))
+
+
+def test_an_unfinished_cycle_is_resumed_or_abandoned_and_runs_never_reuse_a_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    root = str(tmp_path / "r")
+    state = State(root)
+    state.cycles.append({"run": "2026-11-30", "status": "running"})
+    state.save()
+    assert retrain(resolve_config(RetrainConfig, [f"root={root}", "dry_run=true"])) == 0
+    assert "cycle 2026-11-30 did not finish; would resume it" in capsys.readouterr().out
+    assert retrain(resolve_config(RetrainConfig, [f"root={root}", "abandon=true"])) == 0
+    assert State(root).cycles[0]["status"] == "abandoned" and State(root).unfinished() is None
+    os.makedirs(f"{root}/runs/2026-12-01.2")  # a folder the state does not know of (a lost state file)
+    assert State(root).new_run("2026-11-30", root) == "2026-11-30.2"
+    assert State(root).new_run("2026-12-01", root) == "2026-12-01"
+    os.makedirs(f"{root}/runs/2026-12-01")
+    assert State(root).new_run("2026-12-01", root) == "2026-12-01.3"
