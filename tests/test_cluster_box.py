@@ -268,6 +268,39 @@ def test_a_worker_node_dies_mid_distill_stage(box, pipeline):
     assert storage.exists(f"{bucket}/distill-kill/dmd/dit.safetensors")
 
 
+def test_make_retrain_on_the_cluster_and_its_tracking_server(box, pipeline):
+    """`make retrain` submitted to the box: the cycle's data, distill and eval jobs run on the workers,
+    everything lives on s3:// and in the tracking server; with no champion yet the challenger is
+    promoted, the decision is a run in the server, and a rerun finds nothing new. Then `make compare`
+    reads the server and logs its report there."""
+    import pandas as pd
+
+    bucket = f"s3://{box.bucket}"
+    videos = [name for name in CLIPS if not name.startswith("bad_")]
+    uploads = pd.DataFrame({"video": [f"{bucket}/raw/videos/{name}" for name in videos], "dataset": "hdtf",
+                            "identity": videos, "split": ["heldout" if name.startswith("hdtf_") else "train" for name in videos]})  # fmt: skip
+    storage.write_text(f"{bucket}/uploads/list.csv", uploads.to_csv(index=False))
+    fast = ",".join(STEPS.split())
+    args = (f"input={bucket}/uploads/list.csv root={bucket}/retrain date=2026-11-30 data_args=[score.enabled=false,execution.progress=false] "
+            f"distill_args=[{fast}] eval_args=[clips=1,max_frames=33,samples=0]")  # fmt: skip
+    first = make(box, "retrain", args).stdout
+    assert "retrain cycle 2026-11-30: promoted: no champion yet" in first, first[-3000:]
+    state = json.loads(storage.read_text(f"{bucket}/retrain/retrain.json"))
+    assert [(c["run"], c["decision"]) for c in state["cycles"]] == [("2026-11-30", "promoted")]
+    client = mlflow.tracking.MlflowClient()
+    champion = client.get_model_version_by_alias("lipforcing-student", "champion")
+    assert champion.tags["promotion.decision"] == "promoted" and champion.tags["weights"].startswith("mlflow-artifacts:")
+    [decision] = mlflow.search_runs(experiment_names=["lipforcing"], filter_string="tags.job = 'retrain'", output_format="list")
+    assert decision.data.tags["retrain.decision"] == "promoted" and decision.data.params["challenger"].endswith(f"/{champion.version}")
+    assert storage.exists(f"{bucket}/retrain/runs/2026-11-30/eval/challenger/report.json")
+    again = make(box, "retrain", args).stdout
+    assert "nothing to do" in again, again[-3000:]
+    report = make(box, "compare", f"output={bucket}/compare").stdout
+    assert storage.exists(f"{bucket}/compare/report.html") and "compared" in report
+    [compare_run] = mlflow.search_runs(experiment_names=["lipforcing"], filter_string="tags.job = 'compare'", output_format="list")
+    assert "report.html" in {a.path for a in client.list_artifacts(compare_run.info.run_id)}
+
+
 def test_status_logs_and_stop_act_on_the_last_submitted_job(box, pipeline):
     env = user_env(box)
     checked = subprocess.run([sys.executable, "-m", "pipelines.cluster_check"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
