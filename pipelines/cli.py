@@ -12,6 +12,7 @@ COMMANDS = {
     "encode": "pipelines.encode",
     "distill": "pipelines.distill",
     "eval": "pipelines.evaluate",
+    "infer": "pipelines.infer",
     "retrain": "pipelines.retrain",
     "compare": "pipelines.compare",
     "bench": "benchmarks",

@@ -7,7 +7,8 @@ Each row: `video` is an aligned face-crop clip at 25 fps (what `make data` write
 `audio` the speech to lip-sync it to (any file FFmpeg reads; empty: the video's own audio track),
 `output` where the generated mp4 (with that audio) is written (a path or object-storage URL). The
 student streams the clip chunk by chunk with its two-step schedule, as `make eval` runs it; the
-clip's first frame is the reference. Generated crops are not pasted back into full frames. The
+clip's first frame is the reference. With `full_frame` true, `video` is any talking-head video and
+the row runs `make infer`'s code (face tracking, the crop, paste-back into the frames). The
 model names its run's weights file rather than holding a copy (`tracking.register_model`).
 """
 
@@ -19,6 +20,7 @@ import tempfile
 from typing import Any
 
 import mlflow
+import numpy as np
 import pandas as pd
 import torch
 from mlflow.models.signature import ModelSignature
@@ -31,7 +33,8 @@ from lipforcing.data.shards import Clip, decode_mp4
 from pipelines import tracking
 
 SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("string", "video"), ColSpec("string", "audio", required=False), ColSpec("string", "output")]),
+    inputs=Schema([ColSpec("string", "video"), ColSpec("string", "audio", required=False), ColSpec("string", "output"),
+                   ColSpec("boolean", "full_frame", required=False)]),  # fmt: skip
     outputs=Schema([ColSpec("string", "output"), ColSpec("long", "frames"), ColSpec("double", "fps")]),
 )
 SETTINGS = ("profile", "model", "window", "decoder", "seed")  # the EvalConfig keys inference needs
@@ -67,6 +70,9 @@ class LipSyncStudent(mlflow.pyfunc.PythonModel):
 
         rows = []
         for row in model_input.to_dict("records"):
+            if isinstance(row.get("full_frame"), bool | np.bool_) and row["full_frame"]:  # a missing cell is NaN
+                rows.append(self.lipsync_video(row))
+                continue
             clip = prepare_clip(read_crop_clip(row["video"], row.get("audio") or ""), self.config.window.size, self.evaluator.first_chunk_frames)
             if isinstance(clip, str):
                 raise ValueError(f"{row['video']}: {clip}")
@@ -75,6 +81,16 @@ class LipSyncStudent(mlflow.pyfunc.PythonModel):
             storage.write_bytes(row["output"], video)
             rows.append({"output": row["output"], "frames": int(generation.frames.shape[0]), "fps": float(generation.fps)})
         return pd.DataFrame(rows, columns=["output", "frames", "fps"])
+
+
+    def lipsync_video(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A whole video (`full_frame`): `make infer`'s code with this model's student and settings."""
+        from pipelines.infer import InferConfig, lipsync
+
+        settings = {key: getattr(self.config, key) for key in ("profile", "model", "window", "decoder", "seed")}
+        config = InferConfig(video=row["video"], audio=row.get("audio") or "", output=row["output"], **settings)
+        result = lipsync(config, self.evaluator)
+        return {"output": row["output"], "frames": len(result.sources), "fps": float(result.student_fps)}
 
 
 def log_student(run_id: str, weights_artifact: str, eval_settings: Any, name: str, tags: dict[str, str], alias: str | None = None) -> int:

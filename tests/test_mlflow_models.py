@@ -44,6 +44,25 @@ def registered(tmp_path, monkeypatch):
     return weights
 
 
+def test_the_registered_student_lip_syncs_a_whole_video_through_pyfunc(registered, tmp_path):
+    """`full_frame`: a talking-head video (not a crop) goes through `make infer`'s code: tracked,
+    cropped, generated, pasted back at the video's own size, with the new speech."""
+    from data_jobs.media import probe_media
+
+    video, _ = encode_clip(ClipSpec("talk", ("astronaut",), 25, 16000, 1, 3.0, (320, 320), "x", "x"), np.random.default_rng(2))
+    (tmp_path / "talk.mp4").write_bytes(video)
+    speech = np.sin(np.linspace(0, 3000, int(2.2 * SAMPLE_RATE))).astype(np.float32) * 0.3
+    (tmp_path / "speech.wav").write_bytes(encode_wav(speech, SAMPLE_RATE))
+    model = mlflow.pyfunc.load_model("models:/lipforcing-student@candidate")
+    rows = pd.DataFrame({"video": [str(tmp_path / "talk.mp4")], "audio": [str(tmp_path / "speech.wav")],
+                         "output": [str(tmp_path / "out.mp4")], "full_frame": [True]})  # fmt: skip
+    result = model.predict(rows)
+    frames = (int(2.2 * 25) - 1) // 4 * 4 + 1  # the speech's 4k+1 frames
+    assert result["frames"].tolist() == [frames]
+    info = probe_media(str(tmp_path / "out.mp4"))
+    assert (info.width, info.height, info.audio_rate) == (320, 320, SAMPLE_RATE) and abs(info.duration_s - frames / 25) < 0.05
+
+
 def crop_clip(tmp_path, seconds: float) -> tuple[str, int]:
     """A 25 fps face-crop clip of the sample's kind (64 px, as the tiny profile's window); its frame count."""
     video, _ = encode_clip(ClipSpec("crop", ("astronaut",), 25, 16000, 1, seconds, (64, 64), "x", "x"), np.random.default_rng(1))
@@ -94,7 +113,7 @@ def test_loading_by_path_still_finds_the_weights_file(registered, tmp_path):
 
 def test_the_model_declares_its_columns_and_holds_no_copy_of_the_weights(registered, tmp_path):
     info = mlflow.models.get_model_info("models:/lipforcing-student@candidate")
-    assert [c.name for c in info.signature.inputs.inputs] == ["video", "audio", "output"]
+    assert [c.name for c in info.signature.inputs.inputs] == ["video", "audio", "output", "full_frame"]
     assert [c.name for c in info.signature.outputs.inputs] == ["output", "frames", "fps"]
     folder = mlflow.artifacts.download_artifacts(artifact_uri=info.model_uri, dst_path=str(tmp_path / "model"))
     held = [path.name for path in Path(folder).rglob("*") if path.is_file()]

@@ -1,0 +1,77 @@
+"""`make infer`: a real talking-head clip lip-synced to another clip's speech with a tiny random-init
+student (plumbing, never a quality result): the output follows the audio, carries it, and differs from
+the source only inside the pasted mouth box; a video with no face passes through untouched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from safetensors.torch import save_file
+
+from data_jobs.media import probe_media, read_audio
+from data_jobs.sample import ClipSpec, encode_clip
+from lipforcing.data import FPS, SAMPLE_RATE
+from lipforcing.inference.paste import blend_mask, crop_affine
+from lipforcing.models import build_student
+from lipforcing.models.config import model_config
+from pipelines.infer import InferConfig, lipsync, output_sources, synthesize, timeline
+from pipelines.jobs import resolve_config
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+
+
+def test_a_short_video_plays_forward_then_backward_and_a_long_one_is_cut():
+    assert output_sources(4, 9).tolist() == [0, 1, 2, 3, 2, 1, 0, 1, 2]
+    assert output_sources(1, 3).tolist() == [0, 0, 0]
+    assert output_sources(10, 5).tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.fixture
+def student(tmp_path) -> str:
+    path = tmp_path / "dit.safetensors"
+    save_file({k: v.contiguous() for k, v in build_student(model_config("tiny")).state_dict().items()}, str(path))
+    return str(path)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not (REAL / "vr_face1.mp4").exists(), reason=f"the real clips are not at {REAL}")
+def test_a_real_clip_with_foreign_audio(student, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    video, speech = str(REAL / "vr_face1.mp4"), str(REAL / "vr_audio2.wav")  # another recording's speech
+    config = resolve_config(InferConfig, ["profile=tiny", f"video={video}", f"audio={speech}", f"student_weights={student}", f"output={tmp_path}/out.mp4"])
+    result = synthesize(config)
+    frames = list(result.frames)
+    expected = (len(read_audio(speech, SAMPLE_RATE)) // (SAMPLE_RATE // FPS) - 1) // 4 * 4 + 1  # the audio's 4k+1 frames
+    assert len(frames) == expected and len(result.audio) == expected * SAMPLE_RATE // FPS
+    source = timeline(video, 120)
+    assert result.faced.mean() > 0.9  # one visible face throughout
+    mask = blend_mask(config.window.size, config.window.mask_box, config.feather)
+    changed_anywhere = False
+    for out, s in zip(frames, result.sources):
+        height, width = out.shape[:2]
+        weight = cv2.warpAffine(mask, crop_affine(result.affines[s], 512, config.window.size), (width, height),
+                                flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)  # fmt: skip
+        assert np.array_equal(out[weight == 0], source[s][weight == 0])  # outside the mouth box: the source, bit for bit
+        changed_anywhere |= bool(np.any(out[weight > 0.5] != source[s][weight > 0.5]))
+    assert changed_anywhere
+
+    written = lipsync(config)
+    info = probe_media(f"{tmp_path}/out.mp4")
+    assert info.has_audio and info.audio_rate == SAMPLE_RATE and info.fps == FPS
+    assert abs(info.duration_s - len(written.sources) / FPS) < 0.05
+    assert (info.width, info.height) == (source[0].shape[1], source[0].shape[0])
+
+
+@pytest.mark.integration
+def test_a_video_without_a_face_passes_through(student, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    video, _ = encode_clip(ClipSpec("empty", (), 25, 16000, 1, 3.0, (160, 128), "x", "x"), np.random.default_rng(0))
+    (tmp_path / "empty.mp4").write_bytes(video)
+    config = resolve_config(InferConfig, ["profile=tiny", f"video={tmp_path}/empty.mp4", f"student_weights={student}"])
+    result = synthesize(config)
+    source = timeline(config.video, 120)
+    assert not result.faced.any()
+    assert all(np.array_equal(out, source[s]) for out, s in zip(result.frames, result.sources))
