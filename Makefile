@@ -17,7 +17,7 @@ export PYTHONUNBUFFERED := 1
 # checkouts on one machine keep rebuilding for each other
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: help setup demo data syncnet encode distill eval infer retrain compare bench ui lint test clean status logs stop box box-down image
+.PHONY: help setup demo data syncnet encode distill eval infer app retrain compare bench ui lint test clean status logs stop box box-down image
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -50,6 +50,9 @@ eval: $(STAMP) ## streaming inference + metrics for a trained student
 
 infer: $(STAMP) ## lip-sync a video to new speech: make infer VIDEO=talk.mp4 AUDIO=speech.wav OUT=out.mp4 (ARGS="student_weights=...")
 	$(PY) -m pipelines.infer $(if $(VIDEO),video=$(VIDEO)) $(if $(AUDIO),audio=$(AUDIO)) $(if $(OUT),output=$(OUT)) $(ARGS)
+
+app: $(STAMP) ## a web page on 127.0.0.1:7860 that lip-syncs an uploaded video with a registered student
+	$(PY) -m pipelines.app $(ARGS)
 
 retrain: $(STAMP) ## one scheduled retraining cycle: new data -> fine-tune the champion -> gate -> promote (ARGS="date=... dry_run=true")
 	$(PY) -m pipelines.retrain $(ARGS)

@@ -13,6 +13,7 @@ COMMANDS = {
     "distill": "pipelines.distill",
     "eval": "pipelines.evaluate",
     "infer": "pipelines.infer",
+    "app": "pipelines.app",
     "retrain": "pipelines.retrain",
     "compare": "pipelines.compare",
     "bench": "benchmarks",
