@@ -12,6 +12,8 @@
    cache), the first crop as its reference, as `make eval` runs it; each chunk is decoded (TAE or VAE).
 4. Each generated crop goes back into its frame through the inverse warp, only its mouth box,
    feathered inside the box (`lipforcing/inference/paste.py`): every other pixel is the source's.
+   With `parsing_weights` (a BiSeNet face parser) only face surface in the box is replaced:
+   occluders stay in front, the mask feathered and averaged over neighbouring frames.
    Frames with no face nearby pass through unchanged; with several faces the tracked one is edited.
 5. The frames are encoded (H.264) with the new audio muxed in.
 
@@ -49,8 +51,9 @@ from lipforcing import storage
 from lipforcing.config import ClusterConfig, ConfigError
 from lipforcing.data import FPS, SAMPLE_RATE
 from lipforcing.data.windows import WindowConfig, resize_frames
-from lipforcing.inference.paste import blend_mask, crop_affine, paste
+from lipforcing.inference.paste import blend_mask, crop_affine, occlusion_masks, paste
 from lipforcing.models.config import ModelConfig, model_config
+from lipforcing.models.face_parsing import BiSeNet, load_face_parser
 from pipelines.jobs import run_job
 
 log = logging.getLogger("lipforcing.infer")
@@ -69,6 +72,9 @@ class InferConfig:
     seed: int = 0
     feather: float = 0.06  # width of the blend's fall-off inside the mouth box, as a share of the crop
     max_seconds: float = 120.0  # the clip is held in memory: longer inputs are refused
+    # BiSeNet face parsing (CelebAMask-HQ, `79999_iter.pth`): the generated mouth replaces only face
+    # surface, so a hand, a microphone, hair or glasses in front of it stay; "" = the mouth box alone
+    parsing_weights: str = ""
     window: WindowConfig = field(default_factory=WindowConfig)  # size (the model's) and mask_box
     model: ModelConfig = field(default_factory=ModelConfig)
     faces: FacesConfig = field(default_factory=FacesConfig)
@@ -135,14 +141,20 @@ def track(frames: list[np.ndarray], faces: FacesConfig, align: AlignConfig) -> t
     return affines, faced
 
 
-def aligned_crops(frames: list[np.ndarray], sources: np.ndarray, affines: np.ndarray, align: AlignConfig, size: int) -> torch.Tensor:
-    """[T, 3, S, S] crops in [0, 1]: each shown frame warped as the data job warps it, then resized
-    to the model's size as training windows are."""
-    warped = {}
-    for source in np.unique(sources):
+def aligned_crops(frames: list[np.ndarray], sources: np.ndarray, affines: np.ndarray, align: AlignConfig, size: int,
+                  parser: BiSeNet | None = None) -> tuple[torch.Tensor, np.ndarray | None]:  # fmt: skip
+    """([T, 3, S, S] crops in [0, 1], each shown frame warped as the data job warps it, then resized to
+    the model's size as training windows are; with a face `parser`, [T_source, S, S] face-surface
+    masks of the source frames at the crop's size, NaN for frames never shown)."""
+    shown = np.unique(sources)
+    warped, surface = {}, np.full((len(frames), size, size), np.nan, np.float32) if parser is not None else None
+    for source in shown:
         crop = cv2.warpAffine(frames[source], affines[source], (align.size, align.size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
         warped[source] = resize_frames(crop[None], size)[0]
-    return torch.stack([warped[s] for s in sources])
+        if parser is not None:
+            parsed = parser.surface(resize_frames(crop[None], align.size))[0].numpy()
+            surface[source] = cv2.resize(parsed, (size, size), interpolation=cv2.INTER_AREA)
+    return torch.stack([warped[s] for s in sources]), surface
 
 
 @dataclass
@@ -185,14 +197,17 @@ def synthesize(config: InferConfig, evaluator: Any = None) -> Lipsynced:
             weights, _ = tracking.resolve_model(config.student_weights, scratch, "student_weights")
             evaluator = Evaluator(settings, weights, "", device)
         size = config.window.size
-        crops = aligned_crops(frames, sources, affines, config.align, size)
+        parser = load_face_parser(config.parsing_weights).to(device) if config.parsing_weights else None
+        crops, surface = aligned_crops(frames, sources, affines, config.align, size, parser)
         generation = evaluator.generate(EvalClip(storage.absolute(config.video), crops, torch.from_numpy(audio)))
         generated = to_uint8(generation.frames).numpy()  # [T, S, S, 3]
-    mask = blend_mask(size, config.window.mask_box, config.feather)
+    box = blend_mask(size, config.window.mask_box, config.feather)
+    masks = occlusion_masks(surface, box, config.feather) if surface is not None else None
     pasted = (
-        paste(frames[s], generated[i], crop_affine(affines[s], config.align.size, size), mask) if faced[s] else frames[s]
+        paste(frames[s], generated[i], crop_affine(affines[s], config.align.size, size), box if masks is None else masks[s])
+        if faced[s] else frames[s]
         for i, s in enumerate(sources)
-    )
+    )  # fmt: skip
     return Lipsynced(pasted, audio, sources, affines, faced, generation.fps)
 
 

@@ -75,3 +75,27 @@ def test_a_video_without_a_face_passes_through(student, tmp_path, monkeypatch):
     source = timeline(config.video, 120)
     assert not result.faced.any()
     assert all(np.array_equal(out, source[s]) for out, s in zip(result.frames, result.sources))
+
+
+@pytest.mark.integration
+def test_with_a_face_parser_the_edit_still_stays_inside_the_box(student, tmp_path, monkeypatch):
+    """`parsing_weights` (here a random BiSeNet saved under the released key names: its classes are
+    arbitrary, so only the plumbing is checked; the mask itself is pinned in test_face_parsing.py)."""
+    import torch
+
+    from lipforcing.models.face_parsing import BiSeNet
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    torch.manual_seed(0)
+    torch.save(BiSeNet().state_dict(), tmp_path / "parser.pth")
+    video, _ = encode_clip(ClipSpec("talk", ("astronaut",), 25, 16000, 1, 2.0, (320, 320), "x", "x"), np.random.default_rng(4))
+    (tmp_path / "talk.mp4").write_bytes(video)
+    config = resolve_config(InferConfig, ["profile=tiny", f"video={tmp_path}/talk.mp4", f"student_weights={student}",
+                                          f"parsing_weights={tmp_path}/parser.pth"])  # fmt: skip
+    result = synthesize(config)
+    source = timeline(config.video, 120)
+    box = blend_mask(config.window.size, config.window.mask_box, config.feather)
+    for out, s in zip(result.frames, result.sources):
+        weight = cv2.warpAffine(box, crop_affine(result.affines[s], 512, config.window.size), (320, 320),
+                                flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)  # fmt: skip
+        assert np.array_equal(out[weight == 0], source[s][weight == 0])
