@@ -1,0 +1,54 @@
+"""`make eval`'s configuration: what is evaluated, with which student and SyncNet, and how."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from lipforcing.config import ClusterConfig, ConfigError
+from lipforcing.data.windows import WindowConfig
+from lipforcing.models.config import ModelConfig, model_config
+
+TINY_WARNING = "tiny profile, random-init models: not a quality result"
+
+
+@dataclass
+class EvalConfig:
+    profile: str = "tiny"
+    # Registered models (models:/name@alias) or paths/URLs. Not `student` / `syncnet`: those names
+    # are sections of the shared profile YAML. An empty syncnet_weights skips Sync-C / Sync-D.
+    student_weights: str = "models:/lipforcing-student@candidate"  # the distill job's dit.safetensors
+    syncnet_weights: str = "models:/syncnet@champion"
+    # Held-out shards: the data job writes identities kept out of training to <its output>/heldout
+    # (a folder with shards/, or of *.tar).
+    data: str = "outputs/data/heldout"
+    output: str = "outputs/eval"  # report.json, report.md, samples/, config.yaml
+    clips: int = 8  # at most this many clips, in the seed's shard order
+    max_frames: int = 0  # evaluate at most this many frames of each clip (0: the whole clip)
+    decoder: Literal["tae", "vae"] = "tae"  # streaming decoder
+    samples: int = 2  # side-by-side sample videos written and logged
+    fid_weights: str = ""  # TorchScript Inception-v3 (inception-2015-12-05.pt); "" skips FID
+    fvd_weights: str = ""  # TorchScript I3D (i3d_torchscript.pt); "" skips FVD
+    csim_model_pack: str = ""  # InsightFace model-pack folder (buffalo_l), local or s3://; "" skips CSIM
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0  # shard order and the student's sampling noise
+    window: WindowConfig = field(default_factory=WindowConfig)  # size and mask_box are used
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    @classmethod
+    def for_profile(cls, profile: str) -> EvalConfig:
+        return cls(profile=profile, model=model_config(profile))
+
+
+def validate(config: EvalConfig) -> None:
+    if config.clips < 1:
+        raise ConfigError(f"config key 'clips' is {config.clips}; allowed values: an integer >= 1")
+    if config.samples < 0:
+        raise ConfigError(f"config key 'samples' is {config.samples}; allowed values: an integer >= 0")
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "config key 'device' is 'cuda' but no CUDA device is visible; allowed values: 'auto', 'cpu'"
+        )

@@ -1,0 +1,146 @@
+"""`make eval`: stream a trained student over held-out clips, score it, report, log to MLflow.
+
+    python -m pipelines.evaluate data=s3://bucket/heldout student_weights=models:/lipforcing-student@candidate
+
+Per clip: the longest 4k+1-frame prefix that has audio, resized to `window.size`, with the clip's
+first frame as the reference. The condition is encoded (Wan VAE, wav2vec2, mouth mask), the student
+generates it chunk by chunk with the two-step schedule, and the stream decoder turns each chunk into
+frames as it arrives. Generated frames are compared with the source crops they replace (nothing is
+pasted back into the full frame): SSIM, PSNR, mouth-region PSNR and L1, Sync-C / Sync-D / AV offset
+(also of the source crops, the ground-truth row), CSIM, FPS, TTFF and peak memory. FID / FVD run only
+with local feature-network weights, CSIM only with an InsightFace model pack (its ArcFace model).
+
+Timing. TTFF: a separate first-chunk pass per clip, from the start of encoding the first chunk's
+inputs (its 4n-3 frames, reference and audio) to the end of decoding its frames, as in the paper
+(there the encoder and decoder are both the VAE; here the decoder is `decoder`). FPS: frames per
+second of the streaming loop (denoise + cache write + decode) over the chunks after the first; the
+whole-clip encode is timed apart (`encode_s`) and folded into `fps_end_to_end`.
+Results go to `<output>/report.{json,md}`, `<output>/samples/*.mp4` (source | generated, with the
+clip's audio) and an MLflow run `eval` tagged with the student's registered version.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Any
+
+import torch
+
+from data_jobs.media import encode_mp4, to_uint8
+from lipforcing import storage
+from lipforcing.config import to_yaml
+from lipforcing.data import FPS, SAMPLE_RATE
+from lipforcing.data.shards import Reader, decode_clip, epoch_samples
+from pipelines.evaluate.clips import heldout_shards, prepare_clip
+from pipelines.evaluate.config import EvalConfig, validate
+from pipelines.evaluate.report import NOTES, mean_row, write_outputs
+from pipelines.evaluate.runner import Evaluator, FeatureSets, evaluate_clip, feature_networks
+from pipelines.ray_cluster import in_submitted_job, ray_node, run_on_worker
+
+log = logging.getLogger("lipforcing.eval")
+
+
+def evaluate(config: EvalConfig) -> int:
+    """The job. Submitted to a cluster it runs on a worker node (a GPU one when the cluster has
+    GPUs), not on the head where the driver lands: FPS and TTFF are measured where a student runs."""
+    validate(config)
+    if in_submitted_job():
+        return run_on_worker(evaluate_here, config)
+    return evaluate_here(config)
+
+
+def evaluate_here(config: EvalConfig) -> int:
+    """Evaluate in this process; downloaded weights and staged outputs live in a scratch folder."""
+    with tempfile.TemporaryDirectory(prefix="lipforcing-eval-") as scratch:
+        return run_eval(config, scratch)
+
+
+def run_eval(config: EvalConfig, scratch: str) -> int:
+    import mlflow
+
+    from pipelines import tracking
+
+    shards = heldout_shards(config.data)  # before any model loads
+    use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
+    folder = os.path.join(scratch, "report")
+    os.makedirs(os.path.join(folder, "samples"))
+    storage.write_text(storage.join(config.output, "config.yaml"), to_yaml(config))
+    with tracking.start_run(
+        "eval", config=config, tags={"job": "eval", "student": config.student_weights}
+    ) as run:
+        student_path, student_version = tracking.resolve_model(config.student_weights, scratch, "student_weights")
+        syncnet_path, syncnet_version = (
+            tracking.resolve_model(config.syncnet_weights, scratch, "syncnet_weights") if config.syncnet_weights else ("", "")
+        )
+        mlflow.set_tags(
+            {
+                "ray_node": ray_node(),
+                "student_version": student_version or "unregistered",
+                "syncnet": config.syncnet_weights or "none",
+                "syncnet_version": syncnet_version or "unregistered",
+                "decoder": config.decoder,
+            }
+        )
+        evaluator = Evaluator(config, student_path, syncnet_path, device)
+        extractors, skipped_metrics = feature_networks(config, device)
+        if not config.syncnet_weights:
+            skipped_metrics["Sync-C / Sync-D"] = "config key 'syncnet_weights' is empty"
+        if not config.csim_model_pack:
+            skipped_metrics["CSIM"] = (
+                "needs ArcFace identity embeddings: set csim_model_pack to an InsightFace model pack "
+                "folder (buffalo_l, with w600k_r50.onnx), local or s3://"
+            )
+        features = FeatureSets(extractors, device)
+        rows: list[dict[str, Any]] = []
+        skipped_clips: list[dict[str, str]] = []
+        for sample in epoch_samples(shards, Reader(), seed=config.seed, epoch=0):
+            if len(rows) >= config.clips:
+                break
+            clip = prepare_clip(decode_clip(sample), config.window.size, evaluator.first_chunk_frames, config.max_frames)
+            if isinstance(clip, str):
+                skipped_clips.append({"key": sample["__key__"], "reason": clip})
+                continue
+            if not rows:
+                evaluator.time_to_first_frames(clip)  # warm-up: one-time costs stay out of the first TTFF
+            row, generated = evaluate_clip(evaluator, clip, device)
+            features.add(clip.video, generated)
+            if len(rows) < config.samples:
+                side_by_side = to_uint8(torch.cat([clip.video, generated], dim=-1)).numpy()
+                with open(os.path.join(folder, "samples", f"{clip.key}.mp4"), "wb") as handle:
+                    handle.write(encode_mp4(side_by_side, FPS, crf=18, audio=clip.audio.numpy(), sample_rate=SAMPLE_RATE))
+            tracking.log_metrics({f"clip/{k}": v for k, v in row.items() if k != "key"}, step=len(rows))
+            log.info("%s: %s", clip.key, ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "key"))
+            rows.append(row)
+        if not rows:
+            raise RuntimeError(f"no clip in {config.data!r} could be evaluated: {skipped_clips}")
+        set_metrics, too_few = features.distances()
+        report = {
+            "profile": config.profile,
+            "student": config.student_weights,
+            "student_version": student_version,
+            "syncnet": config.syncnet_weights,
+            "decoder": config.decoder,
+            "device": str(device),
+            "size": config.window.size,
+            "reference": "the first frame of each clip",
+            "random_init": [
+                key
+                for key in ("dit_weights", "vae_weights", "tae_weights", "audio_encoder_weights")
+                if not getattr(config.model, key)
+            ],
+            "memory": "peak CUDA allocation per clip" if use_cuda else "process peak RSS so far (CPU)",
+            "clips": rows,
+            "mean": mean_row(rows),
+            "set_metrics": set_metrics,
+            "skipped_metrics": {**skipped_metrics, **too_few},
+            "skipped_clips": skipped_clips,
+            "notes": list(NOTES),
+            "mlflow_run_id": run.info.run_id,
+        }
+        tracking.log_metrics({**report["mean"], **set_metrics})
+        write_outputs(report, folder, config.output)
+    log.info("%d clips; report at %s", len(rows), storage.join(config.output, "report.md"))
+    return 0

@@ -1,0 +1,94 @@
+"""The eval report: the per-clip table, the set metrics, how each number is measured; written and logged."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from lipforcing import storage
+from pipelines.evaluate.config import TINY_WARNING
+
+COLUMNS = (
+    ("frames", "frames", "{:.0f}"),
+    ("ssim", "SSIM", "{:.4f}"),
+    ("psnr", "PSNR dB", "{:.2f}"),
+    ("mouth_psnr", "mouth PSNR dB", "{:.2f}"),
+    ("mouth_l1", "mouth L1", "{:.4f}"),
+    ("csim", "CSIM", "{:.4f}"),
+    ("sync_c", "Sync-C", "{:.2f}"),
+    ("sync_d", "Sync-D", "{:.2f}"),
+    ("av_offset", "offset", "{:+.1f}"),
+    ("gt_sync_c", "GT Sync-C", "{:.2f}"),
+    ("gt_sync_d", "GT Sync-D", "{:.2f}"),
+    ("gt_av_offset", "GT offset", "{:+.1f}"),
+    ("fps", "FPS", "{:.2f}"),
+    ("ttff_ms", "TTFF ms", "{:.1f}"),
+    ("peak_memory_mb", "peak MB", "{:.0f}"),
+)
+
+NOTES = (
+    "Generated frames are compared with the source crops at the model's size; nothing is pasted back.",
+    "Condition: the first frame as reference, the mouth-masked source video and the clip's audio "
+    "(no clean-video latent: inference never reads it); 65-channel students also get the unmasked source "
+    "frames as their reference sequence, as the released inference does, so their mouth-region numbers "
+    "are not comparable with 49-channel ones.",
+    "SSIM: Gaussian window 11x11, sigma 1.5, K1 0.01, K2 0.03, mean over frames. Mouth metrics use the "
+    "lower-face box the model regenerates (window.mask_box).",
+    "CSIM: cosine similarity of the ArcFace embeddings (csim_model_pack) of each generated frame and its "
+    "source crop, resized to 112 px (the crops are already aligned), mean over frames.",
+    "Sync-C / Sync-D / offset: the configured SyncNet on the generated crops against the clip's audio; "
+    "GT columns score the source crops the same way.",
+    "TTFF: a first-chunk pass per clip, from the start of encoding the first chunk's inputs to the end of "
+    "decoding its frames (one untimed warm-up pass before the first clip).",
+    "FPS: generated frames per second of the streaming loop (two student calls, cache write, decode) over "
+    "the chunks after the first; fps_end_to_end also counts the whole-clip condition encode.",
+)
+
+
+def mean_row(rows: list[dict[str, Any]]) -> dict[str, float]:
+    keys = [k for k, value in rows[0].items() if isinstance(value, int | float)]
+    return {k: float(np.mean([row[k] for row in rows])) for k in keys}
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Lip Forcing eval: {report['student']}", ""]
+    if report["profile"] == "tiny":
+        lines += [f"**{TINY_WARNING}.**", ""]
+    elif report["random_init"]:
+        lines += [f"**random-init weights ({', '.join(report['random_init'])}): not a quality result.**", ""]
+    lines += [
+        f"profile `{report['profile']}`, student version {report['student_version'] or 'unregistered'}, "
+        f"decoder `{report['decoder']}`, device `{report['device']}`, {report['size']} px aligned crops, "
+        f"reference = {report['reference']}, memory = {report['memory']}.",
+        "",
+    ]
+    columns = [c for c in COLUMNS if c[0] in report["mean"]]
+    lines.append("| clip | " + " | ".join(title for _, title, _ in columns) + " |")
+    lines.append("|---" * (len(columns) + 1) + "|")
+    for row in [*report["clips"], {"key": "**mean**", **report["mean"]}]:
+        lines.append(
+            f"| {row['key']} | " + " | ".join(fmt.format(row[key]) for key, _, fmt in columns) + " |"
+        )
+    lines.append("")
+    lines += [
+        f"- {name.upper()} over all clips: {value:.3f}" for name, value in report["set_metrics"].items()
+    ]
+    lines += [f"- {name} skipped: {reason}" for name, reason in report["skipped_metrics"].items()]
+    lines += [f"- clip {item['key']} skipped: {item['reason']}" for item in report["skipped_clips"]]
+    lines += ["", "## How the numbers are measured", "", *[f"- {note}" for note in report["notes"]]]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(report: dict[str, Any], folder: str, output: str) -> None:
+    """report.json / report.md beside the samples in `folder`, then all of it to `output` and MLflow."""
+    import mlflow
+
+    with open(os.path.join(folder, "report.json"), "w") as handle:
+        json.dump(report, handle, indent=2)
+    with open(os.path.join(folder, "report.md"), "w") as handle:
+        handle.write(render_markdown(report))
+    storage.upload_folder(folder, output)
+    mlflow.log_artifacts(folder)

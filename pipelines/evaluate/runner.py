@@ -1,0 +1,233 @@
+"""The models of one eval and what they measure per clip: generation, timing, memory, metrics."""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from data_jobs.media import to_uint8
+from lipforcing import storage
+from lipforcing.data import FPS, SAMPLE_RATE
+from lipforcing.data.encode import LatentEncoder
+from lipforcing.data.windows import lower_face_mask
+from lipforcing.inference.streaming import StreamChunk, stream_generate
+from lipforcing.metrics.csim import IdentityEmbedder, csim
+from lipforcing.metrics.fid import (
+    FeatureExtractor,
+    feature_statistics,
+    frechet_distance,
+    i3d_extractor,
+    inception_extractor,
+    load_torchscript,
+)
+from lipforcing.metrics.ssim import psnr, ssim
+from lipforcing.models import build_student, build_tae
+from lipforcing.models.syncnet import SyncModel, SyncNetConfig, load_syncnet, score_clip
+from pipelines.evaluate.clips import EvalClip
+from pipelines.evaluate.config import EvalConfig
+
+FEATURE_BATCH = 32  # frames per call of the FID feature network
+
+
+@dataclass
+class Generation:
+    frames: Tensor  # [T, 3, S, S] in [0, 1], on the CPU
+    encode_s: float  # whole-clip condition encode
+    stream_s: float  # streaming loop: all chunks, denoise + cache write + decode
+    fps: float  # steady state: frames per second over the chunks after the first
+    chunks: int
+
+
+class Evaluator:
+    """The models of one eval, built once: encoder, student, stream decoder, optional SyncNet."""
+
+    def __init__(self, config: EvalConfig, student_path: str, syncnet_path: str, device: torch.device):
+        self.config, self.device = config, device
+        self.encoder = LatentEncoder(config.model, config.window, device)
+        self.student = build_student(config.model, device=device, weights=student_path).eval()
+        if config.decoder == "tae":
+            self.decoder = build_tae(config.model).to(device).eval().stream_decoder()
+        else:
+            self.decoder = self.encoder.vae.stream_decoder()  # the stream resets after every encode
+        self.syncnet: SyncModel | None = None
+        if syncnet_path:
+            self.syncnet = load_syncnet(SyncNetConfig(weights=syncnet_path), key="syncnet_weights").to(device)
+        self.identity: IdentityEmbedder | None = None
+        if config.csim_model_pack:
+            storage.require(config.csim_model_pack, "csim_model_pack")
+            pack = storage.cached(config.csim_model_pack)
+            self.identity = IdentityEmbedder(pack, "csim_model_pack")
+        self.first_chunk_frames = 4 * config.model.chunk_frames - 3
+        mouth = 1 - lower_face_mask(config.window.size, config.window.mask_box)[0, 0]
+        self.mouth = mouth.to(device)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _batch(self, clip: EvalClip, frames: int) -> dict[str, Tensor | None]:
+        """The condition's inputs. A 65-channel student also reads the unmasked source frames as its
+        reference sequence, as the released inference does (its clips are the 81-frame segments)."""
+        video = clip.video[None, :frames]
+        return {
+            "video": video,
+            "reference": video[:, :1],
+            "reference_sequence": video if self.config.model.use_reference_sequence else None,
+            "audio": clip.audio[None, : frames * (SAMPLE_RATE // FPS)],
+        }
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(self.config.seed)
+
+    def time_to_first_frames(self, clip: EvalClip) -> float:
+        """TTFF in ms: encode the first chunk's inputs, generate the chunk, decode its frames."""
+        self._sync()
+        start = time.perf_counter()
+        cond = self.encoder.condition(self._batch(clip, self.first_chunk_frames))
+        stream = stream_generate(self.student, cond, self.decoder, generator=self._generator())
+        next(stream)
+        self._sync()
+        elapsed = time.perf_counter() - start
+        stream.close()
+        return 1000 * elapsed
+
+    def generate(self, clip: EvalClip) -> Generation:
+        """The whole clip, encoded once, then streamed chunk by chunk through the decoder."""
+        self._sync()
+        start = time.perf_counter()
+        cond = self.encoder.condition(self._batch(clip, len(clip.video)))
+        self._sync()
+        encode_s = time.perf_counter() - start
+        chunks: list[StreamChunk] = []
+        finished: list[float] = []
+        start = time.perf_counter()
+        for chunk in stream_generate(self.student, cond, self.decoder, generator=self._generator()):
+            self._sync()
+            finished.append(time.perf_counter() - start)
+            chunks.append(chunk)
+        frames = torch.cat([c.frames[0].cpu() for c in chunks])
+        counts = [c.frames.shape[1] for c in chunks]
+        if len(chunks) > 1:
+            fps = sum(counts[1:]) / (finished[-1] - finished[0])
+        else:
+            fps = counts[0] / finished[0]  # one chunk: no steady state to separate out
+        return Generation(frames, encode_s, finished[-1], fps, len(chunks))
+
+    @torch.no_grad()
+    def fidelity(self, clip: EvalClip, generated: Tensor) -> dict[str, float]:
+        source, fake = clip.video.to(self.device), generated.to(self.device)
+        mouth_error = ((fake - source).abs() * self.mouth).sum(dim=(-3, -2, -1)) / (3 * self.mouth.sum())
+        return {
+            "ssim": float(ssim(fake, source).mean()),
+            "psnr": float(psnr(fake, source).mean()),
+            "mouth_psnr": float(psnr(fake, source, mask=self.mouth).mean()),
+            "mouth_l1": float(mouth_error.mean()),
+        }
+
+    @torch.no_grad()
+    def sync(self, frames: Tensor, audio: Tensor, prefix: str = "") -> dict[str, float]:
+        result = score_clip(self.syncnet, to_uint8(frames), audio.numpy())
+        return {
+            f"{prefix}sync_c": result.confidence,
+            f"{prefix}sync_d": result.min_dist,
+            f"{prefix}av_offset": float(result.offset),
+        }
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: peak allocated since the clip started. CPU: the process's peak RSS so far (Linux KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def feature_networks(
+    config: EvalConfig, device: torch.device
+) -> tuple[dict[str, FeatureExtractor], dict[str, str]]:
+    """The Fréchet-distance extractors that have weights, and why the others are skipped."""
+    extractors: dict[str, FeatureExtractor] = {}
+    skipped: dict[str, str] = {}
+    if config.fid_weights:
+        extractors["fid"] = inception_extractor(load_torchscript(config.fid_weights, "fid_weights", device))
+    else:
+        skipped["FID"] = (
+            "needs Inception-v3 weights: set fid_weights to a local inception-2015-12-05.pt (TorchScript)"
+        )
+    if config.fvd_weights:
+        extractors["fvd"] = i3d_extractor(load_torchscript(config.fvd_weights, "fvd_weights", device))
+    else:
+        skipped["FVD"] = "needs I3D weights: set fvd_weights to a local i3d_torchscript.pt (TorchScript)"
+    return extractors, skipped
+
+
+class FeatureSets:
+    """Source and generated features, accumulated clip by clip (frames for FID, clips for FVD)."""
+
+    def __init__(self, extractors: dict[str, FeatureExtractor], device: torch.device):
+        self.extractors, self.device = extractors, device
+        self.features: dict[str, dict[str, list[Tensor]]] = {
+            name: {"real": [], "fake": []} for name in extractors
+        }
+
+    def add(self, source: Tensor, generated: Tensor) -> None:
+        for name, extract in self.extractors.items():
+            for side, frames in (("real", source), ("fake", generated)):
+                if name == "fid":
+                    batches = [frames[i : i + FEATURE_BATCH] for i in range(0, len(frames), FEATURE_BATCH)]
+                    features = torch.cat([extract(b.to(self.device)) for b in batches])
+                else:
+                    features = extract(frames[None].to(self.device))
+                self.features[name][side].append(features.cpu())
+
+    def distances(self) -> tuple[dict[str, float], dict[str, str]]:
+        """Each metric over the whole set, and the ones that could not be computed (with why)."""
+        values, skipped = {}, {}
+        for name, sides in self.features.items():
+            real, fake = torch.cat(sides["real"]), torch.cat(sides["fake"])
+            if len(real) < 2:
+                skipped[name.upper()] = f"{len(real)} feature vector(s); a covariance needs at least 2"
+                continue
+            values[name] = frechet_distance(*feature_statistics(real), *feature_statistics(fake))
+        return values, skipped
+
+
+def evaluate_clip(
+    evaluator: Evaluator, clip: EvalClip, device: torch.device
+) -> tuple[dict[str, Any], Tensor]:
+    """One clip's report row and its generated frames."""
+    reset_peak_memory(device)
+    ttff_ms = evaluator.time_to_first_frames(clip)
+    generation = evaluator.generate(clip)
+    frames = len(generation.frames)
+    row: dict[str, Any] = {
+        "key": clip.key,
+        "frames": frames,
+        **evaluator.fidelity(clip, generation.frames),
+        "fps": generation.fps,
+        "fps_end_to_end": frames / (generation.encode_s + generation.stream_s),
+        "ttff_ms": ttff_ms,
+        "encode_s": generation.encode_s,
+        "chunks": generation.chunks,
+        "peak_memory_mb": peak_memory_mb(device),
+    }
+    if evaluator.identity is not None:
+        row["csim"] = csim(
+            evaluator.identity, to_uint8(clip.video).numpy(), to_uint8(generation.frames).numpy()
+        )
+    if evaluator.syncnet is not None:
+        row.update(evaluator.sync(generation.frames, clip.audio))
+        row.update(evaluator.sync(clip.video, clip.audio, prefix="gt_"))
+    return row, generation.frames
+
+
+# (report key, column title, format) for the per-clip table
