@@ -69,17 +69,22 @@ def synthetic_clip(frames: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_shards(folder: Path) -> None:
-    """The data job's format: <key>.mp4 (H.264), .wav (16 kHz), .json, .affine.npy in one tar."""
+    """The data job's format: <key>.mp4 (H.264), .wav (16 kHz), .json, .affine.npy in one tar. Each
+    clip's source video is its crops themselves (so the warp is the identity), beside the shards."""
     folder.mkdir(parents=True)
     with tarfile.open(folder / "test-000000.tar", "w") as tar:
         for seed, (key, frames) in enumerate(CLIPS):
             video, audio = synthetic_clip(frames, seed)
+            source = folder.parent / "sources" / f"{key}.mp4"
+            source.parent.mkdir(exist_ok=True)
+            source.write_bytes(encode_mp4(video, FPS, crf=0))
             affine = io.BytesIO()
             np.save(affine, np.tile(np.eye(2, 3, dtype=np.float32), (frames, 1, 1)))
+            metadata = {"dataset": "test", "key": key, "num_frames": frames, "source": str(source), "start_s": 0.0}
             members = {
                 "mp4": encode_mp4(video, FPS),
                 "wav": encode_wav(audio, RATE),
-                "json": json.dumps({"dataset": "test", "key": key, "num_frames": frames}).encode(),
+                "json": json.dumps(metadata).encode(),
                 "affine.npy": affine.getvalue(),
             }
             for extension, data in members.items():
@@ -131,6 +136,7 @@ def test_eval_end_to_end_on_a_tiny_student(workspace):
         for name in PER_CLIP_METRICS:
             assert math.isfinite(row[name]), (row["key"], name, row[name])
         assert row["ssim"] < 0.5  # a random student does not reproduce the source crops
+        assert row["full_ssim"] > row["ssim"] + 0.2  # pasted back, only the mouth box differs from the source
         assert row["ttff_ms"] > 0 and row["fps"] > 0 and row["peak_memory_mb"] > 0
         # the GT columns score the source crops it evaluated, with their own audio
         clip = prepare_clip(sources[row["key"]], SIZE, 9)
@@ -163,6 +169,22 @@ def test_eval_end_to_end_on_a_tiny_student(workspace):
     assert logged.params["decoder"] == "tae"
     artifacts = {a.path for a in mlflow.artifacts.list_artifacts(run_id=runs[0].info.run_id)}
     assert {"report.json", "report.md", "samples", "config.yaml"} <= artifacts
+
+
+def test_cross_identity_drives_each_clip_with_the_next_clips_audio(workspace):
+    root, _ = workspace
+    argv = ["profile=tiny", f"data={root / 'data'}", f"output={root / 'cross'}", "student_weights=models:/lipforcing-student@candidate",
+            f"syncnet_weights={root / 'syncnet.pt'}", "audio_from=other", "full_frame=false", "samples=0"]  # fmt: skip
+    assert run_job("pipelines.evaluate", EvalConfig, evaluate, argv=argv) == 0
+    report = json.loads((root / "cross" / "report.json").read_text())
+    assert {row["key"]: row["frames"] for row in report["clips"]} == {"talk-a<-talk-b": 33, "talk-b<-talk-a": 33}
+    assert report["audio"] == "the next clip's (cross-identity)"
+    syncnet = load_syncnet(SyncNetConfig(weights=str(root / "syncnet.pt")))
+    sources = {s["__key__"]: decode_clip(s) for s in epoch_samples(shard_urls(str(root / "data")), Reader(), 0, 0)}
+    for row in report["clips"]:  # the GT columns: this clip's source crops against the other clip's audio
+        face, voice = row["key"].split("<-")
+        truth = score_clip(syncnet, to_uint8(prepare_clip(sources[face], SIZE, 9, 33).video), sources[voice].audio[: 33 * RATE // FPS])
+        assert row["gt_sync_c"] == pytest.approx(truth.confidence, abs=1e-5)
 
 
 def test_eval_config_errors_name_the_key(capsys):

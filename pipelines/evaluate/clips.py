@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,8 +11,19 @@ from torch import Tensor
 
 from lipforcing.config import ConfigError
 from lipforcing.data import FPS, SAMPLE_RATE
-from lipforcing.data.shards import Clip, shard_urls
+from lipforcing.data.shards import Clip, Reader, decode_clip, epoch_samples, shard_urls
 from lipforcing.data.windows import resize_frames
+from pipelines.evaluate.config import EvalConfig
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a clip's crops came from: the source video and, per frame, the data job's warp."""
+
+    source: str  # the raw input (path or URL), as the manifest names it
+    start_s: float  # the clip's first frame on the source's 25 fps timeline
+    affines: np.ndarray  # [T, 2, 3] source pixels -> aligned-crop pixels
+    aligned_size: int  # the aligned crops' size (the data job's align.size)
 
 
 @dataclass
@@ -21,6 +33,43 @@ class EvalClip:
     key: str
     video: Tensor  # [T, 3, S, S] in [0, 1], T = 4k + 1
     audio: Tensor  # [T * 640] float32, 16 kHz
+    placement: Placement | None = None  # None: crops without their source (no full-frame metrics)
+    audio_from: str = ""  # the clip whose audio this is, when not its own (cross-identity)
+
+
+def eval_clips(shards: list[str], config: EvalConfig, min_frames: int) -> tuple[list[EvalClip], list[dict[str, str]]]:
+    """Up to `config.clips` clips in the seed's shard order, and the ones skipped with why."""
+    clips, skipped = [], []
+    for sample in epoch_samples(shards, Reader(), seed=config.seed, epoch=0):
+        if len(clips) >= config.clips:
+            break
+        decoded = decode_clip(sample)
+        clip = prepare_clip(decoded, config.window.size, min_frames, config.max_frames)
+        if isinstance(clip, str):
+            skipped.append({"key": sample["__key__"], "reason": clip})
+            continue
+        if "affine.npy" in sample and decoded.metadata.get("source"):
+            affines = np.load(io.BytesIO(sample["affine.npy"]))[: len(clip.video)]
+            clip.placement = Placement(decoded.metadata["source"], float(decoded.metadata.get("start_s", 0.0)), affines, decoded.frames.shape[1])
+        clips.append(clip)
+    return clips, skipped
+
+
+def with_other_audio(clips: list[EvalClip]) -> list[EvalClip]:
+    """Cross-identity: each clip driven by the next clip's audio (the last by the first's), both cut to
+    the shorter (4k + 1 frames), so the student must follow speech the face never said."""
+    if len(clips) < 2:
+        raise ConfigError(f"config key 'audio_from' is 'other' but only {len(clips)} clip could be evaluated; it needs 2 or more")
+    paired = []
+    for index, clip in enumerate(clips):
+        other = clips[(index + 1) % len(clips)]
+        frames = (min(len(clip.video), len(other.video)) - 1) // 4 * 4 + 1
+        placement = clip.placement
+        if placement is not None:
+            placement = Placement(placement.source, placement.start_s, placement.affines[:frames], placement.aligned_size)
+        audio = other.audio[: frames * (SAMPLE_RATE // FPS)]
+        paired.append(EvalClip(f"{clip.key}<-{other.key}", clip.video[:frames], audio, placement, other.key))
+    return paired
 
 
 def eval_length(clip: Clip) -> int:

@@ -34,6 +34,11 @@ class EvalConfig:
     csim_model_pack: str = ""  # InsightFace model-pack folder (buffalo_l), local or s3://; "" skips CSIM
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0  # shard order and the student's sampling noise
+    # Also paste each generated crop back into its source frames (the raw input the manifest names,
+    # when readable) and score the full frames (SSIM, PSNR), as the paper does.
+    full_frame: bool = True
+    # own: each clip with its own audio; other: cross-identity, each clip driven by the next clip's audio
+    audio_from: Literal["own", "other"] = "own"
     window: WindowConfig = field(default_factory=WindowConfig)  # size and mask_box are used
     model: ModelConfig = field(default_factory=ModelConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)

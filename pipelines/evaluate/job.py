@@ -32,11 +32,16 @@ from data_jobs.media import encode_mp4, to_uint8
 from lipforcing import storage
 from lipforcing.config import to_yaml
 from lipforcing.data import FPS, SAMPLE_RATE
-from lipforcing.data.shards import Reader, decode_clip, epoch_samples
-from pipelines.evaluate.clips import heldout_shards, prepare_clip
+from pipelines.evaluate.clips import eval_clips, heldout_shards, with_other_audio
 from pipelines.evaluate.config import EvalConfig, validate
 from pipelines.evaluate.report import NOTES, mean_row, write_outputs
-from pipelines.evaluate.runner import Evaluator, FeatureSets, evaluate_clip, feature_networks
+from pipelines.evaluate.runner import (
+    Evaluator,
+    FeatureSets,
+    evaluate_clip,
+    feature_networks,
+    full_frame_metrics,
+)
 from pipelines.ray_cluster import in_submitted_job, ray_node, run_on_worker
 
 log = logging.getLogger("lipforcing.eval")
@@ -95,17 +100,19 @@ def run_eval(config: EvalConfig, scratch: str) -> int:
             )
         features = FeatureSets(extractors, device)
         rows: list[dict[str, Any]] = []
-        skipped_clips: list[dict[str, str]] = []
-        for sample in epoch_samples(shards, Reader(), seed=config.seed, epoch=0):
-            if len(rows) >= config.clips:
-                break
-            clip = prepare_clip(decode_clip(sample), config.window.size, evaluator.first_chunk_frames, config.max_frames)
-            if isinstance(clip, str):
-                skipped_clips.append({"key": sample["__key__"], "reason": clip})
-                continue
+        clips, skipped_clips = eval_clips(shards, config, evaluator.first_chunk_frames)
+        if config.audio_from == "other":
+            clips = with_other_audio(clips)
+        for clip in clips:
             if not rows:
                 evaluator.time_to_first_frames(clip)  # warm-up: one-time costs stay out of the first TTFF
             row, generated = evaluate_clip(evaluator, clip, device)
+            if config.full_frame:
+                measured = full_frame_metrics(clip, generated, config.window.mask_box)
+                if isinstance(measured, str):
+                    skipped_metrics.setdefault("full-frame SSIM / PSNR", measured)
+                else:
+                    row.update(measured)
             features.add(clip.video, generated)
             if len(rows) < config.samples:
                 side_by_side = to_uint8(torch.cat([clip.video, generated], dim=-1)).numpy()
@@ -126,6 +133,7 @@ def run_eval(config: EvalConfig, scratch: str) -> int:
             "device": str(device),
             "size": config.window.size,
             "reference": "the first frame of each clip",
+            "audio": "each clip's own" if config.audio_from == "own" else "the next clip's (cross-identity)",
             "random_init": [
                 key
                 for key in ("dit_weights", "vae_weights", "tae_weights", "audio_encoder_weights")

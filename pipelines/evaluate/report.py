@@ -14,6 +14,8 @@ from pipelines.evaluate.config import TINY_WARNING
 COLUMNS = (
     ("frames", "frames", "{:.0f}"),
     ("ssim", "SSIM", "{:.4f}"),
+    ("full_ssim", "full-frame SSIM", "{:.4f}"),
+    ("full_psnr", "full-frame PSNR dB", "{:.2f}"),
     ("psnr", "PSNR dB", "{:.2f}"),
     ("mouth_psnr", "mouth PSNR dB", "{:.2f}"),
     ("mouth_l1", "mouth L1", "{:.4f}"),
@@ -30,7 +32,13 @@ COLUMNS = (
 )
 
 NOTES = (
-    "Generated frames are compared with the source crops at the model's size; nothing is pasted back.",
+    "SSIM, PSNR and the mouth metrics compare generated crops with the source crops at the model's size. "
+    "Full-frame SSIM / PSNR paste each generated crop back into its source frames (the mouth box, feathered, "
+    "through the data job's inverse warp; frames scaled to 512 px on their long side) and compare them with "
+    "the source frames.",
+    "Audio: each clip's own, or with audio_from=other each clip is driven by the next clip's audio "
+    "(cross-identity: Sync-C / Sync-D then measure how well the student follows speech the face never said; "
+    "the GT columns score the source crops against that audio, the level of an unedited mouth).",
     "Condition: the first frame as reference, the mouth-masked source video and the clip's audio "
     "(no clean-video latent: inference never reads it); 65-channel students also get the unmasked source "
     "frames as their reference sequence, as the released inference does, so their mouth-region numbers "
@@ -62,7 +70,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += [
         f"profile `{report['profile']}`, student version {report['student_version'] or 'unregistered'}, "
         f"decoder `{report['decoder']}`, device `{report['device']}`, {report['size']} px aligned crops, "
-        f"reference = {report['reference']}, memory = {report['memory']}.",
+        f"reference = {report['reference']}, audio = {report['audio']}, memory = {report['memory']}.",
         "",
     ]
     columns = [c for c in COLUMNS if c[0] in report["mean"]]

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -199,6 +200,45 @@ class FeatureSets:
                 continue
             values[name] = frechet_distance(*feature_statistics(real), *feature_statistics(fake))
         return values, skipped
+
+
+FULL_FRAME_SIDE = 512  # full frames are compared at most this many pixels on their long side
+
+
+def full_frame_metrics(clip: EvalClip, generated: Tensor, mask_box: list[float]) -> dict[str, float] | str:
+    """SSIM and PSNR of the source frames with the generated crops pasted back (the mouth box,
+    feathered, through the data job's inverse warp) against the source frames themselves; or why
+    they cannot be computed. Frames are scaled to `FULL_FRAME_SIDE` on their long side first."""
+    import cv2
+
+    from data_jobs.media import VideoFrames, cfr_indices, timeline_frames
+    from lipforcing.inference.paste import blend_mask, crop_affine, paste
+
+    placement = clip.placement
+    if placement is None:
+        return "the shards carry no source and warp (affine.npy) for their crops"
+    if not storage.exists(placement.source):
+        return f"the source video is not readable here ({placement.source})"
+    with storage.temporary_local(placement.source) as path:
+        reader = VideoFrames(path)
+        try:
+            timestamps = reader.timestamps()
+        finally:
+            reader.close()
+        source = list(timeline_frames(path, cfr_indices(timestamps, FPS, placement.start_s, len(generated))))
+    size = generated.shape[-1]
+    mask = blend_mask(size, mask_box)
+    crops = to_uint8(generated).numpy()
+    height, width = source[0].shape[:2]
+    scale = min(1.0, FULL_FRAME_SIDE / max(height, width))
+    shape = (max(1, round(width * scale)), max(1, round(height * scale)))
+    pasted, original = [], []
+    for frame, crop, affine in zip(source, crops, placement.affines):
+        edited = paste(frame, crop, crop_affine(affine, placement.aligned_size, size), mask)
+        pasted.append(cv2.resize(edited, shape, interpolation=cv2.INTER_AREA))
+        original.append(cv2.resize(frame, shape, interpolation=cv2.INTER_AREA))
+    fake, real = (torch.from_numpy(np.stack(v)).permute(0, 3, 1, 2).float() / 255 for v in (pasted, original))
+    return {"full_ssim": float(ssim(fake, real).mean()), "full_psnr": float(psnr(fake, real).mean())}
 
 
 def evaluate_clip(
