@@ -98,6 +98,8 @@ def create_app(config: AppConfig) -> Flask:
             uri = f"models:/{config.registered_name}/{version}"
             if uri not in models:
                 models[uri] = mlflow.pyfunc.load_model(uri)
+            if "full_frame" not in models[uri].metadata.get_input_schema().input_names():  # MLflow would drop the column
+                return form(config.registered_name, f"version {version} was registered before whole-video lip-sync: pick a newer one"), 400
             try:
                 made = models[uri].predict(rows)
             except Exception as err:  # a clip it cannot lip-sync (too short, unreadable): say why on the page

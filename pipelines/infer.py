@@ -17,17 +17,19 @@
    Frames with no face nearby pass through unchanged; with several faces the tracked one is edited.
 5. The frames are encoded (H.264) with the new audio muxed in.
 
-The clip is held in memory (source frames and crops): inputs longer than `max_seconds` are refused
-with that key named. A tiny-profile student is random-init: its output shows the plumbing, not lip-sync.
+The clip is held in memory (source frames and crops): videos longer than `max_seconds` are refused
+with that key named, and speech is read up to that length. An odd frame size gets its last row or
+column repeated (H.264 needs even sizes). A tiny-profile student is random-init: its output shows the plumbing, not lip-sync.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -89,8 +91,10 @@ class InferConfig:
 def validate(config: InferConfig) -> None:
     if not config.video:
         raise ConfigError("config key 'video' is empty; allowed values: a video file (path or URL)")
-    if not 0 < config.feather < 0.5:
-        raise ConfigError(f"config key 'feather' is {config.feather}; allowed values: a share of the crop in (0, 0.5)")
+    top, bottom, left, right = config.window.mask_box
+    widest = min(bottom - top, right - left) / 4  # a wider fall-off leaves nothing of the box at full weight
+    if not 0 < config.feather < widest:
+        raise ConfigError(f"config key 'feather' is {config.feather}; allowed values: a share of the crop in (0, {widest:.3f})")
 
 
 def timeline(video: str, max_seconds: float) -> list[np.ndarray]:
@@ -157,11 +161,19 @@ def aligned_crops(frames: list[np.ndarray], sources: np.ndarray, affines: np.nda
     return torch.stack([warped[s] for s in sources]), surface
 
 
+def even(frame: np.ndarray) -> np.ndarray:
+    """The frame with its last row / column repeated where its size is odd (H.264 in yuv420p needs even sizes)."""
+    height, width = frame.shape[:2]
+    if height % 2 == 0 and width % 2 == 0:
+        return frame
+    return np.pad(frame, ((0, height % 2), (0, width % 2), (0, 0)), mode="edge")
+
+
 @dataclass
 class Lipsynced:
     """The output before encoding: frames (a generator: one at a time), the audio under them, the plan."""
 
-    frames: Iterator[np.ndarray]  # [H, W, 3] uint8, each the source frame with the mouth box pasted in
+    frames: Iterator[np.ndarray]  # [H, W, 3] uint8, the source frame with the mouth box pasted in (even sizes)
     audio: np.ndarray  # float32 at 16 kHz, exactly as long as the frames
     sources: np.ndarray  # [T] the source frame behind each output frame
     affines: np.ndarray  # [T_source, 2, 3] frame -> aligned crop
@@ -176,10 +188,15 @@ def synthesize(config: InferConfig, evaluator: Any = None) -> Lipsynced:
     from pipelines.evaluate import EvalClip, EvalConfig, Evaluator
 
     validate(config)
-    frames = timeline(config.video, config.max_seconds)
-    audio = read_audio(config.audio or config.video, SAMPLE_RATE, config.max_seconds)
+    with contextlib.ExitStack() as stack:  # object-storage inputs are fetched once, to local files
+        video = stack.enter_context(storage.temporary_local(config.video))
+        speech = stack.enter_context(storage.temporary_local(config.audio)) if config.audio else video
+        if not probe_media(speech).has_audio:
+            key = "audio" if config.audio else "video"
+            raise ConfigError(f"config key '{key}' is {getattr(config, key)!r}, which has no audio track: give the speech as audio=")
+        frames = timeline(video, config.max_seconds)
+        audio = read_audio(speech, SAMPLE_RATE, config.max_seconds)
     output_frames = (len(audio) // SAMPLES_PER_FRAME - 1) // 4 * 4 + 1  # the student's 4k+1 frames
-    settings = EvalConfig(profile=config.profile, decoder=config.decoder, seed=config.seed, window=config.window, model=config.model)
     first_chunk = 4 * config.model.chunk_frames - 3
     if output_frames < first_chunk:
         raise ConfigError(f"the audio lasts {len(audio) / SAMPLE_RATE:.2f} s; the student's first chunk alone needs {first_chunk} frames")
@@ -195,6 +212,7 @@ def synthesize(config: InferConfig, evaluator: Any = None) -> Lipsynced:
         if evaluator is None:
             tracking.setup_tracking()
             weights, _ = tracking.resolve_model(config.student_weights, scratch, "student_weights")
+            settings = EvalConfig(profile=config.profile, decoder=config.decoder, seed=config.seed, window=config.window, model=config.model)
             evaluator = Evaluator(settings, weights, "", device)
         size = config.window.size
         parser = load_face_parser(config.parsing_weights).to(device) if config.parsing_weights else None
@@ -204,17 +222,22 @@ def synthesize(config: InferConfig, evaluator: Any = None) -> Lipsynced:
     box = blend_mask(size, config.window.mask_box, config.feather)
     masks = occlusion_masks(surface, box, config.feather) if surface is not None else None
     pasted = (
-        paste(frames[s], generated[i], crop_affine(affines[s], config.align.size, size), box if masks is None else masks[s])
-        if faced[s] else frames[s]
+        even(paste(frames[s], generated[i], crop_affine(affines[s], config.align.size, size), box if masks is None else masks[s])
+             if faced[s] else frames[s])
         for i, s in enumerate(sources)
     )  # fmt: skip
     return Lipsynced(pasted, audio, sources, affines, faced, generation.fps)
 
 
+def write_video(output: str, frames: Iterable[np.ndarray], audio: np.ndarray) -> None:
+    """Step 5: H.264 at 25 fps with the speech as AAC, to a path or object-storage URL."""
+    storage.write_bytes(output, encode_mp4(frames, FPS, crf=18, audio=audio, sample_rate=SAMPLE_RATE))
+
+
 def lipsync(config: InferConfig, evaluator: Any = None) -> Lipsynced:
     """The job: step 5 after `synthesize`, into `config.output`."""
     result = synthesize(config, evaluator)
-    storage.write_bytes(config.output, encode_mp4(result.frames, FPS, crf=18, audio=result.audio, sample_rate=SAMPLE_RATE))
+    write_video(config.output, result.frames, result.audio)
     edited = float(result.faced[result.sources].mean())
     log.info("wrote %s: %d frames, face edited in %.0f%% of them, student %.1f fps", config.output, len(result.sources), 100 * edited, result.student_fps)
     return result

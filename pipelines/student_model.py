@@ -87,7 +87,7 @@ class LipSyncStudent(mlflow.pyfunc.PythonModel):
         """A whole video (`full_frame`): `make infer`'s code with this model's student and settings."""
         from pipelines.infer import InferConfig, lipsync
 
-        settings = {key: getattr(self.config, key) for key in ("profile", "model", "window", "decoder", "seed")}
+        settings = {key: getattr(self.config, key) for key in SETTINGS}
         config = InferConfig(video=row["video"], audio=row.get("audio") or "", output=row["output"], **settings)
         result = lipsync(config, self.evaluator)
         return {"output": row["output"], "frames": len(result.sources), "fps": float(result.student_fps)}

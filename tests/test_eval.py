@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from data_jobs.media import encode_mp4, encode_wav, to_uint8
 from lipforcing.config import ConfigError
 from lipforcing.data.shards import Reader, decode_clip, epoch_samples, shard_urls
+from lipforcing.data.windows import resize_frames
 from lipforcing.metrics.fid import i3d_extractor, load_torchscript
 from lipforcing.models import build_student
 from lipforcing.models.config import model_config
@@ -177,14 +178,57 @@ def test_cross_identity_drives_each_clip_with_the_next_clips_audio(workspace):
             f"syncnet_weights={root / 'syncnet.pt'}", "audio_from=other", "full_frame=false", "samples=0"]  # fmt: skip
     assert run_job("pipelines.evaluate", EvalConfig, evaluate, argv=argv) == 0
     report = json.loads((root / "cross" / "report.json").read_text())
-    assert {row["key"]: row["frames"] for row in report["clips"]} == {"talk-a<-talk-b": 33, "talk-b<-talk-a": 33}
+    assert {row["key"]: row["frames"] for row in report["clips"]} == {"talk-a.audio-talk-b": 33, "talk-b.audio-talk-a": 33}
     assert report["audio"] == "the next clip's (cross-identity)"
     syncnet = load_syncnet(SyncNetConfig(weights=str(root / "syncnet.pt")))
     sources = {s["__key__"]: decode_clip(s) for s in epoch_samples(shard_urls(str(root / "data")), Reader(), 0, 0)}
     for row in report["clips"]:  # the GT columns: this clip's source crops against the other clip's audio
-        face, voice = row["key"].split("<-")
+        face, voice = row["key"].split(".audio-")
         truth = score_clip(syncnet, to_uint8(prepare_clip(sources[face], SIZE, 9, 33).video), sources[voice].audio[: 33 * RATE // FPS])
         assert row["gt_sync_c"] == pytest.approx(truth.confidence, abs=1e-5)
+
+
+def test_cross_identity_pairs_each_clip_with_another_person():
+    from pipelines.evaluate.clips import EvalClip, with_other_audio
+
+    def clip(key: str, identity: str, frames: int = 33) -> EvalClip:
+        return EvalClip(key, torch.zeros(frames, 3, 8, 8), torch.full((frames * RATE // FPS,), float(len(key))), identity=identity)
+
+    paired = with_other_audio([clip("a1", "ann"), clip("a2", "ann"), clip("bo", "bob", 25)])
+    assert [c.key for c in paired] == ["a1.audio-bo", "a2.audio-bo", "bo.audio-a1"]  # never the same person
+    assert [len(c.video) for c in paired] == [25, 25, 25]
+    with pytest.raises(ConfigError, match="all show 'ann'"):
+        with_other_audio([clip("a1", "ann"), clip("a2", "ann")])
+
+
+def test_full_frame_metrics_paste_back_where_the_data_job_cut(tmp_path):
+    """A source with other frames before the clip (start_s > 0), the face crop placed off-centre at the
+    aligned size (96 px) while the model works at 64 px: pasting the clip's own crops back nearly
+    reproduces the source frames; a wrong start or a wrong warp does not."""
+    import cv2
+
+    from pipelines.evaluate.clips import EvalClip, Placement
+    from pipelines.evaluate.runner import full_frame_metrics
+
+    before, frames, offset = 6, 33, (20, 8)
+    video, audio = synthetic_clip(frames, 0)
+    aligned = np.stack([cv2.resize(frame, (96, 96), interpolation=cv2.INTER_LINEAR) for frame in video])
+    rng = np.random.default_rng(1)
+    canvas = rng.integers(0, 256, (before + frames, 112, 128, 3), dtype=np.uint8)
+    canvas[before:, offset[1] : offset[1] + 96, offset[0] : offset[0] + 96] = aligned
+    (tmp_path / "source.mp4").write_bytes(encode_mp4(canvas, FPS, crf=0))
+    affines = np.tile(np.array([[1, 0, -offset[0]], [0, 1, -offset[1]]], np.float32), (frames, 1, 1))
+    crops = resize_frames(aligned, SIZE)
+    box = [0.55, 0.95, 0.2, 0.8]
+
+    def measured(start_s: float, shift: float = 0.0) -> dict[str, float]:
+        placement = Placement(str(tmp_path / "source.mp4"), start_s, affines + np.array([[0, 0, shift], [0, 0, 0]], np.float32), 96)
+        return full_frame_metrics(EvalClip("c", crops, torch.from_numpy(audio), placement), crops, box)
+
+    right = measured(before / FPS)
+    assert right["full_psnr"] > 33 and right["full_ssim"] > 0.97
+    assert measured((before - 4) / FPS)["full_psnr"] < right["full_psnr"] - 5  # the wrong frames
+    assert measured(before / FPS, shift=6.0)["full_psnr"] < right["full_psnr"] - 5  # the wrong place
 
 
 def test_eval_config_errors_name_the_key(capsys):

@@ -54,3 +54,22 @@ def test_pasting_the_crop_itself_changes_the_frame_only_by_resampling():
     crop = cv2.warpAffine(frame, to_crop, (256, 256), flags=cv2.INTER_LINEAR)
     out = paste(frame, crop, to_crop, blend_mask(256, BOX))
     assert np.abs(out.astype(int) - frame.astype(int)).max() <= 3
+
+
+def test_crop_affine_matches_warping_at_the_aligned_size_then_resizing():
+    """Inference and eval warp at the aligner's size, then resize to the model's (pixel centres, not
+    corners, are mapped): the affine for the small crop must land on the same pixels."""
+    import torch
+
+    from lipforcing.data.windows import resize_frames
+
+    yy, xx = np.mgrid[0:300, 0:400]
+    frame = np.dstack([xx * 0.6, yy * 0.8, (xx + yy) * 0.35]).astype(np.uint8)
+    aligned = similarity_transform(np.array([[170.0, 120], [230, 118], [200, 150], [178, 180], [222, 178]]), template_points("loose", 512))
+    big = cv2.warpAffine(frame, aligned, (512, 512), flags=cv2.INTER_LINEAR)
+    resized = (resize_frames(big[None], 64)[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    direct = cv2.warpAffine(frame, crop_affine(aligned, 512, 64), (64, 64), flags=cv2.INTER_LINEAR)
+    inner = (slice(4, -4), slice(4, -4))  # away from the border, where the two treat the outside differently
+    error = np.abs(resized[inner].astype(float) - direct[inner].astype(float)).mean()
+    naive = cv2.warpAffine(frame, aligned * (64 / 512), (64, 64), flags=cv2.INTER_LINEAR)
+    assert error < 1.0 and error < 0.5 * np.abs(resized[inner].astype(float) - naive[inner].astype(float)).mean()

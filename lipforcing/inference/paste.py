@@ -16,9 +16,9 @@ import numpy as np
 
 
 def blend_mask(size: int, box: list[float], feather: float = 0.06) -> np.ndarray:
-    """[S, S] float32 weights of the generated crop: 1 in the mouth box shrunk by `feather` * S on each
-    side, a Gaussian fall-off over that margin, exactly 0 outside the box (`box`: top, bottom, left,
-    right as fractions, as `window.mask_box`)."""
+    """[S, S] float32 weights of the generated crop: 1 well inside the mouth box, a Gaussian fall-off
+    over about twice `feather` * S from its edges, exactly 0 outside the box (`box`: top, bottom,
+    left, right as fractions, as `window.mask_box`)."""
     top, bottom, left, right = (round(f * size) for f in box)
     margin = max(1, round(feather * size))
     mask = np.zeros((size, size), np.float32)
@@ -49,8 +49,13 @@ def occlusion_masks(surface: np.ndarray, box: np.ndarray, feather: float = 0.06)
 
 
 def crop_affine(frame_to_aligned: np.ndarray, aligned_size: int, crop_size: int) -> np.ndarray:
-    """The affine from frame pixels to a crop of `crop_size` resized from the aligned `aligned_size` one."""
-    return frame_to_aligned * (crop_size / aligned_size)
+    """The affine from frame pixels to a crop of `crop_size` resized from the aligned `aligned_size` one.
+    A resize maps pixel centres, not corners (u_crop = s * u_aligned + (s - 1) / 2 for scale s, as
+    `resize_frames` and OpenCV resize), so the translation gets that half-pixel shift too."""
+    scale = crop_size / aligned_size
+    matrix = frame_to_aligned * scale
+    matrix[:, 2] += 0.5 * (scale - 1.0)
+    return matrix
 
 
 def paste(frame: np.ndarray, crop: np.ndarray, frame_to_crop: np.ndarray, mask: np.ndarray) -> np.ndarray:

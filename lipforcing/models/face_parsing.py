@@ -143,13 +143,16 @@ class BiSeNet(nn.Module):
 
     @torch.no_grad()
     def surface(self, crops: torch.Tensor) -> torch.Tensor:
-        """[B, H, W] float: 1 where crops ([B, 3, H, W] in [0, 1]) show face surface (`SURFACE`), else 0."""
+        """[B, H, W] float on the CPU: 1 where crops ([B, 3, H, W] in [0, 1], on any device) show face
+        surface (`SURFACE`), else 0. Only that surface is replaced: generated lips that open past the
+        source's chin line are cut there."""
         size = crops.shape[2:]
-        x = F.interpolate(crops, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False) if size != (INPUT_SIZE, INPUT_SIZE) else crops
+        x = crops.to(next(self.parameters()).device)
+        x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False) if size != (INPUT_SIZE, INPUT_SIZE) else x
         mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (MEAN, STD))
         classes = self((x - mean) / std).argmax(1, keepdim=True).float()
         classes = F.interpolate(classes, size=size, mode="nearest")[:, 0]
-        return torch.isin(classes, torch.tensor(SURFACE, dtype=classes.dtype, device=classes.device)).float()
+        return torch.isin(classes, torch.tensor(SURFACE, dtype=classes.dtype, device=classes.device)).float().cpu()
 
 
 def load_face_parser(path: str, key: str = "parsing_weights") -> BiSeNet:

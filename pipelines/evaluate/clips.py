@@ -34,7 +34,7 @@ class EvalClip:
     video: Tensor  # [T, 3, S, S] in [0, 1], T = 4k + 1
     audio: Tensor  # [T * 640] float32, 16 kHz
     placement: Placement | None = None  # None: crops without their source (no full-frame metrics)
-    audio_from: str = ""  # the clip whose audio this is, when not its own (cross-identity)
+    identity: str = ""  # who is on screen (the manifest's identity, else the source video)
 
 
 def eval_clips(shards: list[str], config: EvalConfig, min_frames: int) -> tuple[list[EvalClip], list[dict[str, str]]]:
@@ -48,6 +48,7 @@ def eval_clips(shards: list[str], config: EvalConfig, min_frames: int) -> tuple[
         if isinstance(clip, str):
             skipped.append({"key": sample["__key__"], "reason": clip})
             continue
+        clip.identity = str(decoded.metadata.get("identity") or decoded.metadata.get("source") or clip.key)
         if "affine.npy" in sample and decoded.metadata.get("source"):
             affines = np.load(io.BytesIO(sample["affine.npy"]))[: len(clip.video)]
             clip.placement = Placement(decoded.metadata["source"], float(decoded.metadata.get("start_s", 0.0)), affines, decoded.frames.shape[1])
@@ -56,19 +57,22 @@ def eval_clips(shards: list[str], config: EvalConfig, min_frames: int) -> tuple[
 
 
 def with_other_audio(clips: list[EvalClip]) -> list[EvalClip]:
-    """Cross-identity: each clip driven by the next clip's audio (the last by the first's), both cut to
+    """Cross-identity: each clip driven by the audio of the next clip showing someone else (clips of
+    one video lie together in a shard, so the very next one is usually the same person), both cut to
     the shorter (4k + 1 frames), so the student must follow speech the face never said."""
-    if len(clips) < 2:
-        raise ConfigError(f"config key 'audio_from' is 'other' but only {len(clips)} clip could be evaluated; it needs 2 or more")
     paired = []
     for index, clip in enumerate(clips):
-        other = clips[(index + 1) % len(clips)]
+        others = [clips[(index + step) % len(clips)] for step in range(1, len(clips))]
+        other = next((o for o in others if o.identity != clip.identity), None)
+        if other is None:
+            raise ConfigError(f"config key 'audio_from' is 'other' but the {len(clips)} clips evaluated all show "
+                              f"{clip.identity!r}; it needs clips of two identities (raise 'clips')")  # fmt: skip
         frames = (min(len(clip.video), len(other.video)) - 1) // 4 * 4 + 1
         placement = clip.placement
         if placement is not None:
             placement = Placement(placement.source, placement.start_s, placement.affines[:frames], placement.aligned_size)
         audio = other.audio[: frames * (SAMPLE_RATE // FPS)]
-        paired.append(EvalClip(f"{clip.key}<-{other.key}", clip.video[:frames], audio, placement, other.key))
+        paired.append(EvalClip(f"{clip.key}.audio-{other.key}", clip.video[:frames], audio, placement, clip.identity))
     return paired
 
 

@@ -5,10 +5,12 @@
 Per clip: the longest 4k+1-frame prefix that has audio, resized to `window.size`, with the clip's
 first frame as the reference. The condition is encoded (Wan VAE, wav2vec2, mouth mask), the student
 generates it chunk by chunk with the two-step schedule, and the stream decoder turns each chunk into
-frames as it arrives. Generated frames are compared with the source crops they replace (nothing is
-pasted back into the full frame): SSIM, PSNR, mouth-region PSNR and L1, Sync-C / Sync-D / AV offset
-(also of the source crops, the ground-truth row), CSIM, FPS, TTFF and peak memory. FID / FVD run only
-with local feature-network weights, CSIM only with an InsightFace model pack (its ArcFace model).
+frames as it arrives. Generated frames are compared with the source crops they replace: SSIM, PSNR,
+mouth-region PSNR and L1, Sync-C / Sync-D / AV offset (also of the source crops, the ground-truth
+row), CSIM, FPS, TTFF and peak memory; with `full_frame` they are also pasted back into their source
+frames, which are scored whole (SSIM, PSNR). `audio_from=other` drives each clip with another
+identity's audio (cross-identity). FID / FVD run only with local feature-network weights, CSIM only
+with an InsightFace model pack (its ArcFace model).
 
 Timing. TTFF: a separate first-chunk pass per clip, from the start of encoding the first chunk's
 inputs (its 4n-3 frames, reference and audio) to the end of decoding its frames, as in the paper
@@ -110,7 +112,7 @@ def run_eval(config: EvalConfig, scratch: str) -> int:
             if config.full_frame:
                 measured = full_frame_metrics(clip, generated, config.window.mask_box)
                 if isinstance(measured, str):
-                    skipped_metrics.setdefault("full-frame SSIM / PSNR", measured)
+                    skipped_metrics[f"full-frame SSIM / PSNR of {clip.key}"] = measured
                 else:
                     row.update(measured)
             features.add(clip.video, generated)

@@ -57,8 +57,9 @@ NOTES = (
 
 
 def mean_row(rows: list[dict[str, Any]]) -> dict[str, float]:
-    keys = [k for k, value in rows[0].items() if isinstance(value, int | float)]
-    return {k: float(np.mean([row[k] for row in rows])) for k in keys}
+    """The mean of each number over the clips that have it (full-frame metrics may miss on some)."""
+    keys = dict.fromkeys(k for row in rows for k, value in row.items() if isinstance(value, int | float))
+    return {k: float(np.mean([row[k] for row in rows if k in row])) for k in keys}
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -78,7 +79,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines.append("|---" * (len(columns) + 1) + "|")
     for row in [*report["clips"], {"key": "**mean**", **report["mean"]}]:
         lines.append(
-            f"| {row['key']} | " + " | ".join(fmt.format(row[key]) for key, _, fmt in columns) + " |"
+            f"| {row['key']} | " + " | ".join(fmt.format(row[key]) if key in row else "-" for key, _, fmt in columns) + " |"
         )
     lines.append("")
     lines += [
