@@ -14,7 +14,8 @@
    feathered inside the box (`lipforcing/inference/paste.py`): every other pixel is the source's.
    With `parsing_weights` (a BiSeNet face parser) only face surface in the box is replaced:
    occluders stay in front, the mask feathered and averaged over neighbouring frames.
-   Frames with no face nearby pass through unchanged; with several faces the tracked one is edited.
+   Frames with no face nearby pass through unchanged. With several faces the tracker follows the one
+   it acquired (the largest at a whole-frame search), so keep one speaker per shot.
 5. The frames are encoded (H.264) with the new audio muxed in.
 
 The clip is held in memory (source frames and crops): videos longer than `max_seconds` are refused
@@ -126,18 +127,25 @@ def output_sources(source_frames: int, output_frames: int) -> np.ndarray:
 
 def track(frames: list[np.ndarray], faces: FacesConfig, align: AlignConfig) -> tuple[np.ndarray, np.ndarray]:
     """([T, 2, 3] frame -> aligned-crop affines, [T] whether a face was found near each frame). One
-    smoothed landmark track over the whole video; frames between detections take the interpolated
-    landmarks, and a detection frame without a face marks its stride of frames as faceless."""
+    smoothed landmark track over the whole video (no shot cuts: one continuous take is expected);
+    frames between detections take the interpolated landmarks."""
     height, width = frames[0].shape[:2]
     tracker = Faces(faces).tracker(width, height)
     landmarks = LandmarkTrack(0, faces.smooth_sigma)
     stride = max(1, faces.stride)
-    faced = np.zeros(len(frames), bool)
+    found = []
     for position in range(0, len(frames), stride):
         face = tracker.detect(position, frames[position]).face
         if face is not None:
             landmarks.add(position, face.landmarks)
-            faced[position : position + stride] = True
+            found.append(position)
+    # A frame is edited when a face was found within two detections of it: one missed detection
+    # does not switch the edit off and on (the landmarks across it are interpolated anyway).
+    near = np.zeros(len(frames) + 1, int)
+    for position in found:
+        near[max(0, position - 2 * stride + 1)] += 1
+        near[min(len(frames), position + 2 * stride)] -= 1
+    faced = np.cumsum(near)[: len(frames)] > 0
     if landmarks.empty:
         return np.zeros((len(frames), 2, 3)), faced
     template = template_points(align.template, align.size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,11 +38,12 @@ class EvalClip:
     identity: str = ""  # who is on screen (the manifest's identity, else the source video)
 
 
-def eval_clips(shards: list[str], config: EvalConfig, min_frames: int) -> tuple[list[EvalClip], list[dict[str, str]]]:
-    """Up to `config.clips` clips in the seed's shard order, and the ones skipped with why."""
-    clips, skipped = [], []
+def eval_clips(shards: list[str], config: EvalConfig, min_frames: int, skipped: list[dict[str, str]]) -> Iterator[EvalClip]:
+    """Up to `config.clips` clips in the seed's shard order, one at a time (a clip at 512 px is most
+    of a gigabyte); the ones skipped go to `skipped` with why."""
+    count = 0
     for sample in epoch_samples(shards, Reader(), seed=config.seed, epoch=0):
-        if len(clips) >= config.clips:
+        if count >= config.clips:
             break
         decoded = decode_clip(sample)
         clip = prepare_clip(decoded, config.window.size, min_frames, config.max_frames)
@@ -52,12 +54,12 @@ def eval_clips(shards: list[str], config: EvalConfig, min_frames: int) -> tuple[
         if "affine.npy" in sample and decoded.metadata.get("source"):
             affines = np.load(io.BytesIO(sample["affine.npy"]))[: len(clip.video)]
             clip.placement = Placement(decoded.metadata["source"], float(decoded.metadata.get("start_s", 0.0)), affines, decoded.frames.shape[1])
-        clips.append(clip)
-    return clips, skipped
+        count += 1
+        yield clip
 
 
 def with_other_audio(clips: list[EvalClip]) -> list[EvalClip]:
-    """Cross-identity: each clip driven by the audio of the next clip showing someone else (clips of
+    """Cross-identity (all clips held at once): each clip driven by the audio of the next clip showing someone else (clips of
     one video lie together in a shard, so the very next one is usually the same person), both cut to
     the shorter (4k + 1 frames), so the student must follow speech the face never said."""
     paired = []

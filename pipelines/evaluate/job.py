@@ -102,9 +102,10 @@ def run_eval(config: EvalConfig, scratch: str) -> int:
             )
         features = FeatureSets(extractors, device)
         rows: list[dict[str, Any]] = []
-        clips, skipped_clips = eval_clips(shards, config, evaluator.first_chunk_frames)
+        skipped_clips: list[dict[str, str]] = []
+        clips = eval_clips(shards, config, evaluator.first_chunk_frames, skipped_clips)
         if config.audio_from == "other":
-            clips = with_other_audio(clips)
+            clips = with_other_audio(list(clips))
         for clip in clips:
             if not rows:
                 evaluator.time_to_first_frames(clip)  # warm-up: one-time costs stay out of the first TTFF
