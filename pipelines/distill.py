@@ -19,7 +19,7 @@ from lipforcing.config import ConfigError, to_yaml
 from lipforcing.data.shards import RAW_FIELDS, check_readable
 from pipelines import lineage, tracking
 from pipelines.distill_config import STAGES, DistillConfig
-from pipelines.jobs import run_job
+from pipelines.jobs import profile_defaults, run_job
 from pipelines.ray_cluster import init_ray
 from pipelines.stages.common import WEIGHTS_FILE, given_weights, stage_weights
 from pipelines.trainer import CHECKPOINT_FOLDER, TrainerConfig, accumulation, fit, placed
@@ -167,7 +167,7 @@ def register_student(config: DistillConfig, parent_id: str, trained_on: dict[str
         output_format="list",
     )
     name, alias = config.dmd.registered_name, config.dmd.registered_alias
-    inference = dataclasses.replace(EvalConfig.for_profile(config.profile), model=config.model, window=config.window, seed=config.seed)
+    inference = dataclasses.replace(profile_defaults(EvalConfig, config.profile), model=config.model, window=config.window, seed=config.seed)
     version = log_student(runs[0].info.run_id, WEIGHTS_FILE, inference, name, trained_on, alias)
     log.info("registered models:/%s/%s%s: mlflow.pyfunc.load_model lip-syncs with it", name, version, f" (@{alias})" if alias else "")
     return version

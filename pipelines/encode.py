@@ -27,7 +27,7 @@ from lipforcing.config import ClusterConfig, to_yaml
 from lipforcing.data.encode import LatentEncoder, to_records
 from lipforcing.data.shards import decode_clip, shard_urls
 from lipforcing.data.windows import WindowConfig, collate, cut_window
-from lipforcing.models.config import ModelConfig, model_config
+from lipforcing.models.config import ModelConfig
 from lipforcing.models.text import text_embeddings
 from pipelines.jobs import run_job
 from pipelines.stages.common import TEXT_FILE
@@ -50,9 +50,6 @@ class EncodeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
-    @classmethod
-    def for_profile(cls, profile: str) -> EncodeConfig:
-        return cls(profile=profile, model=model_config(profile))
 
 
 class ShardEncoder:

@@ -55,7 +55,7 @@ from lipforcing.config import ClusterConfig, ConfigError
 from lipforcing.data import FPS, SAMPLE_RATE
 from lipforcing.data.windows import WindowConfig, resize_frames
 from lipforcing.inference.paste import blend_mask, crop_affine, occlusion_masks, paste
-from lipforcing.models.config import ModelConfig, model_config
+from lipforcing.models.config import ModelConfig
 from lipforcing.models.face_parsing import BiSeNet, load_face_parser
 from pipelines.jobs import run_job
 
@@ -84,9 +84,6 @@ class InferConfig:
     align: AlignConfig = field(default_factory=AlignConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
-    @classmethod
-    def for_profile(cls, profile: str) -> InferConfig:
-        return cls(profile=profile, model=model_config(profile))
 
 
 def validate(config: InferConfig) -> None:

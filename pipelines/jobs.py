@@ -10,6 +10,7 @@ the same argument list is what a cluster submission runs.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -40,8 +41,22 @@ def resolve_config(schema: type[T], argv: Sequence[str]) -> T:
             profile = item.split("=", 1)[1]
     if profile not in PROFILES:
         raise ConfigError(f"config key 'profile' is {profile!r}; allowed values: {', '.join(PROFILES)}")
-    defaults: Any = schema.for_profile(profile) if hasattr(schema, "for_profile") else schema()
-    return load_config(defaults, files=files, overrides=overrides, lenient_files=[CONFIG_DIR / f"{profile}.yaml"])
+    return load_config(profile_defaults(schema, profile), files=files, overrides=overrides, lenient_files=[CONFIG_DIR / f"{profile}.yaml"])
+
+
+def profile_defaults(schema: type[T], profile: str) -> T:
+    """A schema's defaults for `profile`: its own `for_profile` (a job with several models or
+    profile-dependent data settings), else the profile set and its `model` section, when it has one,
+    the profile's model config."""
+    from lipforcing.models.config import model_config
+
+    if hasattr(schema, "for_profile"):
+        return schema.for_profile(profile)
+    names = {field.name for field in dataclasses.fields(schema)}
+    values = {"profile": profile} if "profile" in names else {}
+    if "model" in names:
+        values["model"] = model_config(profile)
+    return schema(**values)
 
 
 def check_shared_locations(config: Any) -> None:

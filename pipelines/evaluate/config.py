@@ -9,7 +9,7 @@ import torch
 
 from lipforcing.config import ClusterConfig, ConfigError
 from lipforcing.data.windows import WindowConfig
-from lipforcing.models.config import ModelConfig, model_config
+from lipforcing.models.config import ModelConfig
 
 TINY_WARNING = "tiny profile, random-init models: not a quality result"
 
@@ -43,9 +43,6 @@ class EvalConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
-    @classmethod
-    def for_profile(cls, profile: str) -> EvalConfig:
-        return cls(profile=profile, model=model_config(profile))
 
 
 def validate(config: EvalConfig) -> None:
