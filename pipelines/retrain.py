@@ -148,9 +148,14 @@ class Cycle:
     """One retraining cycle's configs and locations."""
 
     def __init__(self, config: RetrainConfig, record: dict[str, Any]):
+        from pipelines.distill_config import DistillConfig
+
         self.config, self.record, self.run = config, record, record["run"]
         self.folder = storage.join(config.root, "runs", self.run)
         self.data = data_config(config, record["input"])
+        # both evals read the encoders the students were trained with (the distill job's model.* weights)
+        model = resolve_config(DistillConfig, [f"profile={config.profile}", *config.distill_args]).model
+        self.encoders = [f"model.{key}={getattr(model, key)}" for key in ENCODER_WEIGHTS if getattr(model, key)]
 
     def distill_args(self, champion: str, syncnet: str) -> list[str]:
         """Fine-tune the champion from the teacher it was distilled with; no champion: distill in full."""
@@ -162,14 +167,9 @@ class Cycle:
         return args + list(self.config.distill_args)
 
     def eval_args(self, student: str, syncnet: str, side: str) -> list[str]:
-        """Both evals read the encoders the students were trained with (the distill job's `model.*` weights)."""
-        from pipelines.distill_config import DistillConfig
-
-        model = resolve_config(DistillConfig, [f"profile={self.config.profile}", *self.config.distill_args]).model
-        encoders = [f"model.{key}={getattr(model, key)}" for key in ENCODER_WEIGHTS if getattr(model, key)]
         return [f"profile={self.config.profile}", f"student_weights={student}", f"syncnet_weights={syncnet}",
                 f"data={storage.join(self.data.output, 'heldout')}", f"output={storage.join(self.folder, 'eval', side)}",
-                f"seed={self.data.seed}", *encoders, *self.config.eval_args]  # fmt: skip
+                f"seed={self.data.seed}", *self.encoders, *self.config.eval_args]  # fmt: skip
 
 
 def champion_teacher(config: RetrainConfig, champion: str) -> str:
@@ -384,10 +384,11 @@ def evaluated(cycle: Cycle, student: str, syncnet: str, side: str) -> dict[str, 
 
     config = resolve_config(EvalConfig, cycle.eval_args(student, syncnet, side))
     report_url = storage.join(config.output, "report.json")
-    if not storage.exists(report_url) or json.loads(storage.read_text(report_url)).get("student") != student:
+    report = json.loads(storage.read_text(report_url)) if storage.exists(report_url) else {}
+    if report.get("student") != student:
         log.info("retrain cycle %s: eval of the %s %s", cycle.run, side, student)
         evaluate(config)
-    report = json.loads(storage.read_text(report_url))
+        report = json.loads(storage.read_text(report_url))
     untrained = [key for key in report["random_init"] if key != "dit_weights"]  # the student's weights are given apart
     if untrained and config.profile != "tiny":
         raise ConfigError(f"the {side}'s eval ran with random-init {untrained}: no gate decides on those numbers; "

@@ -219,13 +219,13 @@ def full_frame_metrics(clip: EvalClip, generated: Tensor, mask_box: list[float])
         return "the shards carry no source and warp (affine.npy) for their crops"
     if not storage.exists(placement.source):
         return f"the source video is not readable here ({placement.source})"
-    with storage.temporary_local(placement.source) as path:
-        reader = VideoFrames(path)
-        try:
-            timestamps = reader.timestamps()
-        finally:
-            reader.close()
-        source = list(timeline_frames(path, cfr_indices(timestamps, FPS, placement.start_s, len(generated))))
+    path = storage.cached(placement.source)  # one download per machine: a video's segments are scored in turn
+    reader = VideoFrames(path)
+    try:
+        timestamps = reader.timestamps()
+    finally:
+        reader.close()
+    source = list(timeline_frames(path, cfr_indices(timestamps, FPS, placement.start_s, len(generated))))
     size = generated.shape[-1]
     mask = blend_mask(size, mask_box)
     crops = to_uint8(generated).numpy()
