@@ -84,7 +84,7 @@ def data_lineage(output: str, split: str = "train") -> DataLineage:
     empty when its file is missing (shards copied without their tables)."""
     layout = Layout(output)
     data = layout.set_root(split)
-    location = os.path.abspath(data) if storage.is_local(data) else data
+    location = storage.absolute(data)
     digest = ""
     written = _read_if_present(layout.file("config.yaml"))
     if written is not None:
