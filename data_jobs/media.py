@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import av
 import cv2
@@ -262,13 +262,28 @@ def encode_mp4(
     audio: np.ndarray | None = None,
     sample_rate: int = SAMPLE_RATE,
 ) -> bytes:
-    """H.264 (yuv420p) mp4 of RGB uint8 frames [H, W, 3], in memory; with `audio` (float in [-1, 1],
-    [samples] or [samples, channels]) an AAC track too. The one mp4 writer: shards, the sample
-    generator, eval and training sample videos. Frames may be a generator (memory stays one frame)."""
+    """`write_mp4` into memory: the bytes of the file. The one mp4 writer of shards, the sample
+    generator, eval and training sample videos."""
+    buffer = io.BytesIO()
+    write_mp4(buffer, frames, fps, crf, preset, audio, sample_rate)
+    return buffer.getvalue()
+
+
+def write_mp4(
+    target: BinaryIO,
+    frames: Iterable[np.ndarray],
+    fps: float,
+    crf: int = 20,
+    preset: str = "veryfast",
+    audio: np.ndarray | None = None,
+    sample_rate: int = SAMPLE_RATE,
+) -> None:
+    """H.264 (yuv420p) mp4 of RGB uint8 frames [H, W, 3] into a seekable binary file; with `audio`
+    (float in [-1, 1], [samples] or [samples, channels]) an AAC track too. Frames may be a generator:
+    memory stays one frame plus the encoder's, whatever the length."""
     frames = iter(frames)
     first = next(frames)
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mp4") as container:
+    with av.open(target, "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height = first.shape[1], first.shape[0]
         stream.pix_fmt = "yuv420p"
@@ -284,7 +299,6 @@ def encode_mp4(
             container.mux(packet)
         if audio is not None:
             _mux_audio(container, sound, audio, sample_rate)
-    return buffer.getvalue()
 
 
 def _mux_audio(container: av.container.OutputContainer, stream: av.audio.AudioStream, audio: np.ndarray, sample_rate: int) -> None:

@@ -78,13 +78,16 @@ class Shots(Transform):
         )
 
     def begin(self, sample: Sample) -> None:
-        """A fresh detector for one input (the shot width keeps the input's aspect ratio)."""
-        width = self.config.shot_width
-        height = max(2, round(sample.info.height * width / max(sample.info.width, 1) / 2) * 2)
-        self._size, self._fps = (width, height), sample.fps
+        """A fresh detector for one input."""
+        self.start(sample.info.width, sample.info.height, sample.fps)
+
+    def start(self, width: int, height: int, fps: float) -> None:
+        """A fresh detector for frames of this size (the shot width keeps their aspect ratio)."""
+        small = self.config.shot_width
+        self._size, self._fps = (small, max(2, round(height * small / max(width, 1) / 2) * 2)), fps
         self._detector = ContentDetector(
             threshold=self.config.shot_threshold,
-            min_scene_len=round(sample.fps / 2),
+            min_scene_len=round(fps / 2),
             filter_mode=FlashFilter.Mode.SUPPRESS,
         )
 

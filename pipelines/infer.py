@@ -5,31 +5,37 @@
 1. The video is put on the 25 fps timeline, the audio resampled to 16 kHz. The output lasts as long as
    the audio (cut to the student's 4k+1 frames): a shorter video is played forward, then backward, and
    so on; a longer one is cut.
-2. The face is found and tracked with the data job's tracker (`faces.*`), its landmarks smoothed over
-   time, and each frame warped to the aligned crop exactly as the data job warps training crops
+2. A first pass over the video finds its shot cuts (the data job's detector) and tracks the face in
+   each shot with the data job's tracker (`faces.*`), its landmarks smoothed over time within the
+   shot; each frame is warped to the aligned crop exactly as the data job warps training crops
    (`align.*`), then resized to the model's size.
-3. The student streams the crops chunk by chunk with the new audio (two calls per chunk, the KV
-   cache), the first crop as its reference, as `make eval` runs it; each chunk is decoded (TAE or VAE).
+3. A second pass streams the crops chunk by chunk through the student with the new audio: each
+   chunk's condition is encoded as it arrives (VAE stream encoders, wav2vec2 a window at a time), two
+   calls per chunk and the KV cache, the first crop as the reference, and each chunk decoded (TAE or VAE).
 4. Each generated crop goes back into its frame through the inverse warp, only its mouth box,
    feathered inside the box (`lipforcing/inference/paste.py`): every other pixel is the source's.
    With `parsing_weights` (a BiSeNet face parser) only face surface in the box is replaced:
-   occluders stay in front, the mask feathered and averaged over neighbouring frames.
+   occluders stay in front, the mask feathered and averaged with the neighbouring frames'.
    Frames with no face nearby pass through unchanged. With several faces the tracker follows the one
-   it acquired (the largest at a whole-frame search), so keep one speaker per shot.
-5. The frames are encoded (H.264) with the new audio muxed in.
+   it acquired in each shot (the largest at a whole-frame search).
+5. The frames are encoded (H.264) as they come, with the new audio muxed in.
 
-The clip is held in memory (source frames and crops): videos longer than `max_seconds` are refused
-with that key named, and speech is read up to that length. An odd frame size gets its last row or
-column repeated (H.264 needs even sizes). A tiny-profile student is random-init: its output shows the plumbing, not lip-sync.
+Memory does not grow with the length: the passes hold a few frames, the student's cache is rolling,
+only the speech (3.8 MB a minute) and the per-frame warps are kept whole. A video played backwards is
+decoded again from its start every `HELD_FRAMES` frames. An odd frame size gets its last row or column
+repeated (H.264 needs even sizes). A tiny-profile student is random-init: its output shows the
+plumbing, not lip-sync.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
 import sys
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -37,30 +43,35 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from data_jobs.align import similarity_transform, template_points
-from data_jobs.config import AlignConfig, FacesConfig
+from data_jobs.config import AlignConfig, FacesConfig, IngestConfig
 from data_jobs.faces import Faces, LandmarkTrack
 from data_jobs.media import (
     VideoFrames,
     cfr_indices,
-    encode_mp4,
     probe_media,
     read_audio,
     timeline_frames,
     to_uint8,
+    write_mp4,
 )
+from data_jobs.shots import Shots
 from lipforcing import storage
 from lipforcing.config import ClusterConfig, ConfigError
 from lipforcing.data import FPS, SAMPLE_RATE
 from lipforcing.data.windows import WindowConfig, resize_frames
-from lipforcing.inference.paste import blend_mask, crop_affine, occlusion_masks, paste
+from lipforcing.inference.conditions import chunk_frame_counts
+from lipforcing.inference.paste import blend_mask, crop_affine, occlusion_mask, paste
 from lipforcing.models.config import ModelConfig
 from lipforcing.models.face_parsing import BiSeNet, load_face_parser
+from pipelines.evaluate.runner import streaming_fps
 from pipelines.jobs import run_job
 
 log = logging.getLogger("lipforcing.infer")
 SAMPLES_PER_FRAME = SAMPLE_RATE // FPS
+HELD_FRAMES = 25  # timeline frames the second pass keeps decoded (a second of video)
 
 
 @dataclass
@@ -74,7 +85,9 @@ class InferConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     feather: float = 0.06  # width of the blend's fall-off inside the mouth box, as a share of the crop
-    max_seconds: float = 120.0  # the clip is held in memory: longer inputs are refused
+    # PySceneDetect content threshold of the cut detector (as the data job's ingest.shot_threshold):
+    # the face track restarts at each cut instead of being smoothed across it
+    shot_threshold: float = 27.0
     # BiSeNet face parsing (CelebAMask-HQ, `79999_iter.pth`): the generated mouth replaces only face
     # surface, so a hand, a microphone, hair or glasses in front of it stay; "" = the mouth box alone
     parsing_weights: str = ""
@@ -95,21 +108,17 @@ def validate(config: InferConfig) -> None:
         raise ConfigError(f"config key 'feather' is {config.feather}; allowed values: a share of the crop in (0, {widest:.3f})")
 
 
-def timeline(video: str, max_seconds: float) -> list[np.ndarray]:
-    """The video's frames on the 25 fps timeline (RGB uint8), each source frame decoded once."""
-    info = probe_media(video)
-    if not info.has_video:
+def timeline_indices(video: str) -> np.ndarray:
+    """The source frame index shown at each tick of the video's 25 fps timeline."""
+    if not probe_media(video).has_video:
         raise ConfigError(f"config key 'video' is {video!r}, which has no video stream")
     reader = VideoFrames(video)
     try:
         timestamps = reader.timestamps()
     finally:
         reader.close()
-    duration = float(timestamps[-1]) + 1.0 / (info.fps or FPS)
-    if duration > max_seconds:
-        raise ConfigError(f"the video lasts {duration:.0f} s, over config key 'max_seconds' ({max_seconds:g} s)")
-    count = max(1, math.floor(duration * FPS + 0.01))
-    return list(timeline_frames(video, cfr_indices(timestamps, FPS, 0.0, count)))
+    duration = float(timestamps[-1]) + 1.0 / (probe_media(video).fps or FPS)
+    return cfr_indices(timestamps, FPS, 0.0, max(1, math.floor(duration * FPS + 0.01)))
 
 
 def output_sources(source_frames: int, output_frames: int) -> np.ndarray:
@@ -122,48 +131,106 @@ def output_sources(source_frames: int, output_frames: int) -> np.ndarray:
     return np.where(phase < source_frames, phase, period - phase)
 
 
-def track(frames: list[np.ndarray], faces: FacesConfig, align: AlignConfig) -> tuple[np.ndarray, np.ndarray]:
-    """([T, 2, 3] frame -> aligned-crop affines, [T] whether a face was found near each frame). One
-    smoothed landmark track over the whole video (no shot cuts: one continuous take is expected);
-    frames between detections take the interpolated landmarks."""
-    height, width = frames[0].shape[:2]
-    tracker = Faces(faces).tracker(width, height)
-    landmarks = LandmarkTrack(0, faces.smooth_sigma)
-    stride = max(1, faces.stride)
-    found = []
-    for position in range(0, len(frames), stride):
-        face = tracker.detect(position, frames[position]).face
-        if face is not None:
-            landmarks.add(position, face.landmarks)
-            found.append(position)
-    # A frame is edited when a face was found within two detections of it: one missed detection
-    # does not switch the edit off and on (the landmarks across it are interpolated anyway).
-    near = np.zeros(len(frames) + 1, int)
-    for position in found:
-        near[max(0, position - 2 * stride + 1)] += 1
-        near[min(len(frames), position + 2 * stride)] -= 1
-    faced = np.cumsum(near)[: len(frames)] > 0
-    if landmarks.empty:
-        return np.zeros((len(frames), 2, 3)), faced
+@dataclass
+class Track:
+    """The first pass: per timeline frame, the warp to the aligned crop and whether a face is there."""
+
+    affines: np.ndarray  # [T, 2, 3] frame -> aligned crop (zeros where a shot has no face)
+    faced: np.ndarray  # [T] a face was found within two detections of the frame, in its shot
+    cuts: list[int]  # timeline frames where a new shot starts
+
+
+def track(video: str, indices: np.ndarray, faces: FacesConfig, align: AlignConfig, shot_threshold: float) -> Track:
+    """One decode of the video: cut detection on every frame, face detection every `faces.stride`
+    frames from each shot's start, landmarks smoothed within the shot. Holds landmarks, not frames."""
     template = template_points(align.template, align.size)
-    affines = np.stack([similarity_transform(landmarks.smoothed(p, len(frames)), template) for p in range(len(frames))])
-    return affines, faced
+    stride = max(1, faces.stride)
+    affines, faced = np.zeros((len(indices), 2, 3)), np.zeros(len(indices), bool)
+    shots = Shots(IngestConfig(shot_threshold=shot_threshold))
+    cuts: list[int] = []
+    tracker, landmarks = None, LandmarkTrack(0, faces.smooth_sigma)
+    shot_start, found = 0, []
+
+    def close_shot(end: int) -> None:
+        # A frame is edited when a face was found within two detections of it: one missed detection
+        # does not switch the edit off and on (the landmarks across it are interpolated anyway).
+        for position in found:
+            faced[max(shot_start, position - 2 * stride + 1) : min(end, position + 2 * stride)] = True
+        if not landmarks.empty:
+            for position in range(shot_start, end):
+                affines[position] = similarity_transform(landmarks.smoothed(position, end), template)
+
+    for position, frame in enumerate(timeline_frames(video, indices)):
+        if position == 0:
+            height, width = frame.shape[:2]
+            shots.start(width, height, float(FPS))
+            tracker = Faces(faces).tracker(width, height)
+        if shots.is_cut(position, frame):  # never at 0; the detector sees every frame
+            close_shot(position)
+            cuts.append(position)
+            shot_start, found = position, []
+            tracker.reset()
+            landmarks = LandmarkTrack(position, faces.smooth_sigma)
+        if (position - shot_start) % stride == 0:
+            face = tracker.detect(position, frame).face
+            if face is not None:
+                landmarks.add(position, face.landmarks)
+                found.append(position)
+    close_shot(len(indices))
+    return Track(affines, faced, cuts)
 
 
-def aligned_crops(frames: list[np.ndarray], sources: np.ndarray, affines: np.ndarray, align: AlignConfig, size: int,
-                  parser: BiSeNet | None = None) -> tuple[torch.Tensor, np.ndarray | None]:  # fmt: skip
-    """([T, 3, S, S] crops in [0, 1], each shown frame warped as the data job warps it, then resized to
-    the model's size as training windows are; with a face `parser`, [T_source, S, S] face-surface
-    masks of the source frames at the crop's size, NaN for frames never shown)."""
-    shown = np.unique(sources)
-    warped, surface = {}, np.full((len(frames), size, size), np.nan, np.float32) if parser is not None else None
-    for source in shown:
-        crop = cv2.warpAffine(frames[source], affines[source], (align.size, align.size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
-        warped[source] = resize_frames(crop[None], size)[0]
-        if parser is not None:
-            parsed = parser.surface(resize_frames(crop[None], align.size))[0].numpy()
-            surface[source] = cv2.resize(parsed, (size, size), interpolation=cv2.INTER_AREA)
-    return torch.stack([warped[s] for s in sources]), surface
+class TimelineReader:
+    """Timeline frames by position for a pass that mostly moves forward: one sequential decode that
+    holds the last `HELD_FRAMES` frames. A position behind them restarts the decode so that it and the
+    frames just before it are held (playing backwards restarts once per `HELD_FRAMES` frames)."""
+
+    def __init__(self, video: str, indices: np.ndarray):
+        self.video, self.indices = video, indices
+        self.held: dict[int, np.ndarray] = {}
+        self.next, self.frames = 0, timeline_frames(video, indices)
+
+    def __getitem__(self, position: int) -> np.ndarray:
+        if position in self.held:
+            return self.held[position]
+        if position < self.next:
+            self.close()
+            self.next = max(0, position - HELD_FRAMES + 1)
+            self.frames = timeline_frames(self.video, self.indices[self.next :])
+        while self.next <= position:
+            self.held[self.next] = next(self.frames)
+            self.held.pop(self.next - HELD_FRAMES, None)
+            self.next += 1
+        return self.held[position]
+
+    def close(self) -> None:
+        self.frames.close()
+        self.held.clear()
+
+
+def aligned_crop(frame: np.ndarray, affine: np.ndarray, align: AlignConfig) -> np.ndarray:
+    """The frame warped to the aligned crop exactly as the data job warps it ([A, A, 3] uint8)."""
+    return cv2.warpAffine(frame, affine, (align.size, align.size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+
+
+class SurfaceMasks:
+    """Face-surface masks of timeline frames at the model's size, each parsed once while it is near."""
+
+    def __init__(self, parser: BiSeNet, reader: TimelineReader, affines: np.ndarray, align: AlignConfig, size: int):
+        self.parser, self.reader, self.affines, self.align, self.size = parser, reader, affines, align, size
+        self.parsed: dict[int, np.ndarray] = {}
+
+    def __call__(self, position: int) -> list[np.ndarray]:
+        """The masks of the frame and its neighbours on the timeline."""
+        near = range(max(0, position - 1), min(len(self.affines), position + 2))
+        for other in near:
+            if other not in self.parsed:
+                crop = aligned_crop(self.reader[other], self.affines[other], self.align)
+                parsed = self.parser.surface(resize_frames(crop[None], self.align.size))[0].numpy()
+                self.parsed[other] = cv2.resize(parsed, (self.size, self.size), interpolation=cv2.INTER_AREA)
+        for other in [p for p in self.parsed if abs(p - position) > 2 * HELD_FRAMES]:
+            del self.parsed[other]
+        return [self.parsed[other] for other in near]
 
 
 def even(frame: np.ndarray) -> np.ndarray:
@@ -176,67 +243,117 @@ def even(frame: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Lipsynced:
-    """The output before encoding: frames (a generator: one at a time), the audio under them, the plan."""
+    """The output before encoding: frames (a generator: made as they are read), the audio under them, the plan."""
 
     frames: Iterator[np.ndarray]  # [H, W, 3] uint8, the source frame with the mouth box pasted in (even sizes)
     audio: np.ndarray  # float32 at 16 kHz, exactly as long as the frames
-    sources: np.ndarray  # [T] the source frame behind each output frame
+    sources: np.ndarray  # [T] the timeline frame behind each output frame
     affines: np.ndarray  # [T_source, 2, 3] frame -> aligned crop
     faced: np.ndarray  # [T_source] whether the face was edited there
-    student_fps: float
+    cuts: list[int]  # timeline frames where a new shot starts
+    timing: dict[str, float] = field(default_factory=dict)  # filled as the frames are read
+
+    @property
+    def student_fps(self) -> float:
+        """Frames per second of the streaming loop after the first chunk (once the frames are read)."""
+        return self.timing.get("fps", float("nan"))
 
 
 def synthesize(config: InferConfig, evaluator: Any = None) -> Lipsynced:
     """Steps 1-4 of the module docstring; `evaluator` (a built `pipelines.evaluate.Evaluator`, as the
-    MLflow model holds) instead of loading `config.student_weights`."""
-    from pipelines import tracking
-    from pipelines.evaluate import EvalClip, EvalConfig, Evaluator
-
+    MLflow model holds) instead of loading `config.student_weights`. The tracking pass runs here; the
+    generation runs as the returned frames are read."""
     validate(config)
-    with contextlib.ExitStack() as stack:  # object-storage inputs are fetched once, to local files
-        video = stack.enter_context(storage.temporary_local(config.video))
-        speech = stack.enter_context(storage.temporary_local(config.audio)) if config.audio else video
+    stack = contextlib.ExitStack()  # object-storage inputs are fetched once, to local files
+    video = stack.enter_context(storage.temporary_local(config.video))
+    speech = stack.enter_context(storage.temporary_local(config.audio)) if config.audio else video
+    try:
         if not probe_media(speech).has_audio:
             key = "audio" if config.audio else "video"
             raise ConfigError(f"config key '{key}' is {getattr(config, key)!r}, which has no audio track: give the speech as audio=")
-        frames = timeline(video, config.max_seconds)
-        audio = read_audio(speech, SAMPLE_RATE, config.max_seconds)
-    output_frames = (len(audio) // SAMPLES_PER_FRAME - 1) // 4 * 4 + 1  # the student's 4k+1 frames
-    first_chunk = 4 * config.model.chunk_frames - 3
-    if output_frames < first_chunk:
-        raise ConfigError(f"the audio lasts {len(audio) / SAMPLE_RATE:.2f} s; the student's first chunk alone needs {first_chunk} frames")
-    audio = np.ascontiguousarray(audio[: output_frames * SAMPLES_PER_FRAME], np.float32)
-    sources = output_sources(len(frames), output_frames)
-    log.info("%d source frames, %d output frames (%.1f s of audio); tracking the face", len(frames), output_frames, len(audio) / SAMPLE_RATE)
-    affines, faced = track(frames, config.faces, config.align)
-    if not faced.any():
-        log.warning("no face found in %s: the output is the video with the new audio", config.video)
-    use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if use_cuda else "cpu")
-    with tempfile.TemporaryDirectory(prefix="lipforcing-infer-") as scratch:
+        indices = timeline_indices(video)
+        audio = read_audio(speech, SAMPLE_RATE)
+        output_frames = (len(audio) // SAMPLES_PER_FRAME - 1) // 4 * 4 + 1  # the student's 4k+1 frames
+        first_chunk = 4 * config.model.chunk_frames - 3
+        if output_frames < first_chunk:
+            raise ConfigError(f"the audio lasts {len(audio) / SAMPLE_RATE:.2f} s; the student's first chunk alone needs {first_chunk} frames")
+        audio = np.ascontiguousarray(audio[: output_frames * SAMPLES_PER_FRAME], np.float32)
+        sources = output_sources(len(indices), output_frames)
+        log.info("%d source frames, %d output frames (%.1f s of audio); tracking the face", len(indices), output_frames, len(audio) / SAMPLE_RATE)
+        found = track(video, indices, config.faces, config.align, config.shot_threshold)
+        if not found.faced.any():
+            log.warning("no face found in %s: the output is the video with the new audio", config.video)
+        if found.cuts:
+            log.info("shot cuts at %s s: the face track restarts there", ", ".join(f"{c / FPS:.2f}" for c in found.cuts))
         if evaluator is None:
-            tracking.setup_tracking()
-            weights, _ = tracking.resolve_model(config.student_weights, scratch, "student_weights")
-            settings = EvalConfig(profile=config.profile, decoder=config.decoder, seed=config.seed, window=config.window, model=config.model)
-            evaluator = Evaluator(settings, weights, "", device)
-        size = config.window.size
+            evaluator = load_evaluator(config, stack)
+    except BaseException:
+        stack.close()
+        raise
+    result = Lipsynced(iter(()), audio, sources, found.affines, found.faced, found.cuts)
+    result.frames = generate_frames(config, evaluator, video, indices, result, stack)
+    return result
+
+
+def load_evaluator(config: InferConfig, stack: contextlib.ExitStack) -> Any:
+    """The student and its encoders and decoder, from `config.student_weights`."""
+    from pipelines import tracking
+    from pipelines.evaluate import EvalConfig, Evaluator
+
+    use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="lipforcing-infer-"))
+    tracking.setup_tracking()
+    weights, _ = tracking.resolve_model(config.student_weights, scratch, "student_weights")
+    settings = EvalConfig(profile=config.profile, decoder=config.decoder, seed=config.seed, window=config.window, model=config.model)
+    return Evaluator(settings, weights, "", torch.device("cuda" if use_cuda else "cpu"))
+
+
+def generate_frames(config: InferConfig, evaluator: Any, video: str, indices: np.ndarray, result: Lipsynced,
+                    stack: contextlib.ExitStack) -> Iterator[np.ndarray]:  # fmt: skip
+    """Steps 3-4, a chunk at a time: the output frames in order, then `result.timing` filled."""
+    with stack:
+        size, sources, affines = config.window.size, result.sources, result.affines
+        reader = TimelineReader(video, indices)
+        stack.callback(reader.close)
+        device = evaluator.device
         parser = load_face_parser(config.parsing_weights).to(device) if config.parsing_weights else None
-        crops, surface = aligned_crops(frames, sources, affines, config.align, size, parser)
-        generation = evaluator.generate(EvalClip(storage.absolute(config.video), crops, torch.from_numpy(audio)))
-        generated = to_uint8(generation.frames).numpy()  # [T, S, S, 3]
-    box = blend_mask(size, config.window.mask_box, config.feather)
-    masks = occlusion_masks(surface, box, config.feather) if surface is not None else None
-    pasted = (
-        even(paste(frames[s], generated[i], crop_affine(affines[s], config.align.size, size), box if masks is None else masks[s])
-             if faced[s] else frames[s])
-        for i, s in enumerate(sources)
-    )  # fmt: skip
-    return Lipsynced(pasted, audio, sources, affines, faced, generation.fps)
+        surfaces = SurfaceMasks(parser, reader, affines, config.align, size) if parser is not None else None
+        box = blend_mask(size, config.window.mask_box, config.feather)
+        counts = chunk_frame_counts(len(sources), config.model.chunk_frames)
+        bounds = np.cumsum([0, *counts])
+        pending: collections.deque[range] = collections.deque()
+
+        def crops(span: range) -> torch.Tensor:
+            return resize_frames(np.stack([aligned_crop(reader[sources[i]], affines[sources[i]], config.align) for i in span]), size)
+
+        def chunks() -> Iterator[torch.Tensor]:
+            for start, stop in zip(bounds[:-1], bounds[1:]):
+                pending.append(range(start, stop))
+                yield crops(pending[-1])
+
+        progress = stack.enter_context(tqdm(total=len(sources), unit="frame", desc="lip-sync", disable=None))
+        finished: list[float] = []
+        start = time.perf_counter()
+        stream = evaluator.stream(chunks(), crops(range(1))[0], torch.from_numpy(result.audio), len(sources), result.timing)
+        for chunk in stream:
+            finished.append(time.perf_counter() - start)
+            generated = to_uint8(chunk.frames[0].cpu()).numpy()
+            for i, crop in zip(pending.popleft(), generated):
+                s = sources[i]
+                if not result.faced[s]:
+                    yield even(reader[s])
+                    continue
+                mask = box if surfaces is None else occlusion_mask(surfaces(s), box, config.feather)
+                yield even(paste(reader[s], crop, crop_affine(affines[s], config.align.size, size), mask))
+            progress.update(len(generated))
+        result.timing["fps"] = streaming_fps(counts, finished)
 
 
 def write_video(output: str, frames: Iterable[np.ndarray], audio: np.ndarray) -> None:
-    """Step 5: H.264 at 25 fps with the speech as AAC, to a path or object-storage URL."""
-    storage.write_bytes(output, encode_mp4(frames, FPS, crf=18, audio=audio, sample_rate=SAMPLE_RATE))
+    """Step 5: H.264 at 25 fps with the speech as AAC, written as the frames come, to a path or
+    object-storage URL (visible only once complete)."""
+    with storage.atomic_open(output) as handle:
+        write_mp4(handle, frames, FPS, crf=18, audio=audio, sample_rate=SAMPLE_RATE)
 
 
 def lipsync(config: InferConfig, evaluator: Any = None) -> Lipsynced:

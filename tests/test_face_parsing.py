@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lipforcing.inference.paste import blend_mask, occlusion_masks
+from lipforcing.inference.paste import blend_mask, occlusion_mask
 from lipforcing.models.face_parsing import CLASSES, SURFACE, BiSeNet, load_face_parser
 
 # Names and shapes of the public CelebAMask-HQ checkpoint (79999_iter.pth); no spatial path (`sp.*`).
@@ -68,9 +68,9 @@ def test_the_occlusion_mask_follows_a_lasting_occluder_and_stays_inside_the_box(
     size, box = 64, blend_mask(64, [0.55, 0.95, 0.2, 0.8])
     surface = np.ones((9, size, size), np.float32)
     surface[2:7, 40:56, 20:44] = 0  # a hand over the mouth in frames 2-6
-    surface[0] = np.nan  # a frame never shown: not parsed, not averaged in
-    masks = occlusion_masks(surface, box)
-    assert np.all(masks <= box + 1e-6)  # never past the mouth box
-    assert masks[4, 46:50, 28:36].max() < 0.05  # the hand stays in front where it lasts
-    assert masks[8, 46:50, 28:36].min() > 0.9  # gone two frames later: the mouth is replaced again
-    assert np.isclose(masks[1, 50, 32], box[50, 32] * 0.5, atol=0.05)  # frame 1 averages frames 1-2 only (0 is unparsed)
+    masks = [occlusion_mask(list(surface[max(0, t - 1) : t + 2]), box) for t in range(9)]  # as infer: t-1..t+1
+    assert all(np.all(mask <= box + 1e-6) for mask in masks)  # never past the mouth box
+    assert masks[4][46:50, 28:36].max() < 0.05  # the hand stays in front where it lasts
+    assert masks[8][46:50, 28:36].min() > 0.9  # gone two frames later: the mouth is replaced again
+    assert np.isclose(masks[1][50, 32], box[50, 32] * 2 / 3, atol=0.05)  # frame 1 averages frames 0-2 (one covered)
+    assert np.isclose(masks[0][50, 32], box[50, 32], atol=0.05)  # frame 0 averages frames 0-1 (none covered)

@@ -11,22 +11,51 @@ import numpy as np
 import pytest
 from safetensors.torch import save_file
 
-from data_jobs.media import probe_media, read_audio
+from data_jobs.config import AlignConfig, FacesConfig
+from data_jobs.media import encode_mp4, probe_media, read_audio, timeline_frames
 from data_jobs.sample import ClipSpec, encode_clip
 from lipforcing.data import FPS, SAMPLE_RATE
 from lipforcing.inference.paste import blend_mask, crop_affine
 from lipforcing.models import build_student
 from lipforcing.models.config import model_config
-from pipelines.infer import InferConfig, lipsync, output_sources, synthesize, timeline, write_video
+from pipelines.infer import (
+    InferConfig,
+    TimelineReader,
+    lipsync,
+    output_sources,
+    synthesize,
+    timeline_indices,
+    track,
+    write_video,
+)
 from pipelines.jobs import resolve_config
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+
+
+def source_frames(video: str) -> list[np.ndarray]:
+    return list(timeline_frames(video, timeline_indices(video)))
 
 
 def test_a_short_video_plays_forward_then_backward_and_a_long_one_is_cut():
     assert output_sources(4, 9).tolist() == [0, 1, 2, 3, 2, 1, 0, 1, 2]
     assert output_sources(1, 3).tolist() == [0, 0, 0]
     assert output_sources(10, 5).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_the_reader_gives_the_timeline_frame_asked_for_forward_backward_and_far_back(tmp_path):
+    """The second pass holds a second of frames: playing backwards restarts the decode behind them."""
+    frames = [np.full((32, 48, 3), 4 * i, np.uint8) for i in range(60)]
+    (tmp_path / "ramp.mp4").write_bytes(encode_mp4(frames, FPS, crf=0))
+    video = str(tmp_path / "ramp.mp4")
+    indices = timeline_indices(video)
+    reader = TimelineReader(video, indices)
+    try:
+        for position in [*range(60), *range(58, -1, -1), 40, 3]:
+            assert abs(int(reader[position].mean()) - 4 * position) <= 2, position
+            assert len(reader.held) <= 25
+    finally:
+        reader.close()
 
 
 @pytest.fixture
@@ -46,7 +75,7 @@ def test_a_real_clip_with_foreign_audio(student, tmp_path, monkeypatch):
     frames = list(result.frames)
     expected = (len(read_audio(speech, SAMPLE_RATE)) // (SAMPLE_RATE // FPS) - 1) // 4 * 4 + 1  # the audio's 4k+1 frames
     assert len(frames) == expected and len(result.audio) == expected * SAMPLE_RATE // FPS
-    source = timeline(video, 120)
+    source = source_frames(video)
     assert result.faced.mean() > 0.9  # one visible face throughout
     mask = blend_mask(config.window.size, config.window.mask_box, config.feather)
     changed_anywhere = False
@@ -72,7 +101,7 @@ def test_a_video_without_a_face_passes_through(student, tmp_path, monkeypatch):
     (tmp_path / "empty.mp4").write_bytes(video)
     config = resolve_config(InferConfig, ["profile=tiny", f"video={tmp_path}/empty.mp4", f"student_weights={student}"])
     result = synthesize(config)
-    source = timeline(config.video, 120)
+    source = source_frames(config.video)
     assert not result.faced.any()
     assert all(np.array_equal(out, source[s]) for out, s in zip(result.frames, result.sources))
 
@@ -94,7 +123,7 @@ def test_with_a_face_parser_the_edit_still_stays_inside_the_box(student, tmp_pat
                                           f"parsing_weights={tmp_path}/parser.pth"])  # fmt: skip
     result = synthesize(config)
     assert result.faced.any()
-    source = timeline(config.video, 120)
+    source = source_frames(config.video)
     box = blend_mask(config.window.size, config.window.mask_box, config.feather)
     for out, s in zip(result.frames, result.sources):
         weight = cv2.warpAffine(box, crop_affine(result.affines[s], 512, config.window.size), (320, 320),
@@ -126,3 +155,25 @@ def test_an_odd_frame_size_is_padded_to_even_and_written(student, tmp_path, monk
     lipsync(config)
     info = probe_media(config.output)
     assert (info.width, info.height) == (162, 122) and info.has_audio
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not (REAL / "vr_face3.mp4").exists(), reason=f"the real clips are not at {REAL}")
+def test_a_cut_between_two_people_restarts_the_face_track(tmp_path):
+    """Two real clips joined at frame 40: the cut is found there and the second shot's warps are those of
+    the second clip tracked on its own; one track smoothed across the cut would pull them towards the
+    first face."""
+    first, second = (source_frames(str(REAL / name))[:40] for name in ("vr_face3.mp4", "vr_face5.mp4"))
+    second = [cv2.resize(frame, first[0].shape[1::-1], interpolation=cv2.INTER_AREA) for frame in second]
+    (tmp_path / "joined.mp4").write_bytes(encode_mp4(first + second, FPS, crf=0))
+    (tmp_path / "second.mp4").write_bytes(encode_mp4(second, FPS, crf=0))
+    joined, second_alone, across = (
+        track(str(tmp_path / name), timeline_indices(str(tmp_path / name)), FacesConfig(), AlignConfig(), threshold)
+        for name, threshold in (("joined.mp4", 27.0), ("second.mp4", 27.0), ("joined.mp4", 255.0))
+    )
+    assert joined.cuts == [40] and second_alone.cuts == [] and across.cuts == []
+    assert joined.faced.all()
+    own = np.abs(joined.affines[40:] - second_alone.affines).max(axis=(1, 2))
+    smoothed_across = np.abs(across.affines[40:] - second_alone.affines).max(axis=(1, 2))
+    assert own.max() < 0.5  # the same detections on (losslessly) the same frames
+    assert smoothed_across[0] > 10 * max(own[0], 0.05)

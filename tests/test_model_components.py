@@ -124,6 +124,31 @@ def test_wan_vae_wrapper_and_streaming_decode() -> None:
         build_vae(model_config("tiny"), "/no_vae_here")
 
 
+def test_the_vae_streams_encode_chunk_by_chunk_as_whole_and_interleave_with_decoding() -> None:
+    """Streaming inference encodes 9 frames, then 12 at a time (the student's chunks), decoding in
+    between: the latents and frames must equal the whole clip's, caches kept apart."""
+    vae = build_vae(model_config("tiny"))
+    torch.manual_seed(3)
+    video = torch.rand(1, 37, 3, 16, 16)  # 9 + 12 + 12 + 4: a short last chunk too
+    mask = torch.ones(1, 1, 1, 16, 16)
+    mask[..., 8:, :] = 0
+    with torch.no_grad():
+        whole, whole_masked = vae.encode(video), vae.encode_masked(video, mask)
+        decoded = vae.decode(whole)
+        encoder, masked_encoder, decoder = vae.stream_encoder(), vae.stream_encoder(), vae.stream_decoder()
+        latents, masked, frames = [], [], []
+        for start, stop in [(0, 9), (9, 21), (21, 33), (33, 37)]:
+            latents.append(encoder.encode(video[:, start:stop]))
+            masked.append(masked_encoder.encode_masked(video[:, start:stop], mask))
+            frames.append(decoder.decode(latents[-1]))
+        with pytest.raises(ValueError, match="1 \\+ 4k frames first, then 4k; got 3"):
+            encoder.encode(video[:, :3])
+    assert [chunk.shape[2] for chunk in latents] == [3, 3, 3, 1]
+    torch.testing.assert_close(torch.cat(latents, dim=2), whole, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.cat(masked, dim=2), whole_masked, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.cat(frames, dim=1), decoded, rtol=1e-4, atol=1e-5)
+
+
 def test_mask_to_latent_keeps_only_fully_kept_cells() -> None:
     mask = torch.ones(1, 1, 32, 32)
     mask[..., 20:, :] = 0  # the boundary row 20 falls inside latent row 2 (pixels 16..23)

@@ -6,7 +6,7 @@ only that box goes back: the crop is warped into the frame with the affine's inv
 through a mask that is 1 deep inside the box and falls smoothly to 0 at its edges. The fall-off
 lies inside the box, so every pixel outside it (in crop space) keeps the original frame exactly.
 With a face parser, the box's weights are further multiplied by where the parser sees face surface
-(`occlusion_masks`), so whatever covers the mouth stays in front of the generated one.
+(`occlusion_mask`), so whatever covers the mouth stays in front of the generated one.
 """
 
 from __future__ import annotations
@@ -30,21 +30,14 @@ def blend_mask(size: int, box: list[float], feather: float = 0.06) -> np.ndarray
     return np.clip(mask * inside, 0.0, 1.0)  # the blur's rounding may overshoot 1
 
 
-def occlusion_masks(surface: np.ndarray, box: np.ndarray, feather: float = 0.06) -> np.ndarray:
-    """[T, S, S] blend weights: the mouth-box weights `box` times the face-surface masks `surface`
-    ([T, S, S], 1 = face surface, from a face parser; NaN for frames never parsed) averaged with their
-    parsed neighbours in time (a parser's flicker must not flicker the mouth), feathered like the box."""
-    parsed = ~np.isnan(surface[:, 0, 0])
-    filled = np.where(parsed[:, None, None], surface, 0.0).astype(np.float32)
-    total, count = filled.copy(), parsed.astype(np.float32)
-    total[1:] += filled[:-1]
-    total[:-1] += filled[1:]
-    count[1:] += parsed[:-1]
-    count[:-1] += parsed[1:]
-    smooth = total / np.maximum(count, 1.0)[:, None, None]
-    margin = max(1, round(feather * surface.shape[-1]))
+def occlusion_mask(surfaces: list[np.ndarray], box: np.ndarray, feather: float = 0.06) -> np.ndarray:
+    """[S, S] blend weights of one frame: the mouth-box weights `box` times the face-surface masks of
+    the frame and its neighbours in time (`surfaces`, [S, S] each, 1 = face surface, from a face
+    parser) averaged, so a parser's flicker does not flicker the mouth, and feathered like the box."""
+    smooth = np.mean(surfaces, axis=0, dtype=np.float32)
+    margin = max(1, round(feather * smooth.shape[-1]))
     if margin > 1:
-        smooth = np.stack([cv2.GaussianBlur(m, (2 * margin - 1, 2 * margin - 1), sigmaX=margin / 3) for m in smooth])
+        smooth = cv2.GaussianBlur(smooth, (2 * margin - 1, 2 * margin - 1), sigmaX=margin / 3)
     return np.clip(smooth, 0.0, 1.0) * box
 
 

@@ -36,9 +36,12 @@ class AudioEncoder(nn.Module):
         cfg = self.wav2vec.config
         return (cfg.num_hidden_layers + 2) * cfg.hidden_size
 
-    def forward(self, waveform: Tensor, num_frames: int) -> Tensor:
-        """waveform [B, samples] at 16 kHz -> features [B, num_frames, feature_dim]."""
-        x = (waveform - waveform.mean(-1, keepdim=True)) / torch.sqrt(waveform.var(-1, keepdim=True) + 1e-7)
+    def forward(self, waveform: Tensor, num_frames: int, stats: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """waveform [B, samples] at 16 kHz -> features [B, num_frames, feature_dim]. The waveform is
+        normalised to zero mean, unit variance; `stats` (mean, variance, [B, 1] each) normalise a
+        piece of a longer waveform as the whole one."""
+        mean, var = (waveform.mean(-1, keepdim=True), waveform.var(-1, keepdim=True)) if stats is None else stats
+        x = (waveform - mean) / torch.sqrt(var + 1e-7)
 
         def to_video_rate(module: nn.Module, args: tuple, conv: Tensor) -> Tensor:
             # 50 Hz conv features [B, C, T] -> one per video frame, before the transformer sees them
@@ -50,6 +53,46 @@ class AudioEncoder(nn.Module):
         finally:
             hook.remove()
         return torch.cat([out.last_hidden_state, *out.hidden_states], dim=-1)
+
+
+class WindowedAudioFeatures:
+    """The per-frame features of a long waveform, computed a window at a time as they are read.
+
+    wav2vec2 attends over its whole input, so one pass over a 10-minute waveform needs memory
+    quadratic in its length. Here each window of `window` frames is run with `context` frames of audio
+    on either side (their features dropped), normalised with the whole waveform's statistics. A
+    waveform of at most `window` frames is one window: exactly `encoder(waveform, num_frames)`.
+    """
+
+    def __init__(self, encoder: AudioEncoder, waveform: Tensor, num_frames: int, window: int = 250, context: int = 50):
+        if window < 1 or context < 0:
+            raise ValueError(f"window must be >= 1 and context >= 0; got {window}, {context}")
+        self.encoder, self.waveform, self.num_frames = encoder, waveform, num_frames
+        self.window, self.context = window, context
+        self.samples_per_frame = waveform.shape[-1] / num_frames
+        self.stats = (waveform.mean(-1, keepdim=True), waveform.var(-1, keepdim=True))
+        self.computed = torch.empty(waveform.shape[0], 0, encoder.feature_dim, device=waveform.device)
+        self.stop = 0  # frames up to here have been computed (the last window's are in `computed`)
+
+    def _sample(self, frame: int) -> int:
+        return round(frame * self.samples_per_frame)
+
+    def _next_window(self) -> Tensor:
+        start, stop = self.stop, min(self.stop + self.window, self.num_frames)
+        low, high = max(0, start - self.context), min(self.num_frames, stop + self.context)
+        piece = self.waveform[..., self._sample(low) : self._sample(high)]
+        self.stop = stop
+        return self.encoder(piece, high - low, self.stats)[:, start - low : stop - low]
+
+    @torch.no_grad()
+    def take(self, count: int) -> Tensor:
+        """The next `count` frames' features [B, count, feature_dim]."""
+        while self.computed.shape[1] < count:
+            if self.stop >= self.num_frames:
+                raise ValueError(f"asked for {count} more frames; only {self.computed.shape[1]} of {self.num_frames} are left")
+            self.computed = torch.cat([self.computed, self._next_window()], dim=1)
+        taken, self.computed = self.computed[:, :count], self.computed[:, count:]
+        return taken
 
 
 def build_audio_encoder(profile: str | ModelConfig = "tiny", path: str | None = None) -> AudioEncoder:
@@ -85,17 +128,19 @@ def build_audio_encoder(profile: str | ModelConfig = "tiny", path: str | None = 
     return encoder
 
 
-def pack_audio(features: Tensor, frames_per_latent: int = 4) -> Tensor:
+def pack_audio(features: Tensor, frames_per_latent: int = 4, first: bool = True) -> Tensor:
     """[B, N, C] per-video-frame features -> [B, (N + 3) / 4, 4 * C] rows, one per latent frame.
 
     The first frame is repeated `frames_per_latent - 1` times, mirroring the VAE's first latent frame
-    that encodes a single video frame (81 frames -> 84 -> 21 latent steps).
+    that encodes a single video frame (81 frames -> 84 -> 21 latent steps). A later chunk of a stream
+    (`first=False`) has no such frame: N / 4 rows.
     """
     b, n, c = features.shape
-    if (n - 1) % frames_per_latent:
-        raise ValueError(f"{n} video frames is not 1 + {frames_per_latent} * k")
-    first = features[:, :1].expand(b, frames_per_latent - 1, c)
-    return torch.cat([first, features], dim=1).reshape(b, -1, frames_per_latent * c)
+    if (n - first) % frames_per_latent:
+        raise ValueError(f"{n} video frames is not {int(first)} + {frames_per_latent} * k")
+    if first:
+        features = torch.cat([features[:, :1].expand(b, frames_per_latent - 1, c), features], dim=1)
+    return features.reshape(b, -1, frames_per_latent * c)
 
 
 class AudioPack(nn.Module):

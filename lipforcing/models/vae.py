@@ -43,24 +43,57 @@ class WanVAE(nn.Module):
         z = latents * self.std.to(latents) + self.mean.to(latents)
         return (self.vae.decode(z).sample.transpose(1, 2) + 1) / 2
 
+    def stream_encoder(self) -> VAEStreamEncoder:
+        return VAEStreamEncoder(self)
+
     def stream_decoder(self) -> VAEStreamDecoder:
         return VAEStreamDecoder(self)
 
 
-class VAEStreamDecoder:
-    """Chunk-by-chunk decoding that keeps the VAE's causal-conv cache between calls.
-
-    diffusers' `decode` clears that cache on every call; here it is cleared only by `reset`, so feeding
-    a clip chunk by chunk yields the same frames as decoding it whole (9 for the first 3 latents, 12 after).
-    The cache lives in the VAE module itself: one stream per VAE at a time, and no `decode` in between.
-    """
+class VAEStreamEncoder:
+    """Chunk-by-chunk encoding with the causal-conv cache kept between calls: the first call takes
+    1 + 4k frames, every later one 4k, and the latents equal those of encoding the clip whole (the
+    first frame alone, then four at a time, as diffusers does). The cache is this object's own list,
+    so encoders and decoders of one VAE stream side by side."""
 
     def __init__(self, vae: WanVAE):
         self.wan = vae
         self.reset()
 
     def reset(self) -> None:
-        self.wan.vae.clear_cache()
+        self.cache: list = [None] * self.wan.vae._cached_conv_counts["encoder"]
+        self.first = True
+
+    def encode(self, video: Tensor) -> Tensor:
+        """video [B, T, 3, H, W] in [0, 1] -> normalised latents [B, 16, T / 4 (+1 on the first call), h, w]."""
+        vae, frames = self.wan.vae, video.shape[1]
+        if (frames - self.first) % 4:
+            raise ValueError(f"a VAE stream takes 1 + 4k frames first, then 4k; got {frames}")
+        x = video.transpose(1, 2) * 2 - 1
+        groups = ([x[:, :, :1]] if self.first else []) + list(x[:, :, int(self.first) :].split(4, dim=2))
+        out = []
+        for group in groups:
+            out.append(vae.encoder(group, feat_cache=self.cache, feat_idx=[0]))
+        self.first = False
+        mu = vae.quant_conv(torch.cat(out, dim=2))[:, : self.wan.mean.shape[1]]  # the posterior mean
+        return (mu - self.wan.mean.to(mu)) / self.wan.std.to(mu)
+
+    def encode_masked(self, video: Tensor, mask: Tensor) -> Tensor:
+        """`WanVAE.encode_masked`, one chunk at a time."""
+        return self.encode((video - 0.5) * mask + 0.5)
+
+
+class VAEStreamDecoder:
+    """Chunk-by-chunk decoding that keeps the VAE's causal-conv cache between calls: feeding a clip
+    chunk by chunk yields the same frames as decoding it whole (9 for the first 3 latents, 12 after).
+    The cache is this object's own list (diffusers' `decode` and `encode` clear the module's)."""
+
+    def __init__(self, vae: WanVAE):
+        self.wan = vae
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache: list = [None] * self.wan.vae._cached_conv_counts["decoder"]
         self.first = True
 
     def decode(self, latents: Tensor) -> Tensor:
@@ -69,11 +102,7 @@ class VAEStreamDecoder:
         x = vae.post_quant_conv(z)
         out = []
         for i in range(x.shape[2]):
-            vae._conv_idx = [0]
-            frame = x[:, :, i : i + 1]
-            out.append(
-                vae.decoder(frame, feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=self.first)
-            )
+            out.append(vae.decoder(x[:, :, i : i + 1], feat_cache=self.cache, feat_idx=[0], first_chunk=self.first))
             self.first = False
         video = torch.cat(out, dim=2).clamp(-1, 1)
         return (video.transpose(1, 2) + 1) / 2

@@ -3,8 +3,8 @@
     python -m pipelines.evaluate data=s3://bucket/heldout student_weights=models:/lipforcing-student@candidate
 
 Per clip: the longest 4k+1-frame prefix that has audio, resized to `window.size`, with the clip's
-first frame as the reference. The condition is encoded (Wan VAE, wav2vec2, mouth mask), the student
-generates it chunk by chunk with the two-step schedule, and the stream decoder turns each chunk into
+first frame as the reference. The condition (Wan VAE, wav2vec2, mouth mask) is encoded and the student
+generates the clip chunk by chunk with the two-step schedule, and the stream decoder turns each chunk into
 frames as it arrives. Generated frames are compared with the source crops they replace: SSIM, PSNR,
 mouth-region PSNR and L1, Sync-C / Sync-D / AV offset (also of the source crops, the ground-truth
 row), CSIM, FPS, TTFF and peak memory; with `full_frame` they are also pasted back into their source
@@ -12,11 +12,13 @@ frames, which are scored whole (SSIM, PSNR). `audio_from=other` drives each clip
 identity's audio (cross-identity). FID / FVD run only with local feature-network weights, CSIM only
 with an InsightFace model pack (its ArcFace model).
 
-Timing. TTFF: a separate first-chunk pass per clip, from the start of encoding the first chunk's
-inputs (its 4n-3 frames, reference and audio) to the end of decoding its frames, as in the paper
-(there the encoder and decoder are both the VAE; here the decoder is `decoder`). FPS: frames per
-second of the streaming loop (denoise + cache write + decode) over the chunks after the first; the
-whole-clip encode is timed apart (`encode_s`) and folded into `fps_end_to_end`.
+Timing. The condition is encoded chunk by chunk as the stream runs (`lipforcing/inference/conditions.py`:
+memory stays flat for any length). TTFF: a separate first-chunk pass per clip, from the first VAE
+encode (the reference, the first chunk's 4n-3 frames and audio) to the end of decoding its frames,
+as in the paper (there the encoder and decoder are both the VAE; here the decoder is `decoder`).
+FPS: frames per second of the streaming loop (encode + denoise + cache write + decode) over the
+chunks after the first; `encode_s` is the encoding's share of the loop; `fps_end_to_end` is over the
+whole loop.
 Results go to `<output>/report.{json,md}`, `<output>/samples/*.mp4` (source | generated, with the
 clip's audio) and an MLflow run `eval` tagged with the student's registered version.
 """

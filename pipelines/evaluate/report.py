@@ -51,8 +51,8 @@ NOTES = (
     "GT columns score the source crops the same way.",
     "TTFF: a first-chunk pass per clip, from the start of encoding the first chunk's inputs to the end of "
     "decoding its frames (one untimed warm-up pass before the first clip).",
-    "FPS: generated frames per second of the streaming loop (two student calls, cache write, decode) over "
-    "the chunks after the first; fps_end_to_end also counts the whole-clip condition encode.",
+    "FPS: generated frames per second of the streaming loop (each chunk's condition encode, two student "
+    "calls, cache write, decode) over the chunks after the first; fps_end_to_end is over all chunks.",
 )
 
 

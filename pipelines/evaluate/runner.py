@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ from lipforcing import storage
 from lipforcing.data import FPS, SAMPLE_RATE
 from lipforcing.data.encode import LatentEncoder
 from lipforcing.data.windows import lower_face_mask
+from lipforcing.inference.conditions import ConditionStream, chunk_frame_counts
 from lipforcing.inference.streaming import StreamChunk, stream_generate
 from lipforcing.metrics.csim import IdentityEmbedder, csim
 from lipforcing.metrics.fid import (
@@ -28,6 +30,7 @@ from lipforcing.metrics.fid import (
 )
 from lipforcing.metrics.ssim import psnr, ssim
 from lipforcing.models import build_student, build_tae
+from lipforcing.models.conditioning import Condition
 from lipforcing.models.syncnet import SyncModel, SyncNetConfig, load_syncnet, score_clip
 from pipelines.evaluate.clips import EvalClip
 from pipelines.evaluate.config import EvalConfig
@@ -38,10 +41,18 @@ FEATURE_BATCH = 32  # frames per call of the FID feature network
 @dataclass
 class Generation:
     frames: Tensor  # [T, 3, S, S] in [0, 1], on the CPU
-    encode_s: float  # whole-clip condition encode
-    stream_s: float  # streaming loop: all chunks, denoise + cache write + decode
+    encode_s: float  # the condition encode, chunk by chunk (part of stream_s)
+    stream_s: float  # streaming loop: all chunks, encode + denoise + cache write + decode
     fps: float  # steady state: frames per second over the chunks after the first
     chunks: int
+
+
+def streaming_fps(counts: list[int], finished: list[float]) -> float:
+    """Frames per second over the chunks after the first (`counts`: frames per chunk; `finished`:
+    seconds from the start to each chunk's last frame); with one chunk, over it."""
+    if len(counts) > 1:
+        return sum(counts[1:]) / (finished[-1] - finished[0])
+    return counts[0] / finished[0]  # one chunk: no steady state to separate out
 
 
 class Evaluator:
@@ -54,7 +65,7 @@ class Evaluator:
         if config.decoder == "tae":
             self.decoder = build_tae(config.model).to(device).eval().stream_decoder()
         else:
-            self.decoder = self.encoder.vae.stream_decoder()  # the stream resets after every encode
+            self.decoder = self.encoder.vae.stream_decoder()  # its own cache: encodes may come between decodes
         self.syncnet: SyncModel | None = None
         if syncnet_path:
             self.syncnet = load_syncnet(SyncNetConfig(weights=syncnet_path), key="syncnet_weights").to(device)
@@ -71,26 +82,45 @@ class Evaluator:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _batch(self, clip: EvalClip, frames: int) -> dict[str, Tensor | None]:
-        """The condition's inputs. A 65-channel student also reads the unmasked source frames as its
-        reference sequence, as the released inference does (its clips are the 81-frame segments)."""
-        video = clip.video[None, :frames]
-        return {
-            "video": video,
-            "reference": video[:, :1],
-            "reference_sequence": video if self.config.model.use_reference_sequence else None,
-            "audio": clip.audio[None, : frames * (SAMPLE_RATE // FPS)],
-        }
-
     def _generator(self) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(self.config.seed)
 
+    def stream(self, chunks: Iterable[Tensor], reference: Tensor, audio: Tensor, num_frames: int,
+               timing: dict[str, float] | None = None) -> Iterator[StreamChunk]:  # fmt: skip
+        """The student over a stream of source crops: `chunks` yields each chunk's [n, 3, S, S] crops
+        in [0, 1] (n by `chunk_frame_counts`), `reference` [3, S, S] is the identity frame, `audio` the
+        16 kHz speech under the `num_frames` frames. Each chunk's condition is encoded as it arrives
+        (memory stays flat for any length); `timing["encode_s"]` adds up the encoding. A 65-channel
+        student also reads the unmasked crops as its reference sequence, as the released inference does."""
+        timing = {} if timing is None else timing
+        timing.setdefault("encode_s", 0.0)
+        start = time.perf_counter()
+        conditions = ConditionStream(self.encoder, reference[None, None], audio[None, : num_frames * (SAMPLE_RATE // FPS)], num_frames)
+        timing["encode_s"] += time.perf_counter() - start
+
+        def encoded() -> Iterator[Condition]:
+            for frames in chunks:
+                self._sync()
+                start = time.perf_counter()
+                cond = conditions.next(frames[None])
+                self._sync()
+                timing["encode_s"] += time.perf_counter() - start
+                yield cond
+
+        return stream_generate(self.student, encoded(), self.decoder, generator=self._generator())
+
+    def _clip_stream(self, clip: EvalClip, timing: dict[str, float] | None = None) -> Iterator[StreamChunk]:
+        frames = len(clip.video)
+        counts = chunk_frame_counts(frames, self.config.model.chunk_frames)
+        chunks = clip.video.split(counts)
+        return self.stream(iter(chunks), clip.video[0], clip.audio, frames, timing)
+
     def time_to_first_frames(self, clip: EvalClip) -> float:
-        """TTFF in ms: encode the first chunk's inputs, generate the chunk, decode its frames."""
+        """TTFF in ms as the paper defines it: from the first VAE encode (the reference and the first
+        chunk's 4n-3 frames and audio) to the end of decoding the first chunk's frames."""
         self._sync()
         start = time.perf_counter()
-        cond = self.encoder.condition(self._batch(clip, self.first_chunk_frames))
-        stream = stream_generate(self.student, cond, self.decoder, generator=self._generator())
+        stream = self._clip_stream(clip)
         next(stream)
         self._sync()
         elapsed = time.perf_counter() - start
@@ -98,26 +128,18 @@ class Evaluator:
         return 1000 * elapsed
 
     def generate(self, clip: EvalClip) -> Generation:
-        """The whole clip, encoded once, then streamed chunk by chunk through the decoder."""
-        self._sync()
-        start = time.perf_counter()
-        cond = self.encoder.condition(self._batch(clip, len(clip.video)))
-        self._sync()
-        encode_s = time.perf_counter() - start
+        """The whole clip, streamed chunk by chunk: encode, denoise, cache write, decode."""
+        timing: dict[str, float] = {}
         chunks: list[StreamChunk] = []
         finished: list[float] = []
+        self._sync()
         start = time.perf_counter()
-        for chunk in stream_generate(self.student, cond, self.decoder, generator=self._generator()):
+        for chunk in self._clip_stream(clip, timing):
             self._sync()
             finished.append(time.perf_counter() - start)
             chunks.append(chunk)
         frames = torch.cat([c.frames[0].cpu() for c in chunks])
-        counts = [c.frames.shape[1] for c in chunks]
-        if len(chunks) > 1:
-            fps = sum(counts[1:]) / (finished[-1] - finished[0])
-        else:
-            fps = counts[0] / finished[0]  # one chunk: no steady state to separate out
-        return Generation(frames, encode_s, finished[-1], fps, len(chunks))
+        return Generation(frames, timing["encode_s"], finished[-1], streaming_fps([c.frames.shape[1] for c in chunks], finished), len(chunks))
 
     @torch.no_grad()
     def fidelity(self, clip: EvalClip, generated: Tensor) -> dict[str, float]:
@@ -254,7 +276,7 @@ def evaluate_clip(
         "frames": frames,
         **evaluator.fidelity(clip, generation.frames),
         "fps": generation.fps,
-        "fps_end_to_end": frames / (generation.encode_s + generation.stream_s),
+        "fps_end_to_end": frames / generation.stream_s,
         "ttff_ms": ttff_ms,
         "encode_s": generation.encode_s,
         "chunks": generation.chunks,
