@@ -17,7 +17,7 @@ export PYTHONUNBUFFERED := 1
 # checkouts on one machine keep rebuilding for each other
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: help setup demo data syncnet encode distill eval infer app retrain compare bench ui lint test clean status logs stop box box-down image
+.PHONY: help setup demo data syncnet encode distill analyze eval infer app retrain compare bench ui lint test clean status logs stop box box-down image
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ encode: $(STAMP) ## cache VAE latents + audio features of the shards for trainin
 
 distill: $(STAMP) ## teacher -> student -> DMD on Ray Train + DeepSpeed, tracked in MLflow
 	$(PY) -m pipelines.distill $(ARGS)
+
+analyze: $(STAMP) ## teacher-trajectory analysis -> outputs/analyze/recipe.yaml (use: make distill ARGS="config=...")
+	$(PY) -m pipelines.analyze $(ARGS)
 
 eval: $(STAMP) ## streaming inference + metrics for a trained student
 	$(PY) -m pipelines.evaluate $(ARGS)

@@ -53,6 +53,9 @@ class DMDConfig:
     student_every: int = 5  # fake score every iteration, student every 5th (the 5:1 ratio)
     guidance_scale: float = 4.5
     window_steps: list[int] = field(default_factory=lambda: [20, 40])  # teacher ODE steps that get CFG
+    # Where the teacher's CFG applies (the paper's schedule ablation): window (Sync-Window DMD, the
+    # released recipe), all (static CFG), none (no CFG), reverse (CFG everywhere except the window)
+    cfg_mode: Literal["window", "all", "none", "reverse"] = "window"
     # Re-noising time: shifted_uniform (released Lip Forcing) shifts u ~ U[timestep_bounds];
     # index_range (Self Forcing) shifts an index uniform in timestep_range of 1000.
     timestep_sampling: Literal["shifted_uniform", "index_range"] = "shifted_uniform"

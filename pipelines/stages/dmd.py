@@ -5,7 +5,8 @@ two-step schedule; the exit step (drawn per micro-batch, identical on all ranks)
 keeps gradients, and each clean chunk is written to the KV cache. The fake score (a bidirectional
 copy with its own LoRA) takes an optimizer step every iteration on the detached rollouts; every
 `student_every`-th iteration the student also takes one, against the frozen teacher, whose CFG scale
-is 4.5 only when the re-noising time lies in the ODE-step 20..40 band, weighted per sample by
+is 4.5 only when the re-noising time lies in the ODE-step 20..40 band (`dmd.window_steps`; the
+ablations of `dmd.cfg_mode` apply it everywhere, nowhere or outside the band), weighted per sample by
 exp(beta * Sync-C) of the TAE-decoded rollout. The frozen teacher is held in the training precision
 and, under ZeRO-3, partitioned across ranks like the trained networks.
 """
@@ -67,6 +68,21 @@ def dmd_timesteps(batch: int, dmd, shift: float, generator: torch.Generator) -> 
     return shift_time(u, shift).float()
 
 
+def teacher_guidance(t: torch.Tensor, mode: str, scale: float, window: tuple[float, float]) -> torch.Tensor:
+    """The teacher's CFG scale per sample [B] for re-noising times t [B], by `dmd.cfg_mode`: window
+    (`scale` inside the band, 1 outside), reverse (1 inside, `scale` outside), all (`scale`), none (1)."""
+    windowed = sync_window_scale(t, scale, window)
+    if mode == "window":
+        return windowed
+    if mode == "reverse":
+        return torch.where(windowed > 1, torch.ones_like(t), torch.full_like(t, scale))
+    if mode == "all":
+        return torch.full_like(t, scale)
+    if mode == "none":
+        return torch.ones_like(t)
+    raise ValueError(f"config key 'dmd.cfg_mode' is {mode!r}; allowed values: 'window', 'all', 'none', 'reverse'")
+
+
 class DistributionMatching(DiffusionStage):
     name = "dmd"
     whole_networks = ("student",)  # the fake score is neither exported nor rendered
@@ -124,7 +140,7 @@ class DistributionMatching(DiffusionStage):
         if update_student:
             t, noisy = self.renoise(x0_student, generator)
             with torch.no_grad():
-                scale = sync_window_scale(t, dmd.guidance_scale, self.window)
+                scale = teacher_guidance(t, dmd.cfg_mode, dmd.guidance_scale, self.window)
                 x0_real = self.teacher_x0(engines["teacher"], noisy, t, encoded, scale)
                 x0_fake = x0_from_velocity(noisy, fake.module(noisy, t, encoded.cond), t)
             per_sample = dmd_loss_per_sample(x0_student, x0_real, x0_fake)

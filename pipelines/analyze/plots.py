@@ -1,0 +1,71 @@
+"""The analysis figures (PNG bytes, matplotlib's Agg canvas): the per-step curves with the chosen
+band, and the two-call grid's heat maps with the landing plateau and chosen step."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from lipforcing.analysis.recipe import Landing, SyncBand
+
+
+def _png(figure: Figure) -> bytes:
+    FigureCanvasAgg(figure)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90)
+    return buffer.getvalue()
+
+
+def trajectory_figure(curves: dict[str, Any], band: SyncBand | None) -> bytes:
+    """Fidelity, Sync-C and CFG's efficiency per ODE step, plain vs CFG, the band shaded."""
+    steps = curves["steps"]
+    figure = Figure(figsize=(15, 3.8))
+    panels = (("fidelity", curves["fidelity_metric"].split(" ")[0] + " (lower is better)"), ("sync_c", "Sync-C"))
+    for index, (metric, title) in enumerate(panels, start=1):
+        axis = figure.add_subplot(1, 3, index)
+        axis.plot(steps, curves["plain"][metric], label="no CFG")
+        axis.plot(steps, curves["guided"][metric], label="CFG")
+        if metric == "sync_c":
+            axis.axhline(curves["source"]["sync_c"], color="grey", linestyle=":", label="source clips")
+        axis.set_title(title)
+        axis.set_xlabel("teacher ODE step j")
+        axis.legend(fontsize=8)
+    axis = figure.add_subplot(1, 3, 3)
+    if band is not None:
+        axis.plot(steps, band.efficiency, color="black")
+        axis.set_title("CFG: Sync-C gained per fidelity lost")
+    else:
+        axis.set_title("CFG never raised Sync-C: no band")
+    axis.set_xlabel("teacher ODE step j")
+    for axis in figure.axes:
+        if band is not None:
+            axis.axvspan(band.first, band.last, color="tab:green", alpha=0.15, label=None)
+    return _png(figure)
+
+
+def factorial_figure(curves: dict[str, Any], scales: Sequence[float], landing_steps: Sequence[int], landing: Landing) -> bytes:
+    """Heat maps over (s0, s1) x j1 of Sync-C, fidelity and the landing score; plateau and choice marked."""
+    schedules = [(s0, s1) for s0 in scales for s1 in scales]
+    sync = np.array([[curves["grid"][f"{s0:g}/{s1:g}/{j}"]["sync_c"] for j in landing_steps] for s0, s1 in schedules])
+    fidelity = np.array([[curves["grid"][f"{s0:g}/{s1:g}/{j}"]["fidelity"] for j in landing_steps] for s0, s1 in schedules])
+    score = np.array([landing.scores[s] for s in schedules])
+    figure = Figure(figsize=(15, 1.2 + 0.6 * len(schedules) * 3))
+    best_row = schedules.index(landing.schedule)
+    axis = None
+    for index, (values, title) in enumerate(((sync, "Sync-C"), (fidelity, "fidelity (lower is better)"), (score, "landing score")), start=1):
+        axis = figure.add_subplot(3, 1, index)
+        image = axis.imshow(values, aspect="auto", cmap="viridis", extent=(landing_steps[0] - 0.5, landing_steps[-1] + 0.5, len(schedules) - 0.5, -0.5))
+        figure.colorbar(image, ax=axis)
+        axis.set_yticks(range(len(schedules)), [f"s0={a:g}, s1={b:g}" for a, b in schedules])
+        axis.set_title(title)
+        axis.axvspan(landing.first - 0.5, landing.last + 0.5, ymin=1 - (best_row + 1) / len(schedules),
+                     ymax=1 - best_row / len(schedules), fill=False, edgecolor="white", linewidth=1.5)  # fmt: skip
+        axis.plot([landing.chosen], [best_row], marker="*", color="red", markersize=12)
+    axis.set_xlabel("landing step j1")
+    return _png(figure)
