@@ -27,6 +27,7 @@ from lipforcing.models.config import model_config
 from lipforcing.models.syncnet import StableSyncNet, SyncNetConfig, save_syncnet
 from pipelines import tracking
 from pipelines.analyze import AnalyzeConfig, analyze, validate
+from pipelines.analyze.job import gain_significance
 from pipelines.distill_config import DistillConfig
 from pipelines.jobs import resolve_config, run_job
 from pipelines.stages.dmd import teacher_guidance
@@ -105,6 +106,15 @@ def test_mouth_fidelity_reads_only_the_mouth_region():
     assert lpips(inside, source) == pytest.approx(0.5)  # in [-1, 1] the 0.25 step is 0.5, on the crop only
 
 
+def test_a_band_read_from_noise_is_flagged():
+    def clip(gain: float) -> dict:
+        return {"plain": [{"sync_c": 1.0}] * 3, "guided": [{"sync_c": 1.0}, {"sync_c": 1.0 + gain}, {"sync_c": 1.0}]}
+
+    assert gain_significance([clip(0.50), clip(0.55), clip(0.45)], step=1)["significant"] is True
+    assert gain_significance([clip(0.01), clip(-0.02), clip(0.02)], step=1)["significant"] is False
+    assert gain_significance([clip(0.5)], step=1)["significant"] is None  # one clip: no spread to judge by
+
+
 def test_analyze_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="landing_steps"):
         validate(resolve_config(AnalyzeConfig, ["landing_steps=[13,50]"]))
@@ -153,6 +163,9 @@ def test_analyze_job_writes_curves_plots_and_a_recipe_distill_accepts(tmp_path, 
         assert config.dmd.window_steps == [20, 40] and evidence["band"] is None
     else:
         assert config.dmd.window_steps == [band.first, band.last] == evidence["band"]["window_steps"]
+    significance = evidence["band_significance"]
+    if band is not None:  # two clips: the gain at the peak is weighed against their spread
+        assert significance["step"] == band.peak and significance["standard_error"] is not None
     chosen = evidence["landing"]["chosen_step"]
     assert 5 <= evidence["landing"]["plateau"][0] <= chosen <= evidence["landing"]["plateau"][1] <= 9
     assert config.model.student_timesteps == [0.999, landing_timestep(chosen, steps)]

@@ -71,6 +71,11 @@ def analyze(config: AnalyzeConfig) -> int:
         band, landing = derive(curves, config)
         fragment = recipe_fragment(band, landing, config.model.teacher_steps, config.model.shift)
         evidence = evidence_of(curves, band, landing, config, label, run.info.run_id)
+        significance = evidence["band_significance"]
+        if significance and significance["significant"] is False:
+            log.warning("CFG's Sync-C gain at the band's peak (step %d: %.4g) is within 2 standard errors (%.4g) of "
+                        "zero over the clips: the band is read from noise", significance["step"],
+                        significance["gain"], significance["standard_error"])  # fmt: skip
         mlflow.set_tags({"teacher": label, "random_init_teacher": str(not teacher).lower(),
                          "fidelity_metric": curves["fidelity_metric"], "syncnet": config.syncnet_weights})  # fmt: skip
         log_curves(curves, band, landing)
@@ -172,6 +177,7 @@ def evidence_of(curves: dict[str, Any], band: SyncBand | None, landing: Landing,
             "efficiency": [round(float(e), 6) for e in band.efficiency],
         },
         "band_note": "" if band is not None else "CFG never raised Sync-C along the trajectory: no band, dmd.window_steps left as configured",
+        "band_significance": None if band is None else gain_significance(curves["per_clip"], band.peak),
         "landing": {
             "schedule": {"s0": landing.schedule[0], "s1": landing.schedule[1]},
             "plateau": [landing.first, landing.last],
@@ -182,6 +188,17 @@ def evidence_of(curves: dict[str, Any], band: SyncBand | None, landing: Landing,
         },
         "curves": {k: curves[k] for k in ("plain", "guided", "source")},
     }
+
+
+def gain_significance(per_clip: list[dict[str, Any]], step: int) -> dict[str, Any]:
+    """Whether CFG's Sync-C gain at the band's peak step stands out of the clip-to-clip spread (mean >
+    2 standard errors): a teacher that ignores its audio (a random-init one) gives a band read from noise."""
+    gains = np.array([clip["guided"][step]["sync_c"] - clip["plain"][step]["sync_c"] for clip in per_clip])
+    if len(gains) < 2:
+        return {"step": step, "gain": float(gains[0]), "standard_error": None, "significant": None,
+                "note": "one clip: no spread to compare the gain with"}  # fmt: skip
+    error = float(gains.std(ddof=1) / np.sqrt(len(gains)))
+    return {"step": step, "gain": float(gains.mean()), "standard_error": error, "significant": bool(gains.mean() > 2 * error)}
 
 
 def log_curves(curves: dict[str, Any], band: SyncBand | None, landing: Landing) -> None:
@@ -249,6 +266,7 @@ def render_report(curves: dict[str, Any], fragment: dict, evidence: dict[str, An
         f"- clips: {len(curves['clips'])} held-out ({config.data}): {', '.join(curves['clips'])}",
         f"- fidelity: {curves['fidelity_metric']} (lower is better); sync: Sync-C / Sync-D with {config.syncnet_weights}",
         f"- source clips: Sync-C {curves['source']['sync_c']:.3f}, Sync-D {curves['source']['sync_d']:.3f}",
+        f"- CFG's Sync-C gain at the band's peak against the clip spread: {evidence['band_significance']}",
         f"- {summary(band, landing, curves, config)}",
         "",
         "## recipe.yaml",

@@ -13,6 +13,9 @@ from matplotlib.figure import Figure
 
 from lipforcing.analysis.recipe import Landing, SyncBand
 
+# The released recipe, read off the 14B teacher by the paper's analysis: drawn dashed for comparison.
+RELEASED_WINDOW, RELEASED_LANDING = (20, 40), 30
+
 
 def _png(figure: Figure) -> bytes:
     FigureCanvasAgg(figure)
@@ -23,7 +26,8 @@ def _png(figure: Figure) -> bytes:
 
 
 def trajectory_figure(curves: dict[str, Any], band: SyncBand | None) -> bytes:
-    """Fidelity, Sync-C and CFG's efficiency per ODE step, plain vs CFG, the band shaded."""
+    """Fidelity, Sync-C and CFG's efficiency per ODE step, plain vs CFG; the derived band shaded and
+    the released one dashed."""
     steps = curves["steps"]
     figure = Figure(figsize=(15, 3.8))
     panels = (("fidelity", curves["fidelity_metric"].split(" ")[0] + " (lower is better)"), ("sync_c", "Sync-C"))
@@ -45,12 +49,16 @@ def trajectory_figure(curves: dict[str, Any], band: SyncBand | None) -> bytes:
     axis.set_xlabel("teacher ODE step j")
     for axis in figure.axes:
         if band is not None:
-            axis.axvspan(band.first, band.last, color="tab:green", alpha=0.15, label=None)
+            axis.axvspan(band.first, band.last, color="tab:green", alpha=0.15)
+        for step in RELEASED_WINDOW:
+            axis.axvline(step, color="grey", linestyle="--", linewidth=0.8)
+    figure.suptitle("shaded: the derived band; dashed: the released window (steps 20..40)", fontsize=9)
     return _png(figure)
 
 
 def factorial_figure(curves: dict[str, Any], scales: Sequence[float], landing_steps: Sequence[int], landing: Landing) -> bytes:
-    """Heat maps over (s0, s1) x j1 of Sync-C, fidelity and the landing score; plateau and choice marked."""
+    """Heat maps over (s0, s1) x j1 of Sync-C, fidelity and the landing score: the plateau boxed, the
+    chosen step starred, the released j1 = 30 dashed."""
     schedules = [(s0, s1) for s0 in scales for s1 in scales]
     sync = np.array([[curves["grid"][f"{s0:g}/{s1:g}/{j}"]["sync_c"] for j in landing_steps] for s0, s1 in schedules])
     fidelity = np.array([[curves["grid"][f"{s0:g}/{s1:g}/{j}"]["fidelity"] for j in landing_steps] for s0, s1 in schedules])
@@ -67,5 +75,6 @@ def factorial_figure(curves: dict[str, Any], scales: Sequence[float], landing_st
         axis.axvspan(landing.first - 0.5, landing.last + 0.5, ymin=1 - (best_row + 1) / len(schedules),
                      ymax=1 - best_row / len(schedules), fill=False, edgecolor="white", linewidth=1.5)  # fmt: skip
         axis.plot([landing.chosen], [best_row], marker="*", color="red", markersize=12)
+        axis.axvline(RELEASED_LANDING, color="white", linestyle="--", linewidth=0.8)
     axis.set_xlabel("landing step j1")
     return _png(figure)
