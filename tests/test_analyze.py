@@ -27,6 +27,7 @@ from lipforcing.models.config import model_config
 from lipforcing.models.syncnet import StableSyncNet, SyncNetConfig, save_syncnet
 from pipelines import tracking
 from pipelines.analyze import AnalyzeConfig, analyze, validate
+from pipelines.analyze.config import DEMO_TEACHER, teacher_location
 from pipelines.analyze.job import gain_significance
 from pipelines.distill_config import DistillConfig
 from pipelines.jobs import resolve_config, run_job
@@ -113,6 +114,19 @@ def test_a_band_read_from_noise_is_flagged():
     assert gain_significance([clip(0.50), clip(0.55), clip(0.45)], step=1)["significant"] is True
     assert gain_significance([clip(0.01), clip(-0.02), clip(0.02)], step=1)["significant"] is False
     assert gain_significance([clip(0.5)], step=1)["significant"] is None  # one clip: no spread to judge by
+
+
+def test_the_teacher_is_found_or_random_init_only_on_tiny(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert teacher_location(resolve_config(AnalyzeConfig, [])) == ""  # auto, nothing exported: random init
+    with pytest.raises(ConfigError, match="teacher_weights"):
+        teacher_location(resolve_config(AnalyzeConfig, ["profile=14b"]))
+    with pytest.raises(ConfigError, match="teacher_weights"):
+        teacher_location(resolve_config(AnalyzeConfig, ["teacher_weights=missing.safetensors"]))
+    exported = tmp_path / DEMO_TEACHER
+    exported.parent.mkdir(parents=True)
+    exported.write_bytes(b"")
+    assert teacher_location(resolve_config(AnalyzeConfig, [])) == DEMO_TEACHER
 
 
 def test_analyze_config_errors_name_the_key():
