@@ -42,8 +42,8 @@ syncnet: $(STAMP) ## train the SyncNet used by the data filter, the reward and t
 encode: $(STAMP) ## cache VAE latents + audio features of the shards for training (Ray Data)
 	$(PY) -m pipelines.encode $(ARGS)
 
-distill: $(STAMP) ## teacher -> student -> DMD on Ray Train + DeepSpeed, tracked in MLflow
-	$(PY) -m pipelines.distill $(ARGS)
+distill: $(STAMP) ## teacher -> student -> DMD on Ray Train + DeepSpeed, tracked in MLflow (config=recipe.yaml adds a config file)
+	$(PY) -m pipelines.distill $(if $(config),config=$(config)) $(ARGS)
 
 analyze: $(STAMP) ## teacher-trajectory analysis -> outputs/analyze/recipe.yaml (use: make distill ARGS="config=...")
 	$(PY) -m pipelines.analyze $(ARGS)

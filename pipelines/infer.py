@@ -64,9 +64,9 @@ from lipforcing.data import FPS, SAMPLE_RATE
 from lipforcing.data.windows import WindowConfig, resize_frames
 from lipforcing.inference.conditions import chunk_frame_counts
 from lipforcing.inference.paste import blend_mask, crop_affine, occlusion_mask, paste
+from lipforcing.inference.streaming import streaming_fps
 from lipforcing.models.config import ModelConfig
 from lipforcing.models.face_parsing import BiSeNet, load_face_parser
-from pipelines.evaluate.runner import streaming_fps
 from pipelines.jobs import run_job
 
 log = logging.getLogger("lipforcing.infer")
@@ -259,15 +259,33 @@ class Lipsynced:
         return self.timing.get("fps", float("nan"))
 
 
+@dataclass
+class Prepared:
+    """After the tracking pass: what the generation pass reads."""
+
+    video: str  # a local file (object-storage inputs fetched)
+    indices: np.ndarray  # the source frame of each timeline frame
+    result: Lipsynced
+    evaluator: Any  # a `pipelines.evaluate.Evaluator`
+    stack: contextlib.ExitStack  # fetched inputs and scratch space, closed after the generation pass
+
+
 def synthesize(config: InferConfig, evaluator: Any = None) -> Lipsynced:
     """Steps 1-4 of the module docstring; `evaluator` (a built `pipelines.evaluate.Evaluator`, as the
     MLflow model holds) instead of loading `config.student_weights`. The tracking pass runs here; the
     generation runs as the returned frames are read."""
+    prepared = prepare(config, evaluator)
+    prepared.result.frames = generate_frames(config, prepared)
+    return prepared.result
+
+
+def prepare(config: InferConfig, evaluator: Any = None) -> Prepared:
+    """Steps 1-2: the inputs read and checked, the face tracked, the student loaded."""
     validate(config)
     stack = contextlib.ExitStack()  # object-storage inputs are fetched once, to local files
-    video = stack.enter_context(storage.temporary_local(config.video))
-    speech = stack.enter_context(storage.temporary_local(config.audio)) if config.audio else video
     try:
+        video = stack.enter_context(storage.temporary_local(config.video))
+        speech = stack.enter_context(storage.temporary_local(config.audio)) if config.audio else video
         if not probe_media(speech).has_audio:
             key = "audio" if config.audio else "video"
             raise ConfigError(f"config key '{key}' is {getattr(config, key)!r}, which has no audio track: give the speech as audio=")
@@ -291,8 +309,7 @@ def synthesize(config: InferConfig, evaluator: Any = None) -> Lipsynced:
         stack.close()
         raise
     result = Lipsynced(iter(()), audio, sources, found.affines, found.faced, found.cuts)
-    result.frames = generate_frames(config, evaluator, video, indices, result, stack)
-    return result
+    return Prepared(video, indices, result, evaluator, stack)
 
 
 def load_evaluator(config: InferConfig, stack: contextlib.ExitStack) -> Any:
@@ -308,45 +325,58 @@ def load_evaluator(config: InferConfig, stack: contextlib.ExitStack) -> Any:
     return Evaluator(settings, weights, "", torch.device("cuda" if use_cuda else "cpu"))
 
 
-def generate_frames(config: InferConfig, evaluator: Any, video: str, indices: np.ndarray, result: Lipsynced,
-                    stack: contextlib.ExitStack) -> Iterator[np.ndarray]:  # fmt: skip
-    """Steps 3-4, a chunk at a time: the output frames in order, then `result.timing` filled."""
-    with stack:
-        size, sources, affines = config.window.size, result.sources, result.affines
-        reader = TimelineReader(video, indices)
+@dataclass
+class GeneratedChunk:
+    span: range  # its output frames
+    source: torch.Tensor  # [n, 3, S, S] the source crops in [0, 1] (the student's input)
+    generated: torch.Tensor  # [n, 3, S, S] the student's crops in [0, 1], on the CPU
+
+
+def generated_chunks(config: InferConfig, prepared: Prepared, reader: TimelineReader) -> Iterator[GeneratedChunk]:
+    """Step 3, a chunk at a time; `result.timing` is complete once the last chunk is read."""
+    result, size = prepared.result, config.window.size
+    sources, affines = result.sources, result.affines
+    counts = chunk_frame_counts(len(sources), config.model.chunk_frames)
+    bounds = np.cumsum([0, *counts])
+    pending: collections.deque[tuple[range, torch.Tensor]] = collections.deque()
+
+    def crops(span: range) -> torch.Tensor:
+        return resize_frames(np.stack([aligned_crop(reader[sources[i]], affines[sources[i]], config.align) for i in span]), size)
+
+    def chunks() -> Iterator[torch.Tensor]:
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            pending.append((range(start, stop), crops(range(start, stop))))
+            yield pending[-1][1]
+
+    finished: list[float] = []
+    start = time.perf_counter()
+    stream = prepared.evaluator.stream(chunks(), crops(range(1))[0], torch.from_numpy(result.audio), len(sources), result.timing)
+    for chunk in stream:
+        finished.append(time.perf_counter() - start)
+        span, source = pending.popleft()
+        yield GeneratedChunk(span, source, chunk.frames[0].cpu())
+    result.timing["fps"] = streaming_fps(counts, finished)
+
+
+def generate_frames(config: InferConfig, prepared: Prepared) -> Iterator[np.ndarray]:
+    """Step 4 over step 3: the output frames in order."""
+    with prepared.stack as stack:
+        result, size = prepared.result, config.window.size
+        reader = TimelineReader(prepared.video, prepared.indices)
         stack.callback(reader.close)
-        device = evaluator.device
-        parser = load_face_parser(config.parsing_weights).to(device) if config.parsing_weights else None
-        surfaces = SurfaceMasks(parser, reader, affines, config.align, size) if parser is not None else None
+        parser = load_face_parser(config.parsing_weights).to(prepared.evaluator.device) if config.parsing_weights else None
+        surfaces = SurfaceMasks(parser, reader, result.affines, config.align, size) if parser is not None else None
         box = blend_mask(size, config.window.mask_box, config.feather)
-        counts = chunk_frame_counts(len(sources), config.model.chunk_frames)
-        bounds = np.cumsum([0, *counts])
-        pending: collections.deque[range] = collections.deque()
-
-        def crops(span: range) -> torch.Tensor:
-            return resize_frames(np.stack([aligned_crop(reader[sources[i]], affines[sources[i]], config.align) for i in span]), size)
-
-        def chunks() -> Iterator[torch.Tensor]:
-            for start, stop in zip(bounds[:-1], bounds[1:]):
-                pending.append(range(start, stop))
-                yield crops(pending[-1])
-
-        progress = stack.enter_context(tqdm(total=len(sources), unit="frame", desc="lip-sync", disable=None))
-        finished: list[float] = []
-        start = time.perf_counter()
-        stream = evaluator.stream(chunks(), crops(range(1))[0], torch.from_numpy(result.audio), len(sources), result.timing)
-        for chunk in stream:
-            finished.append(time.perf_counter() - start)
-            generated = to_uint8(chunk.frames[0].cpu()).numpy()
-            for i, crop in zip(pending.popleft(), generated):
-                s = sources[i]
+        progress = stack.enter_context(tqdm(total=len(result.sources), unit="frame", desc="lip-sync", disable=None))
+        for chunk in generated_chunks(config, prepared, reader):
+            for i, crop in zip(chunk.span, to_uint8(chunk.generated).numpy()):
+                s = result.sources[i]
                 if not result.faced[s]:
                     yield even(reader[s])
                     continue
                 mask = box if surfaces is None else occlusion_mask(surfaces(s), box, config.feather)
-                yield even(paste(reader[s], crop, crop_affine(affines[s], config.align.size, size), mask))
-            progress.update(len(generated))
-        result.timing["fps"] = streaming_fps(counts, finished)
+                yield even(paste(reader[s], crop, crop_affine(result.affines[s], config.align.size, size), mask))
+            progress.update(len(chunk.span))
 
 
 def write_video(output: str, frames: Iterable[np.ndarray], audio: np.ndarray) -> None:

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from data_jobs.media import encode_mp4, encode_wav, to_uint8
+from data_jobs.sample import ClipSpec, encode_clip
 from lipforcing.config import ConfigError
 from lipforcing.data.shards import Reader, decode_clip, epoch_samples, shard_urls
 from lipforcing.data.windows import resize_frames
@@ -28,7 +29,16 @@ from lipforcing.models import build_student
 from lipforcing.models.config import model_config
 from lipforcing.models.syncnet import StableSyncNet, SyncNetConfig, load_syncnet, save_syncnet, score_clip
 from pipelines import tracking
-from pipelines.evaluate import TINY_WARNING, EvalConfig, FeatureSets, evaluate, prepare_clip, validate
+from pipelines.evaluate import (
+    TINY_WARNING,
+    EvalClip,
+    EvalConfig,
+    FeatureSets,
+    evaluate,
+    prepare_clip,
+    validate,
+)
+from pipelines.evaluate.long_form import segment_bounds
 from pipelines.jobs import resolve_config, run_job
 from pipelines.student_model import log_student
 from tests.insightface_pack import write_pack
@@ -229,6 +239,51 @@ def test_full_frame_metrics_paste_back_where_the_data_job_cut(tmp_path):
     assert right["full_psnr"] > 33 and right["full_ssim"] > 0.97
     assert measured((before - 4) / FPS)["full_psnr"] < right["full_psnr"] - 5  # the wrong frames
     assert measured(before / FPS, shift=6.0)["full_psnr"] < right["full_psnr"] - 5  # the wrong place
+
+
+def test_long_form_segments_partition_the_output_and_a_short_tail_joins_the_last():
+    assert segment_bounds(121, 50) == [(0, 50), (50, 121)]  # 21 frames left: under half a segment
+    assert segment_bounds(130, 50) == [(0, 50), (50, 100), (100, 130)]
+    assert segment_bounds(30, 50) == [(0, 30)]
+
+
+def test_long_form_scores_each_segment_as_a_whole_and_reports_the_drift(workspace):
+    """A 5 s talking head streamed whole, scored every 2 s: each segment's numbers must be those of the
+    segment's frames scored at once (the same seeded stream, generated again here), and the drift the
+    last segment's minus the first's, in the report and in MLflow."""
+    from pipelines.evaluate import Evaluator
+    from pipelines.infer import InferConfig, TimelineReader, generated_chunks, prepare
+
+    root, _ = workspace
+    video, _ = encode_clip(ClipSpec("long", ("astronaut",), 25, 16000, 1, 5.0, (256, 256), "x", "x"), np.random.default_rng(7))
+    (root / "long.mp4").write_bytes(video)
+    argv = ["profile=tiny", f"data={root / 'data'}", f"output={root / 'long'}", "student_weights=models:/lipforcing-student@candidate",
+            f"syncnet_weights={root / 'syncnet.pt'}", "clips=1", "full_frame=false", "samples=0",
+            f"long_form=[{root / 'long.mp4'}]", "long_form_segment_s=2"]  # fmt: skip
+    assert run_job("pipelines.evaluate", EvalConfig, evaluate, argv=argv) == 0
+    report = json.loads((root / "long" / "report.json").read_text())
+    segments = report["long_form"]["segments"]
+    assert [(row["start_s"], row["end_s"]) for row in segments] == [(0.0, 2.0), (2.0, 4.0), (4.0, 5.0)]  # 125 frames
+
+    config = resolve_config(EvalConfig, [*argv, f"student_weights={root / 'dit.safetensors'}"])
+    evaluator = Evaluator(config, str(root / "dit.safetensors"), str(root / "syncnet.pt"), torch.device("cpu"))
+    settings = InferConfig(video=str(root / "long.mp4"), window=config.window, model=config.model)
+    prepared = prepare(settings, evaluator)
+    with prepared.stack:
+        chunks = list(generated_chunks(settings, prepared, TimelineReader(prepared.video, prepared.indices)))
+    source, generated = torch.cat([c.source for c in chunks]), torch.cat([c.generated for c in chunks])
+    for row, (start, stop) in zip(segments, [(0, 50), (50, 100), (100, 125)], strict=True):
+        expected = evaluator.fidelity(EvalClip("x", source[start:stop], torch.empty(0)), generated[start:stop])
+        expected.update(evaluator.sync(to_uint8(generated[start:stop]), prepared.result.audio[start * 640 : stop * 640]))
+        for name, value in expected.items():
+            assert row[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
+    drift = report["long_form"]["drift"][0]
+    assert drift["sync_c_drift"] == pytest.approx(segments[2]["sync_c"] - segments[0]["sync_c"])
+    assert "Long-form" in (root / "long" / "report.md").read_text()
+    run = mlflow.search_runs(experiment_names=[tracking.EXPERIMENT], filter_string="tags.job = 'eval'", output_format="list")[0]
+    assert run.data.metrics["long_form_ssim_drift"] == pytest.approx(drift["ssim_drift"])
+    with pytest.raises(ConfigError, match="'long_form_segment_s'"):
+        validate(EvalConfig(long_form_segment_s=0.5))
 
 
 def test_eval_config_errors_name_the_key(capsys):

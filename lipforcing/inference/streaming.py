@@ -97,3 +97,11 @@ def stream_generate(
         x0 = denoise_chunk(student, noise, chunk_cond, cache, timesteps, generator)
         student.cache_clean_chunk(x0, chunk_cond, cache)
         yield StreamChunk(index, x0, None if decoder is None else decoder.decode(x0))
+
+
+def streaming_fps(counts: list[int], finished: list[float]) -> float:
+    """Frames per second over the chunks after the first (`counts`: frames per chunk; `finished`:
+    seconds from the start to each chunk's last frame); with one chunk, over it."""
+    if len(counts) > 1:
+        return sum(counts[1:]) / (finished[-1] - finished[0])
+    return counts[0] / finished[0]  # one chunk: no steady state to separate out

@@ -39,6 +39,10 @@ class EvalConfig:
     full_frame: bool = True
     # own: each clip with its own audio; other: cross-identity, each clip driven by the next clip's audio
     audio_from: Literal["own", "other"] = "own"
+    # Long-form mode: whole videos (paths or URLs, each with its own audio track), minutes long, streamed
+    # through `make infer`'s passes and scored per `long_form_segment_s` for drift (the paper's 6-minute test)
+    long_form: list[str] = field(default_factory=list)
+    long_form_segment_s: float = 60.0
     window: WindowConfig = field(default_factory=WindowConfig)  # size and mask_box are used
     model: ModelConfig = field(default_factory=ModelConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -50,6 +54,8 @@ def validate(config: EvalConfig) -> None:
         raise ConfigError(f"config key 'clips' is {config.clips}; allowed values: an integer >= 1")
     if config.samples < 0:
         raise ConfigError(f"config key 'samples' is {config.samples}; allowed values: an integer >= 0")
+    if not config.long_form_segment_s >= 1.0:
+        raise ConfigError(f"config key 'long_form_segment_s' is {config.long_form_segment_s}; allowed values: seconds >= 1 (SyncNet needs a second of frames)")
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             "config key 'device' is 'cuda' but no CUDA device is visible; allowed values: 'auto', 'cpu'"

@@ -9,7 +9,8 @@ frames as it arrives. Generated frames are compared with the source crops they r
 mouth-region PSNR and L1, Sync-C / Sync-D / AV offset (also of the source crops, the ground-truth
 row), CSIM, FPS, TTFF and peak memory; with `full_frame` they are also pasted back into their source
 frames, which are scored whole (SSIM, PSNR). `audio_from=other` drives each clip with another
-identity's audio (cross-identity). FID / FVD run only with local feature-network weights, CSIM only
+identity's audio (cross-identity). `long_form=[...]` also streams whole videos, minutes long, and
+scores each `long_form_segment_s` of them for drift (`long_form.py`). FID / FVD run only with local feature-network weights, CSIM only
 with an InsightFace model pack (its ArcFace model).
 
 Timing. The condition is encoded chunk by chunk as the stream runs (`lipforcing/inference/conditions.py`:
@@ -38,6 +39,7 @@ from lipforcing.config import to_yaml
 from lipforcing.data import FPS, SAMPLE_RATE
 from pipelines.evaluate.clips import eval_clips, heldout_shards, with_other_audio
 from pipelines.evaluate.config import EvalConfig, validate
+from pipelines.evaluate.long_form import long_form_rows, mean_drift
 from pipelines.evaluate.report import NOTES, mean_row, write_outputs
 from pipelines.evaluate.runner import (
     Evaluator,
@@ -128,6 +130,14 @@ def run_eval(config: EvalConfig, scratch: str) -> int:
             rows.append(row)
         if not rows:
             raise RuntimeError(f"no clip in {config.data!r} could be evaluated: {skipped_clips}")
+        segments, drifts = [], []
+        for index, video in enumerate(config.long_form):
+            log.info("long-form %s: streaming it whole, scored every %g s", video, config.long_form_segment_s)
+            video_rows, drift = long_form_rows(config, evaluator, video)
+            for row in video_rows:
+                tracking.log_metrics({f"long_form/{index}/{k}": v for k, v in row.items() if isinstance(v, float)}, step=row["segment"])
+            segments += video_rows
+            drifts.append(drift)
         set_metrics, too_few = features.distances()
         report = {
             "profile": config.profile,
@@ -150,10 +160,11 @@ def run_eval(config: EvalConfig, scratch: str) -> int:
             "set_metrics": set_metrics,
             "skipped_metrics": {**skipped_metrics, **too_few},
             "skipped_clips": skipped_clips,
+            "long_form": {"segments": segments, "drift": drifts},
             "notes": list(NOTES),
             "mlflow_run_id": run.info.run_id,
         }
-        tracking.log_metrics({**report["mean"], **set_metrics})
+        tracking.log_metrics({**report["mean"], **set_metrics, **mean_drift(drifts)})
         write_outputs(report, folder, config.output)
     log.info("%d clips; report at %s", len(rows), storage.join(config.output, "report.md"))
     return 0

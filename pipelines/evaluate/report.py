@@ -49,6 +49,9 @@ NOTES = (
     "source crop, resized to 112 px (the crops are already aligned), mean over frames.",
     "Sync-C / Sync-D / offset: the configured SyncNet on the generated crops against the clip's audio; "
     "GT columns score the source crops the same way.",
+    "Long-form: each long_form video streamed whole with its own audio through make infer's passes (face "
+    "tracked per shot); every long_form_segment_s of output scored like a clip (its crops against the source "
+    "crops, its audio); drift = last segment minus first.",
     "TTFF: a first-chunk pass per clip, from the start of encoding the first chunk's inputs to the end of "
     "decoding its frames (one untimed warm-up pass before the first clip).",
     "FPS: generated frames per second of the streaming loop (each chunk's condition encode, two student "
@@ -87,8 +90,30 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     lines += [f"- {name} skipped: {reason}" for name, reason in report["skipped_metrics"].items()]
     lines += [f"- clip {item['key']} skipped: {item['reason']}" for item in report["skipped_clips"]]
+    lines += render_long_form(report.get("long_form", {}))
     lines += ["", "## How the numbers are measured", "", *[f"- {note}" for note in report["notes"]]]
     return "\n".join(lines) + "\n"
+
+
+LONG_FORM_COLUMNS = (("ssim", "SSIM", "{:.4f}"), ("mouth_psnr", "mouth PSNR dB", "{:.2f}"),
+                     ("sync_c", "Sync-C", "{:.2f}"), ("sync_d", "Sync-D", "{:.2f}"))  # fmt: skip
+
+
+def render_long_form(long_form: dict[str, Any]) -> list[str]:
+    """The per-segment table of each long-form video and its drift (last segment minus first)."""
+    if not long_form.get("segments"):
+        return []
+    columns = [c for c in LONG_FORM_COLUMNS if c[0] in long_form["segments"][0]]
+    lines = ["", "## Long-form: per segment, and the drift from the first segment to the last", ""]
+    lines.append("| video | segment | from s | to s | " + " | ".join(title for _, title, _ in columns) + " |")
+    lines.append("|---" * (len(columns) + 4) + "|")
+    for row in long_form["segments"]:
+        values = " | ".join(fmt.format(row[key]) for key, _, fmt in columns)
+        lines.append(f"| {row['video']} | {row['segment']} | {row['start_s']:.0f} | {row['end_s']:.0f} | {values} |")
+    for drift in long_form["drift"]:
+        changes = ", ".join(f"{title} {drift[key + '_drift']:+.4g}" for key, title, _ in columns if key + "_drift" in drift)
+        lines.append(f"- {drift['video']} ({drift['minutes']:.1f} min, {drift['segments']} segments): {changes}")
+    return lines
 
 
 def write_outputs(report: dict[str, Any], folder: str, output: str) -> None:

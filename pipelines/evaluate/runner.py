@@ -18,7 +18,7 @@ from lipforcing.data import FPS, SAMPLE_RATE
 from lipforcing.data.encode import LatentEncoder
 from lipforcing.data.windows import lower_face_mask
 from lipforcing.inference.conditions import ConditionStream, chunk_frame_counts
-from lipforcing.inference.streaming import StreamChunk, stream_generate
+from lipforcing.inference.streaming import StreamChunk, stream_generate, streaming_fps
 from lipforcing.metrics.csim import IdentityEmbedder, csim
 from lipforcing.metrics.fid import (
     FeatureExtractor,
@@ -45,14 +45,6 @@ class Generation:
     stream_s: float  # streaming loop: all chunks, encode + denoise + cache write + decode
     fps: float  # steady state: frames per second over the chunks after the first
     chunks: int
-
-
-def streaming_fps(counts: list[int], finished: list[float]) -> float:
-    """Frames per second over the chunks after the first (`counts`: frames per chunk; `finished`:
-    seconds from the start to each chunk's last frame); with one chunk, over it."""
-    if len(counts) > 1:
-        return sum(counts[1:]) / (finished[-1] - finished[0])
-    return counts[0] / finished[0]  # one chunk: no steady state to separate out
 
 
 class Evaluator:
@@ -153,8 +145,9 @@ class Evaluator:
         }
 
     @torch.no_grad()
-    def sync(self, frames: Tensor, audio: Tensor, prefix: str = "") -> dict[str, float]:
-        result = score_clip(self.syncnet, to_uint8(frames), audio.numpy())
+    def sync(self, frames: Tensor, audio: np.ndarray, prefix: str = "") -> dict[str, float]:
+        """Sync-C / Sync-D / offset of uint8 crops [T, S, S, 3] against the 16 kHz audio under them."""
+        result = score_clip(self.syncnet, frames, audio)
         return {
             f"{prefix}sync_c": result.confidence,
             f"{prefix}sync_d": result.min_dist,
@@ -287,8 +280,9 @@ def evaluate_clip(
             evaluator.identity, to_uint8(clip.video).numpy(), to_uint8(generation.frames).numpy()
         )
     if evaluator.syncnet is not None:
-        row.update(evaluator.sync(generation.frames, clip.audio))
-        row.update(evaluator.sync(clip.video, clip.audio, prefix="gt_"))
+        audio = clip.audio.numpy()
+        row.update(evaluator.sync(to_uint8(generation.frames), audio))
+        row.update(evaluator.sync(to_uint8(clip.video), audio, prefix="gt_"))
     return row, generation.frames
 
 
