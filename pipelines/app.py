@@ -2,7 +2,7 @@
 
 Upload a talking-head video and a speech file, choose a version of the registered student (its
 aliases are shown), and the page plays the result. Each request runs the version's MLflow model with
-`full_frame` (the code of `make infer`); models stay loaded between requests. Uploads and results
+`full_frame` (the code of `make infer`); the last `loaded_models` versions used stay loaded. Uploads and results
 live under `output/<request>/`. It serves one user at a time (requests run in turn): a local tool,
 not a service.
 """
@@ -14,8 +14,11 @@ import logging
 import sys
 import threading
 import uuid
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pandas as pd
@@ -36,6 +39,26 @@ class AppConfig:
     port: int = 7860
     registered_name: str = "lipforcing-student"
     output: str = "outputs/app"  # <output>/<request>/ holds the uploads and the result
+    loaded_models: int = 2  # versions kept loaded between requests; the least recently used goes first
+
+
+class LoadedModels:
+    """The last `limit` models used, by URI: a request for another loads it and drops the least
+    recently used, so memory holds at most `limit` students whatever the number of versions tried."""
+
+    def __init__(self, limit: int, load: Callable[[str], Any]):
+        self.limit, self.load = limit, load
+        self.models: OrderedDict[str, Any] = OrderedDict()
+
+    def __getitem__(self, uri: str) -> Any:
+        if uri in self.models:
+            self.models.move_to_end(uri)
+        else:
+            while len(self.models) >= self.limit:
+                dropped, _ = self.models.popitem(last=False)
+                log.info("unloading %s (app.loaded_models = %d)", dropped, self.limit)
+            self.models[uri] = self.load(uri)
+        return self.models[uri]
 
 
 def versions(name: str) -> list[tuple[str, str]]:
@@ -70,7 +93,7 @@ def form(name: str, message: str = "") -> str:
 def create_app(config: AppConfig) -> Flask:
     app = Flask(__name__)
     root = Path(config.output).resolve()
-    models: dict[str, object] = {}
+    models = LoadedModels(config.loaded_models, mlflow.pyfunc.load_model)
     busy = threading.Lock()  # one generation at a time: each holds a student and its activations
 
     @app.get("/")
@@ -96,12 +119,11 @@ def create_app(config: AppConfig) -> Flask:
                              "output": [str(folder / "lipsync.mp4")], "full_frame": [True]})  # fmt: skip
         with busy:
             uri = f"models:/{config.registered_name}/{version}"
-            if uri not in models:
-                models[uri] = mlflow.pyfunc.load_model(uri)
-            if "full_frame" not in models[uri].metadata.get_input_schema().input_names():  # MLflow would drop the column
+            model = models[uri]
+            if "full_frame" not in model.metadata.get_input_schema().input_names():  # MLflow would drop the column
                 return form(config.registered_name, f"version {version} was registered before whole-video lip-sync: pick a newer one"), 400
             try:
-                made = models[uri].predict(rows)
+                made = model.predict(rows)
             except Exception as err:  # a clip it cannot lip-sync (too short, unreadable): say why on the page
                 log.warning("request %s failed: %s", job, err)
                 return form(config.registered_name, f"could not lip-sync: {err}"), 400
@@ -129,6 +151,8 @@ def create_app(config: AppConfig) -> Flask:
 def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(AppConfig, overrides=list(sys.argv[1:] if argv is None else argv))
+        if config.loaded_models < 1:
+            raise ConfigError(f"config key 'loaded_models' is {config.loaded_models}; allowed values: an integer >= 1")
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

@@ -91,3 +91,4 @@ def test_upload_choose_a_version_and_watch_the_result(app, tmp_path):
         assert duration == pytest.approx(frames / 25, abs=0.1), duration
     finally:
         browser.quit()
+
