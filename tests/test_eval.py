@@ -132,9 +132,11 @@ def test_eval_end_to_end_on_a_tiny_student(workspace):
         "student_weights=models:/lipforcing-student@candidate",
         f"syncnet_weights={root / 'syncnet.pt'}",
         f"csim_model_pack={root / 'buffalo_l'}",
+        f"fvd_weights={root / 'i3d.pt'}",
         "clips=8",
         "samples=1",
     ]
+    torch.jit.script(MeanFeatures()).save(str(root / "i3d.pt"))  # a stand-in I3D: per-channel means
     assert run_job("pipelines.evaluate", EvalConfig, evaluate, argv=argv) == 0
 
     report = json.loads((root / "eval" / "report.json").read_text())
@@ -148,19 +150,21 @@ def test_eval_end_to_end_on_a_tiny_student(workspace):
             assert math.isfinite(row[name]), (row["key"], name, row[name])
         assert row["ssim"] < 0.5  # a random student does not reproduce the source crops
         assert row["full_ssim"] > row["ssim"] + 0.2  # pasted back, only the mouth box differs from the source
+        assert math.isfinite(row["full_csim"])
         assert row["ttff_ms"] > 0 and row["fps"] > 0 and row["peak_memory_mb"] > 0
         # the GT columns score the source crops it evaluated, with their own audio
         clip = prepare_clip(sources[row["key"]], SIZE, 9)
         truth = score_clip(syncnet, to_uint8(clip.video), clip.audio.numpy())
         assert (row["gt_sync_c"], row["gt_av_offset"]) == (pytest.approx(truth.confidence, abs=1e-5), truth.offset)
     assert report["mean"]["ssim"] == pytest.approx(np.mean([r["ssim"] for r in report["clips"]]))
-    assert set(report["skipped_metrics"]) == {"FID", "FVD"}
+    assert set(report["skipped_metrics"]) == {"FID"}
+    assert report["set_metrics"]["full_fvd"] < report["set_metrics"]["fvd"]  # pasted back, most of each frame is the source
     assert report["student_version"] == str(version)
     assert report["reference"] == "the first frame of each clip"
 
     markdown = (root / "eval" / "report.md").read_text()
     assert TINY_WARNING in markdown
-    assert "| **mean** |" in markdown and "| CSIM |" in markdown and "FID skipped" in markdown
+    assert "| **mean** |" in markdown and "| CSIM |" in markdown and "FID skipped" in markdown and "full-frame FVD" in markdown
 
     samples = sorted((root / "eval" / "samples").glob("*.mp4"))
     assert len(samples) == 1
@@ -218,7 +222,7 @@ def test_full_frame_metrics_paste_back_where_the_data_job_cut(tmp_path):
     import cv2
 
     from pipelines.evaluate.clips import EvalClip, Placement
-    from pipelines.evaluate.runner import full_frame_metrics
+    from pipelines.evaluate.runner import full_frame_metrics, full_frames
 
     before, frames, offset = 6, 33, (20, 8)
     video, audio = synthetic_clip(frames, 0)
@@ -233,12 +237,15 @@ def test_full_frame_metrics_paste_back_where_the_data_job_cut(tmp_path):
 
     def measured(start_s: float, shift: float = 0.0) -> dict[str, float]:
         placement = Placement(str(tmp_path / "source.mp4"), start_s, affines + np.array([[0, 0, shift], [0, 0, 0]], np.float32), 96)
-        return full_frame_metrics(EvalClip("c", crops, torch.from_numpy(audio), placement), crops, box)
+        pasted = full_frames(EvalClip("c", crops, torch.from_numpy(audio), placement), crops, box)
+        face_error = np.abs(pasted.fake_faces.astype(float) - pasted.real_faces).mean()  # what full-frame CSIM compares
+        return {**full_frame_metrics(pasted), "face_error": face_error}
 
     right = measured(before / FPS)
-    assert right["full_psnr"] > 33 and right["full_ssim"] > 0.97
+    assert right["full_psnr"] > 33 and right["full_ssim"] > 0.97 and right["face_error"] < 3
     assert measured((before - 4) / FPS)["full_psnr"] < right["full_psnr"] - 5  # the wrong frames
-    assert measured(before / FPS, shift=6.0)["full_psnr"] < right["full_psnr"] - 5  # the wrong place
+    wrong_place = measured(before / FPS, shift=6.0)
+    assert wrong_place["full_psnr"] < right["full_psnr"] - 5 and wrong_place["face_error"] > 3 * right["face_error"]
 
 
 def test_long_form_segments_partition_the_output_and_a_short_tail_joins_the_last():

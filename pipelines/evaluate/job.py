@@ -8,7 +8,7 @@ generates the clip chunk by chunk with the two-step schedule, and the stream dec
 frames as it arrives. Generated frames are compared with the source crops they replace: SSIM, PSNR,
 mouth-region PSNR and L1, Sync-C / Sync-D / AV offset (also of the source crops, the ground-truth
 row), CSIM, FPS, TTFF and peak memory; with `full_frame` they are also pasted back into their source
-frames, which are scored whole (SSIM, PSNR). `audio_from=other` drives each clip with another
+frames, which are scored whole (SSIM, PSNR, FID / FVD, and CSIM of the face re-aligned from the output frame). `audio_from=other` drives each clip with another
 identity's audio (cross-identity). `long_form=[...]` also streams whole videos, minutes long, and
 scores each `long_form_segment_s` of them for drift (`long_form.py`). FID / FVD run only with local feature-network weights, CSIM only
 with an InsightFace model pack (its ArcFace model).
@@ -47,6 +47,7 @@ from pipelines.evaluate.runner import (
     evaluate_clip,
     feature_networks,
     full_frame_metrics,
+    full_frames,
 )
 from pipelines.ray_cluster import in_submitted_job, ray_node, run_on_worker
 
@@ -104,7 +105,7 @@ def run_eval(config: EvalConfig, scratch: str) -> int:
                 "needs ArcFace identity embeddings: set csim_model_pack to an InsightFace model pack "
                 "folder (buffalo_l, with w600k_r50.onnx), local or s3://"
             )
-        features = FeatureSets(extractors, device)
+        features, full_features = FeatureSets(extractors, device), FeatureSets(extractors, device)
         rows: list[dict[str, Any]] = []
         skipped_clips: list[dict[str, str]] = []
         clips = eval_clips(shards, config, evaluator.first_chunk_frames, skipped_clips)
@@ -115,11 +116,12 @@ def run_eval(config: EvalConfig, scratch: str) -> int:
                 evaluator.time_to_first_frames(clip)  # warm-up: one-time costs stay out of the first TTFF
             row, generated = evaluate_clip(evaluator, clip, device)
             if config.full_frame:
-                measured = full_frame_metrics(clip, generated, config.window.mask_box)
-                if isinstance(measured, str):
-                    skipped_metrics[f"full-frame SSIM / PSNR of {clip.key}"] = measured
+                pasted = full_frames(clip, generated, config.window.mask_box)
+                if isinstance(pasted, str):
+                    skipped_metrics[f"full-frame metrics of {clip.key}"] = pasted
                 else:
-                    row.update(measured)
+                    row.update(full_frame_metrics(pasted, evaluator.identity))
+                    full_features.add(pasted.real, pasted.fake)
             features.add(clip.video, generated)
             if len(rows) < config.samples:
                 side_by_side = to_uint8(torch.cat([clip.video, generated], dim=-1)).numpy()
@@ -139,6 +141,10 @@ def run_eval(config: EvalConfig, scratch: str) -> int:
             segments += video_rows
             drifts.append(drift)
         set_metrics, too_few = features.distances()
+        if config.full_frame:
+            full_set, full_too_few = full_features.distances()
+            set_metrics.update({f"full_{name}": value for name, value in full_set.items()})
+            too_few.update({f"full-frame {name}": reason for name, reason in full_too_few.items()})
         report = {
             "profile": config.profile,
             "student": config.student_weights,

@@ -20,6 +20,7 @@ COLUMNS = (
     ("mouth_psnr", "mouth PSNR dB", "{:.2f}"),
     ("mouth_l1", "mouth L1", "{:.4f}"),
     ("csim", "CSIM", "{:.4f}"),
+    ("full_csim", "full-frame CSIM", "{:.4f}"),
     ("sync_c", "Sync-C", "{:.2f}"),
     ("sync_d", "Sync-D", "{:.2f}"),
     ("av_offset", "offset", "{:+.1f}"),
@@ -35,7 +36,8 @@ NOTES = (
     "SSIM, PSNR and the mouth metrics compare generated crops with the source crops at the model's size. "
     "Full-frame SSIM / PSNR paste each generated crop back into its source frames (the mouth box, feathered, "
     "through the data job's inverse warp; frames scaled to 512 px on their long side) and compare them with "
-    "the source frames.",
+    "the source frames; full-frame FID / FVD use those frames, full-frame CSIM the face re-aligned from each "
+    "output frame by the data job's warp (112 px) against the same from the source frame.",
     "Audio: each clip's own, or with audio_from=other each clip is driven by the next clip's audio "
     "(cross-identity: Sync-C / Sync-D then measure how well the student follows speech the face never said; "
     "the GT columns score the source crops against that audio, the level of an unedited mouth).",
@@ -86,7 +88,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         )
     lines.append("")
     lines += [
-        f"- {name.upper()} over all clips: {value:.3f}" for name, value in report["set_metrics"].items()
+        f"- {name.upper().replace('FULL_', 'full-frame ')} over all clips: {value:.3f}" for name, value in report["set_metrics"].items()
     ]
     lines += [f"- {name} skipped: {reason}" for name, reason in report["skipped_metrics"].items()]
     lines += [f"- clip {item['key']} skipped: {item['reason']}" for item in report["skipped_clips"]]

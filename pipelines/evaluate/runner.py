@@ -218,12 +218,22 @@ class FeatureSets:
 
 
 FULL_FRAME_SIDE = 512  # full frames are compared at most this many pixels on their long side
+IDENTITY_SIDE = 112  # ArcFace's input: full-frame faces are re-aligned at this size
 
 
-def full_frame_metrics(clip: EvalClip, generated: Tensor, mask_box: list[float]) -> dict[str, float] | str:
-    """SSIM and PSNR of the source frames with the generated crops pasted back (the mouth box,
-    feathered, through the data job's inverse warp) against the source frames themselves; or why
-    they cannot be computed. Frames are scaled to `FULL_FRAME_SIDE` on their long side first."""
+@dataclass
+class FullFrames:
+    """A clip's source frames and the same with the generated crops pasted back."""
+
+    real: Tensor  # [T, 3, H, W] in [0, 1], scaled to FULL_FRAME_SIDE on the long side
+    fake: Tensor
+    real_faces: np.ndarray  # [T, 112, 112, 3] uint8: each full frame re-aligned by the data job's warp,
+    fake_faces: np.ndarray  # the face an identity model sees in the output video
+
+
+def full_frames(clip: EvalClip, generated: Tensor, mask_box: list[float]) -> FullFrames | str:
+    """The source frames the clip was cut from, and those frames with the generated crops pasted
+    back (the mouth box, feathered, through the data job's inverse warp); or why they cannot be read."""
     import cv2
 
     from data_jobs.media import VideoFrames, cfr_indices, timeline_frames
@@ -240,20 +250,31 @@ def full_frame_metrics(clip: EvalClip, generated: Tensor, mask_box: list[float])
         timestamps = reader.timestamps()
     finally:
         reader.close()
-    source = list(timeline_frames(path, cfr_indices(timestamps, FPS, placement.start_s, len(generated))))
-    size = generated.shape[-1]
+    source = timeline_frames(path, cfr_indices(timestamps, FPS, placement.start_s, len(generated)))
+    size, aligned = generated.shape[-1], placement.aligned_size
     mask = blend_mask(size, mask_box)
-    crops = to_uint8(generated).numpy()
-    height, width = source[0].shape[:2]
-    scale = min(1.0, FULL_FRAME_SIDE / max(height, width))
-    shape = (max(1, round(width * scale)), max(1, round(height * scale)))
-    pasted, original = [], []
-    for frame, crop, affine in zip(source, crops, placement.affines):
-        edited = paste(frame, crop, crop_affine(affine, placement.aligned_size, size), mask)
+    pasted, original, faces = [], [], {"real": [], "fake": []}
+    for frame, crop, affine in zip(source, to_uint8(generated).numpy(), placement.affines):
+        edited = paste(frame, crop, crop_affine(affine, aligned, size), mask)
+        height, width = frame.shape[:2]
+        scale = min(1.0, FULL_FRAME_SIDE / max(height, width))
+        shape = (max(1, round(width * scale)), max(1, round(height * scale)))
         pasted.append(cv2.resize(edited, shape, interpolation=cv2.INTER_AREA))
         original.append(cv2.resize(frame, shape, interpolation=cv2.INTER_AREA))
+        for side, image in (("real", frame), ("fake", edited)):
+            face = cv2.warpAffine(image, affine, (aligned, aligned), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+            faces[side].append(cv2.resize(face, (IDENTITY_SIDE, IDENTITY_SIDE), interpolation=cv2.INTER_AREA))
     fake, real = (torch.from_numpy(np.stack(v)).permute(0, 3, 1, 2).float() / 255 for v in (pasted, original))
-    return {"full_ssim": float(ssim(fake, real).mean()), "full_psnr": float(psnr(fake, real).mean())}
+    return FullFrames(real, fake, np.stack(faces["real"]), np.stack(faces["fake"]))
+
+
+def full_frame_metrics(frames: FullFrames, identity: IdentityEmbedder | None = None) -> dict[str, float]:
+    """SSIM and PSNR of the pasted frames against the source frames; with an identity model, CSIM of
+    the re-aligned faces."""
+    row = {"full_ssim": float(ssim(frames.fake, frames.real).mean()), "full_psnr": float(psnr(frames.fake, frames.real).mean())}
+    if identity is not None:
+        row["full_csim"] = csim(identity, frames.real_faces, frames.fake_faces)
+    return row
 
 
 def evaluate_clip(
