@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
@@ -62,7 +62,7 @@ def load_config(
     if overrides:
         _reject_malformed(overrides)
         # `key=` means an empty value (an unset path), not OmegaConf's None
-        dotlist = [f"{item}''" if item.endswith("=") else item for item in overrides]
+        dotlist = [f"{item}''" if item.endswith("=") else _as_list(item, base) for item in overrides]
         base = _merge(base, OmegaConf.to_container(OmegaConf.from_dotlist(dotlist)), "overrides")
     try:
         merged = OmegaConf.to_object(base)
@@ -71,6 +71,15 @@ def load_config(
     instance = _untwin(merged, schema if isinstance(schema, type) else type(schema))
     _check_choices(instance, prefix="")
     return instance
+
+
+def _as_list(item: str, base: DictConfig) -> str:
+    """`runs=abc` for a list key reads as `runs=[abc]` (and `tag=job=eval` as `tag=[job=eval]`): one
+    value of a list is a list of one."""
+    key, _, value = item.partition("=")
+    if not value.startswith("[") and isinstance(OmegaConf.select(base, key, default=None), ListConfig):
+        return f"{key}=[{value}]"
+    return item
 
 
 def to_dict(config: Any) -> dict[str, Any]:

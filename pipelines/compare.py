@@ -41,7 +41,6 @@ from pipelines.compare_plots import (
 )
 from pipelines.compare_report import Block, Image, Section, Table, write_report
 
-LIST_KEYS = ("experiments", "tag", "runs")
 # Run-level metrics worth a column, in this order (eval: the paper's table; SyncNet: held-out numbers).
 KEY_METRICS = ("sync_c", "sync_d", "av_offset", "gt_sync_c", "fvd", "fid", "ssim", "psnr", "mouth_psnr",
                "mouth_l1", "csim", "fps", "ttff_ms", "val_loss", "val_accuracy")  # fmt: skip
@@ -61,15 +60,6 @@ class CompareConfig:
     max_runs: int = 20  # the newest that match
     champion: str = "models:/lipforcing-student@champion"  # its lineage is shown when it exists
     output: str = "outputs/compare"  # report.html, report.md, images/
-
-
-def one_item_lists(argv: Sequence[str]) -> list[str]:
-    """`tag=job=eval` read as `tag=[job=eval]`: one value of a list key is a list of one."""
-    fixed = []
-    for item in argv:
-        key, _, value = item.partition("=")
-        fixed.append(f"{key}=[{value}]" if key in LIST_KEYS and not value.startswith("[") else item)
-    return fixed
 
 
 def day_ms(text: str, key: str) -> int:
@@ -349,7 +339,7 @@ def compare(config: CompareConfig) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        config = load_config(CompareConfig, overrides=one_item_lists(sys.argv[1:] if argv is None else argv))
+        config = load_config(CompareConfig, overrides=list(sys.argv[1:] if argv is None else argv))
         validate(config)
         return compare(config)
     except ConfigError as err:

@@ -64,10 +64,10 @@ def test_entrypoints_resolve_against_the_job_schemas(path, monkeypatch):
             assert words[:2] == ["python", "-m"], command
             module, args = words[2], words[3:]
             if module == "pipelines.compare":  # the report after a scheduled retrain: no profile, no Ray
-                from pipelines.compare import CompareConfig, one_item_lists
+                from pipelines.compare import CompareConfig
                 from pipelines.compare import validate as validate_compare
 
-                report = load_config(CompareConfig, overrides=one_item_lists(args))
+                report = load_config(CompareConfig, overrides=list(args))
                 validate_compare(report)
                 assert report.output.startswith("s3://") and report.since == "2026-11-23"
                 continue

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from lipforcing.config import load_config
-from pipelines import compare, tracking
+from pipelines import tracking
 from pipelines.compare import CompareConfig, main, number, select_runs
 from pipelines.compare_plots import TINY_LABEL, pareto_optimal
 
@@ -137,7 +137,7 @@ def selected(planted: Planted, *overrides: str) -> list[str]:
     """The planted names of the runs `select_runs` picks, in its order."""
     names = {run_id: name for name, run_id in planted.ids.items()}
     names.update({run_id: f"{name}.{stage}" for name, stages in planted.stages.items() for stage, run_id in stages.items()})
-    config = load_config(CompareConfig, overrides=compare.one_item_lists(overrides))
+    config = load_config(CompareConfig, overrides=overrides)
     return [names.get(run.info.run_id, run.info.run_id) for run in select_runs(config, MlflowClient(planted.uri))]
 
 
@@ -181,7 +181,7 @@ def test_pareto_optimal_on_a_known_answer():
 
 
 def test_a_single_value_of_a_list_key_is_a_list_of_one():
-    config = load_config(CompareConfig, overrides=compare.one_item_lists(["tag=job=distill", "runs=abc", "experiments=[x,y]"]))
+    config = load_config(CompareConfig, overrides=["tag=job=distill", "runs=abc", "experiments=[x,y]"])
     assert (config.tag, config.runs, config.experiments) == (["job=distill"], ["abc"], ["x", "y"])
 
 

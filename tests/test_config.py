@@ -104,3 +104,16 @@ def test_profile_selects_defaults_and_is_validated():
 def test_profile_yaml_sections_a_job_lacks_are_ignored():
     config = load_config(Job, lenient_files=[{"steps": 4, "model": {"dim": 8}}])
     assert config.steps == 4
+
+
+@dataclass
+class Listing:
+    names: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    title: str = ""
+
+
+def test_one_value_for_a_list_key_is_a_list_of_one():
+    config = load_config(Listing, overrides=["names=clip.mp4", "tags=job=eval", "title=a,b"])
+    assert config.names == ["clip.mp4"] and config.tags == ["job=eval"] and config.title == "a,b"
+    assert load_config(Listing, overrides=["names=[a,b]"]).names == ["a", "b"]
