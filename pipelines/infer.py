@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import cv2
@@ -316,12 +316,14 @@ def load_evaluator(config: InferConfig, stack: contextlib.ExitStack) -> Any:
     """The student and its encoders and decoder, from `config.student_weights`."""
     from pipelines import tracking
     from pipelines.evaluate import EvalConfig, Evaluator
+    from pipelines.student_model import sampling_timesteps
 
     use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
     scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="lipforcing-infer-"))
     tracking.setup_tracking()
     weights, _ = tracking.resolve_model(config.student_weights, scratch, "student_weights")
-    settings = EvalConfig(profile=config.profile, decoder=config.decoder, seed=config.seed, window=config.window, model=config.model)
+    model = replace(config.model, student_timesteps=sampling_timesteps(config.student_weights, config.model.student_timesteps))
+    settings = EvalConfig(profile=config.profile, decoder=config.decoder, seed=config.seed, window=config.window, model=model)
     return Evaluator(settings, weights, "", torch.device("cuda" if use_cuda else "cpu"))
 
 

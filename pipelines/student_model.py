@@ -15,6 +15,7 @@ model names its run's weights file rather than holding a copy (`tracking.registe
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from typing import Any
@@ -38,6 +39,7 @@ SIGNATURE = ModelSignature(
     outputs=Schema([ColSpec("string", "output"), ColSpec("long", "frames"), ColSpec("double", "fps")]),
 )
 SETTINGS = ("profile", "model", "window", "decoder", "seed")  # the EvalConfig keys inference needs
+TIMESTEPS_TAG = "student_timesteps"  # the version tag naming the timesteps the student was trained for
 
 
 def read_crop_clip(video: str, audio: str) -> Clip:
@@ -97,4 +99,14 @@ def log_student(run_id: str, weights_artifact: str, eval_settings: Any, name: st
     """Register the student whose weights run `run_id` logged as `weights_artifact`, configured for
     inference by `eval_settings` (an EvalConfig: model, window, decoder, seed); returns its version."""
     settings = {key: value for key, value in to_dict(eval_settings).items() if key in SETTINGS}
+    tags = {**tags, TIMESTEPS_TAG: json.dumps(list(eval_settings.model.student_timesteps))}
     return tracking.register_model(run_id, weights_artifact, LipSyncStudent(), settings, SIGNATURE, name, tags, alias)
+
+
+def sampling_timesteps(uri: str, configured: list[float]) -> list[float]:
+    """The timesteps a student samples at: a registered version's own (it was trained for them, e.g.
+    from an `make analyze` recipe), else `configured` (a path, or a version registered before the tag)."""
+    if not uri.startswith("models:/"):
+        return list(configured)
+    recorded = tracking.find_version(uri, "student_weights").tags.get(TIMESTEPS_TAG)
+    return json.loads(recorded) if recorded else list(configured)

@@ -293,6 +293,25 @@ def test_long_form_scores_each_segment_as_a_whole_and_reports_the_drift(workspac
         validate(EvalConfig(long_form_segment_s=0.5))
 
 
+def test_a_registered_student_samples_at_the_timesteps_it_was_trained_for(workspace):
+    """A recipe from `make analyze` moves the student's second timestep: eval and infer of a
+    registered version must use the version's own, not the profile's."""
+    from pipelines.student_model import sampling_timesteps
+
+    root, _ = workspace
+    with tracking.start_run("distill-recipe", tags={"job": "test"}) as run:
+        mlflow.log_artifact(str(root / "dit.safetensors"))
+    settings = resolve_config(EvalConfig, ["profile=tiny", "model.student_timesteps=[0.999,0.833]"])
+    log_student(run.info.run_id, "dit.safetensors", settings, "recipe-student", {}, "candidate")
+    profile = [0.999, 0.769]
+    assert sampling_timesteps("models:/recipe-student@candidate", profile) == [0.999, 0.833]
+    assert sampling_timesteps("models:/lipforcing-student@candidate", profile) == profile  # trained at the profile's
+    assert sampling_timesteps(str(root / "dit.safetensors"), profile) == profile  # a path: as configured
+    client = mlflow.tracking.MlflowClient()
+    client.delete_model_version_tag("recipe-student", "1", "student_timesteps")  # registered before the tag
+    assert sampling_timesteps("models:/recipe-student@candidate", profile) == profile
+
+
 def test_eval_config_errors_name_the_key(capsys):
     assert run_job("pipelines.evaluate", EvalConfig, evaluate, argv=["decoder=jpeg"]) == 2
     error = capsys.readouterr().err

@@ -50,6 +50,7 @@ from pipelines.evaluate.runner import (
     full_frames,
 )
 from pipelines.ray_cluster import in_submitted_job, ray_node, run_on_worker
+from pipelines.student_model import sampling_timesteps
 
 log = logging.getLogger("lipforcing.eval")
 
@@ -87,9 +88,11 @@ def run_eval(config: EvalConfig, scratch: str) -> int:
         syncnet_path, syncnet_version = (
             tracking.resolve_model(config.syncnet_weights, scratch, "syncnet_weights") if config.syncnet_weights else ("", "")
         )
+        config.model.student_timesteps = sampling_timesteps(config.student_weights, config.model.student_timesteps)
         mlflow.set_tags(
             {
                 "ray_node": ray_node(),
+                "student_timesteps": str(config.model.student_timesteps),
                 "student_version": student_version or "unregistered",
                 "syncnet": config.syncnet_weights or "none",
                 "syncnet_version": syncnet_version or "unregistered",
