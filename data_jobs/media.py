@@ -150,10 +150,12 @@ def cfr_indices(timestamps: np.ndarray, fps: float, start_s: float, num_frames: 
     return np.clip(index, 0, len(timestamps) - 1)
 
 
-def timeline_frames(path: str, indices: np.ndarray, ahead: int = 8) -> Iterator[np.ndarray]:
+def timeline_frames(path: str, indices: np.ndarray, ahead: int = 8, timestamps: np.ndarray | None = None) -> Iterator[np.ndarray]:
     """RGB frames (h, w, 3) uint8 for ascending source `indices` (from `cfr_indices`), in one
     sequential decode: each source frame is decoded once and converted only if shown; a repeated
     index yields the same array again; a stream shorter than the index map repeats its last frame.
+    With the source's frame `timestamps` (`VideoFrames.timestamps`), the decode starts at the
+    keyframe before the first index instead of the file's start (a clip deep into a long video).
     A helper thread decodes up to `ahead` frames ahead (FFmpeg runs without the GIL), so decoding
     overlaps the caller's work while memory stays a few frames."""
     queued: queue.Queue = queue.Queue(maxsize=max(1, ahead))
@@ -170,7 +172,7 @@ def timeline_frames(path: str, indices: np.ndarray, ahead: int = 8) -> Iterator[
 
     def decode() -> None:
         try:
-            for image in _decode_timeline(path, indices):
+            for image in _decode_timeline(path, indices, timestamps):
                 if not put(image):
                     return
             put(None)
@@ -189,21 +191,68 @@ def timeline_frames(path: str, indices: np.ndarray, ahead: int = 8) -> Iterator[
         helper.join()
 
 
-def _decode_timeline(path: str, indices: np.ndarray) -> Iterator[np.ndarray]:
-    with av.open(path) as container:
-        decoded = container.decode(video=0)
+def _decode_timeline(path: str, indices: np.ndarray, timestamps: np.ndarray | None = None) -> Iterator[np.ndarray]:
+    decoded = _numbered_frames(path, timestamps, int(indices[0]) if len(indices) else 0)
+    try:
         position, frame, image = -1, None, None
         for index in indices:
             while position < index:
                 following = next(decoded, None)
                 if following is None:
                     break
-                position, frame, image = position + 1, following, None
+                (position, frame), image = following, None
             if frame is None:
                 raise ValueError(f"{path}: no decodable video frames")
             if image is None:
                 image = rgb_array(frame)
             yield image
+    finally:
+        decoded.close()
+
+
+def _numbered_frames(path: str, timestamps: np.ndarray | None, first: int) -> Iterator[tuple[int, av.VideoFrame]]:
+    """(source index, frame) in order: from the keyframe at or before `first` when the timestamps
+    allow a seek, else from the start."""
+    if timestamps is not None and first > 0:
+        with av.open(path) as container:
+            landed = _seek(container, container.streams.video[0], timestamps, first)
+            if landed is not None:
+                yield from landed
+                return
+    with av.open(path) as container:
+        yield from enumerate(container.decode(video=0))
+
+
+def _seek(container: av.container.InputContainer, stream: av.video.stream.VideoStream, timestamps: np.ndarray,
+          index: int) -> Iterator[tuple[int, av.VideoFrame]] | None:  # fmt: skip
+    """(source index, frame) pairs from the keyframe at or before frame `index`, each frame's index read
+    from its timestamp; None when the container cannot land there (no timestamps, or past the frame)."""
+    start, time_base = stream.start_time or 0, stream.time_base
+    container.seek(start + int(timestamps[index] / time_base), stream=stream, backward=True)
+    frames = container.decode(stream)
+    first = next(frames, None)
+    if first is None or first.pts is None:
+        return None
+    at = nearest_index(timestamps, float((first.pts - start) * time_base))
+    if at > index:
+        return None
+
+    def numbered() -> Iterator[tuple[int, av.VideoFrame]]:
+        yield at, first
+        for following in frames:
+            if following.pts is None:
+                return
+            yield nearest_index(timestamps, float((following.pts - start) * time_base)), following
+
+    return numbered()
+
+
+def nearest_index(timestamps: np.ndarray, seconds: float) -> int:
+    """The index of the timestamp closest to `seconds` (ascending `timestamps`)."""
+    i = int(np.searchsorted(timestamps, seconds))
+    if i == len(timestamps) or (i > 0 and seconds - timestamps[i - 1] < timestamps[i] - seconds):
+        i -= 1
+    return i
 
 
 class AudioDecodeError(ValueError):

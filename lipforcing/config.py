@@ -75,10 +75,11 @@ def load_config(
 
 def _as_list(item: str, base: DictConfig) -> str:
     """`runs=abc` for a list key reads as `runs=[abc]` (and `tag=job=eval` as `tag=[job=eval]`): one
-    value of a list is a list of one."""
+    value of a list is a list of one, taken as it is written; several items take brackets."""
     key, _, value = item.partition("=")
     if not value.startswith("[") and isinstance(OmegaConf.select(base, key, default=None), ListConfig):
-        return f"{key}=[{value}]"
+        quoted = value.replace("'", "''")  # YAML's single quotes: one item, whatever it holds (a URL's ? or ,)
+        return f"{key}=['{quoted}']"
     return item
 
 

@@ -161,7 +161,7 @@ def atomic_open(url: str | Path) -> Iterator[IO[bytes]]:
     with tempfile.NamedTemporaryFile(prefix="lipforcing-upload-", delete=True) as spool:
         yield spool
         spool.flush()
-        fs.put_file(spool.name, path)
+        retry(lambda: fs.put_file(spool.name, path))  # a transient error must not lose what was written
 
 
 def upload_folder(local_folder: str | Path, url: str | Path) -> None:

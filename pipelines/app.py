@@ -54,10 +54,11 @@ class LoadedModels:
         if uri in self.models:
             self.models.move_to_end(uri)
         else:
+            model = self.load(uri)  # first: a version that fails to load unloads nothing
             while len(self.models) >= self.limit:
                 dropped, _ = self.models.popitem(last=False)
                 log.info("unloading %s (app.loaded_models = %d)", dropped, self.limit)
-            self.models[uri] = self.load(uri)
+            self.models[uri] = model
         return self.models[uri]
 
 

@@ -9,22 +9,25 @@
    each shot with the data job's tracker (`faces.*`), its landmarks smoothed over time within the
    shot; each frame is warped to the aligned crop exactly as the data job warps training crops
    (`align.*`), then resized to the model's size.
-3. A second pass streams the crops chunk by chunk through the student with the new audio: each
-   chunk's condition is encoded as it arrives (VAE stream encoders, wav2vec2 a window at a time), two
-   calls per chunk and the KV cache, the first crop as the reference, and each chunk decoded (TAE or VAE).
+3. A second pass streams the crops chunk by chunk through the student with the new audio, one run
+   at a time: a run is a stretch of output showing the face in one shot, streamed from its own first
+   crop as the reference, with its own audio and a fresh KV cache (a cut to another person does not
+   carry the last person's identity over). Each chunk's condition is encoded as it arrives (VAE
+   stream encoders, wav2vec2 a window at a time), two calls per chunk, each chunk decoded (TAE or VAE).
 4. Each generated crop goes back into its frame through the inverse warp, only its mouth box,
    feathered inside the box (`lipforcing/inference/paste.py`): every other pixel is the source's.
    With `parsing_weights` (a BiSeNet face parser) only face surface in the box is replaced:
-   occluders stay in front, the mask feathered and averaged with the neighbouring frames'.
-   Frames with no face nearby pass through unchanged. With several faces the tracker follows the one
-   it acquired in each shot (the largest at a whole-frame search).
+   occluders stay in front, the mask feathered and averaged with the neighbouring frames' of the shot.
+   Frames with no face nearby pass through unchanged, as do runs shorter than the student's first
+   chunk and the last 1-3 frames of a run (a run is 1 + 4k frames). With several faces the tracker
+   follows the one it acquired in each shot (the largest at a whole-frame search).
 5. The frames are encoded (H.264) as they come, with the new audio muxed in.
 
 Memory does not grow with the length: the passes hold a few frames, the student's cache is rolling,
-only the speech (3.8 MB a minute) and the per-frame warps are kept whole. A video played backwards is
-decoded again from its start every `HELD_FRAMES` frames. An odd frame size gets its last row or column
-repeated (H.264 needs even sizes). A tiny-profile student is random-init: its output shows the
-plumbing, not lip-sync.
+only the speech (3.8 MB a minute) and the per-frame warps are kept whole. Going backwards (a video
+shorter than the speech) seeks to the keyframe before the frames it needs. An odd frame size gets its
+last row or column repeated (H.264 needs even sizes). A tiny-profile student is random-init: its
+output shows the plumbing, not lip-sync.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import math
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -64,14 +67,12 @@ from lipforcing.data import FPS, SAMPLE_RATE
 from lipforcing.data.windows import WindowConfig, resize_frames
 from lipforcing.inference.conditions import chunk_frame_counts
 from lipforcing.inference.paste import blend_mask, crop_affine, occlusion_mask, paste
-from lipforcing.inference.streaming import streaming_fps
 from lipforcing.models.config import ModelConfig
 from lipforcing.models.face_parsing import BiSeNet, load_face_parser
 from pipelines.jobs import run_job
 
 log = logging.getLogger("lipforcing.infer")
 SAMPLES_PER_FRAME = SAMPLE_RATE // FPS
-HELD_FRAMES = 25  # timeline frames the second pass keeps decoded (a second of video)
 
 
 @dataclass
@@ -182,11 +183,16 @@ def track(video: str, indices: np.ndarray, faces: FacesConfig, align: AlignConfi
 
 class TimelineReader:
     """Timeline frames by position for a pass that mostly moves forward: one sequential decode that
-    holds the last `HELD_FRAMES` frames. A position behind them restarts the decode so that it and the
-    frames just before it are held (playing backwards restarts once per `HELD_FRAMES` frames)."""
+    holds the last `held` frames. A position behind them restarts the decode at the keyframe before
+    it (a seek, not a decode from the start), so that it and the frames just before it are held."""
 
-    def __init__(self, video: str, indices: np.ndarray):
-        self.video, self.indices = video, indices
+    def __init__(self, video: str, indices: np.ndarray, held: int = 25):
+        self.video, self.indices, self.keep = video, indices, held
+        reader = VideoFrames(video)
+        try:
+            self.timestamps = reader.timestamps()
+        finally:
+            reader.close()
         self.held: dict[int, np.ndarray] = {}
         self.next, self.frames = 0, timeline_frames(video, indices)
 
@@ -195,11 +201,11 @@ class TimelineReader:
             return self.held[position]
         if position < self.next:
             self.close()
-            self.next = max(0, position - HELD_FRAMES + 1)
-            self.frames = timeline_frames(self.video, self.indices[self.next :])
+            self.next = max(0, position - self.keep + 1)
+            self.frames = timeline_frames(self.video, self.indices[self.next :], timestamps=self.timestamps)
         while self.next <= position:
             self.held[self.next] = next(self.frames)
-            self.held.pop(self.next - HELD_FRAMES, None)
+            self.held.pop(self.next - self.keep, None)
             self.next += 1
         return self.held[position]
 
@@ -216,21 +222,45 @@ def aligned_crop(frame: np.ndarray, affine: np.ndarray, align: AlignConfig) -> n
 class SurfaceMasks:
     """Face-surface masks of timeline frames at the model's size, each parsed once while it is near."""
 
-    def __init__(self, parser: BiSeNet, reader: TimelineReader, affines: np.ndarray, align: AlignConfig, size: int):
-        self.parser, self.reader, self.affines, self.align, self.size = parser, reader, affines, align, size
+    def __init__(self, parser: BiSeNet, reader: TimelineReader, result: Lipsynced, align: AlignConfig, size: int):
+        self.parser, self.reader, self.result, self.align, self.size = parser, reader, result, align, size
+        self.shots = shot_index(result.cuts, np.arange(len(result.affines)))
         self.parsed: dict[int, np.ndarray] = {}
 
     def __call__(self, position: int) -> list[np.ndarray]:
-        """The masks of the frame and its neighbours on the timeline."""
-        near = range(max(0, position - 1), min(len(self.affines), position + 2))
+        """The masks of the frame and its neighbours on the timeline that show the face in its shot."""
+        near = [other for other in range(max(0, position - 1), min(len(self.shots), position + 2))
+                if other == position or (self.shots[other] == self.shots[position] and self.result.faced[other])]  # fmt: skip
         for other in near:
             if other not in self.parsed:
-                crop = aligned_crop(self.reader[other], self.affines[other], self.align)
+                crop = aligned_crop(self.reader[other], self.result.affines[other], self.align)
                 parsed = self.parser.surface(resize_frames(crop[None], self.align.size))[0].numpy()
                 self.parsed[other] = cv2.resize(parsed, (self.size, self.size), interpolation=cv2.INTER_AREA)
-        for other in [p for p in self.parsed if abs(p - position) > 2 * HELD_FRAMES]:
+        for other in [p for p in self.parsed if abs(p - position) > self.reader.keep]:
             del self.parsed[other]
         return [self.parsed[other] for other in near]
+
+
+def shot_index(cuts: list[int], positions: np.ndarray) -> np.ndarray:
+    """The shot (0, 1, ...) of each timeline position, given the positions where shots start."""
+    return np.searchsorted(np.asarray(cuts, int), positions, side="right")
+
+
+def edit_runs(result: Lipsynced, first_chunk: int) -> list[range]:
+    """The output frames the student edits, as runs it streams one at a time, each with its own
+    reference, audio and cache: consecutive output frames whose source shows the face, in one shot.
+    A run is cut to 1 + 4k frames; its last few frames, and runs shorter than the first chunk, pass
+    through unedited (as frames without a face do)."""
+    sources = result.sources
+    key = np.where(result.faced[sources], shot_index(result.cuts, sources), -1)
+    runs, start = [], 0
+    for end in range(1, len(sources) + 1):
+        if end == len(sources) or key[end] != key[end - 1]:
+            length = (end - start - 1) // 4 * 4 + 1
+            if key[start] >= 0 and length >= first_chunk:
+                runs.append(range(start, start + length))
+            start = end
+    return runs
 
 
 def even(frame: np.ndarray) -> np.ndarray:
@@ -252,11 +282,13 @@ class Lipsynced:
     faced: np.ndarray  # [T_source] whether the face was edited there
     cuts: list[int]  # timeline frames where a new shot starts
     timing: dict[str, float] = field(default_factory=dict)  # filled as the frames are read
+    close: Callable[[], None] = lambda: None  # ends the generation and frees its inputs, read or not
 
     @property
     def student_fps(self) -> float:
-        """Frames per second of the streaming loop after the first chunk (once the frames are read)."""
-        return self.timing.get("fps", float("nan"))
+        """Frames the student generated per second of its streaming loop (encode, denoise, cache
+        write, decode; not the paste-back and video encoding), once the frames are read."""
+        return self.timing.get("frames", 0.0) / self.timing["student_s"] if self.timing.get("student_s") else float("nan")
 
 
 @dataclass
@@ -275,8 +307,15 @@ def synthesize(config: InferConfig, evaluator: Any = None) -> Lipsynced:
     MLflow model holds) instead of loading `config.student_weights`. The tracking pass runs here; the
     generation runs as the returned frames are read."""
     prepared = prepare(config, evaluator)
-    prepared.result.frames = generate_frames(config, prepared)
-    return prepared.result
+    result = prepared.result
+    result.frames = generate_frames(config, prepared)
+
+    def close() -> None:
+        result.frames.close()
+        prepared.stack.close()  # also when the frames were never read
+
+    result.close = close
+    return result
 
 
 def prepare(config: InferConfig, evaluator: Any = None) -> Prepared:
@@ -335,50 +374,72 @@ class GeneratedChunk:
 
 
 def generated_chunks(config: InferConfig, prepared: Prepared, reader: TimelineReader) -> Iterator[GeneratedChunk]:
-    """Step 3, a chunk at a time; `result.timing` is complete once the last chunk is read."""
+    """Step 3: the edited runs in order (`edit_runs`), each streamed a chunk at a time from its own
+    first crop; `result.timing` adds up the student's loop (`student_s`, `frames`)."""
+    result = prepared.result
+    result.timing.update(student_s=0.0, frames=0.0)
+    for run in edit_runs(result, 4 * config.model.chunk_frames - 3):
+        yield from run_chunks(config, prepared, reader, run)
+
+
+def run_chunks(config: InferConfig, prepared: Prepared, reader: TimelineReader, run: range) -> Iterator[GeneratedChunk]:
+    """One run through the student: its crops chunk by chunk, its audio, its first crop as reference."""
     result, size = prepared.result, config.window.size
-    sources, affines = result.sources, result.affines
-    counts = chunk_frame_counts(len(sources), config.model.chunk_frames)
-    bounds = np.cumsum([0, *counts])
+    counts = chunk_frame_counts(len(run), config.model.chunk_frames)
+    bounds = run.start + np.cumsum([0, *counts])
     pending: collections.deque[tuple[range, torch.Tensor]] = collections.deque()
 
     def crops(span: range) -> torch.Tensor:
-        return resize_frames(np.stack([aligned_crop(reader[sources[i]], affines[sources[i]], config.align) for i in span]), size)
+        shown = result.sources[span.start : span.stop]
+        return resize_frames(np.stack([aligned_crop(reader[s], result.affines[s], config.align) for s in shown]), size)
 
     def chunks() -> Iterator[torch.Tensor]:
         for start, stop in zip(bounds[:-1], bounds[1:]):
             pending.append((range(start, stop), crops(range(start, stop))))
             yield pending[-1][1]
 
-    finished: list[float] = []
-    start = time.perf_counter()
-    stream = prepared.evaluator.stream(chunks(), crops(range(1))[0], torch.from_numpy(result.audio), len(sources), result.timing)
-    for chunk in stream:
-        finished.append(time.perf_counter() - start)
+    audio = torch.from_numpy(result.audio[run.start * SAMPLES_PER_FRAME : run.stop * SAMPLES_PER_FRAME])
+    stream = prepared.evaluator.stream(chunks(), crops(run[:1])[0], audio, len(run), result.timing)
+    while True:
+        start = time.perf_counter()
+        chunk = next(stream, None)
+        result.timing["student_s"] += time.perf_counter() - start
+        if chunk is None:
+            return
         span, source = pending.popleft()
+        result.timing["frames"] += len(span)
         yield GeneratedChunk(span, source, chunk.frames[0].cpu())
-    result.timing["fps"] = streaming_fps(counts, finished)
 
 
 def generate_frames(config: InferConfig, prepared: Prepared) -> Iterator[np.ndarray]:
-    """Step 4 over step 3: the output frames in order."""
+    """Step 4 over step 3: the output frames in order, edited runs pasted, the rest passed through."""
     with prepared.stack as stack:
         result, size = prepared.result, config.window.size
-        reader = TimelineReader(prepared.video, prepared.indices)
+        reader = TimelineReader(prepared.video, prepared.indices, held=held_frames(config))
         stack.callback(reader.close)
         parser = load_face_parser(config.parsing_weights).to(prepared.evaluator.device) if config.parsing_weights else None
-        surfaces = SurfaceMasks(parser, reader, result.affines, config.align, size) if parser is not None else None
+        surfaces = SurfaceMasks(parser, reader, result, config.align, size) if parser is not None else None
         box = blend_mask(size, config.window.mask_box, config.feather)
         progress = stack.enter_context(tqdm(total=len(result.sources), unit="frame", desc="lip-sync", disable=None))
+        position = 0  # the next output frame
         for chunk in generated_chunks(config, prepared, reader):
+            for i in range(position, chunk.span.start):  # not edited: the source frame
+                yield even(reader[result.sources[i]])
             for i, crop in zip(chunk.span, to_uint8(chunk.generated).numpy()):
                 s = result.sources[i]
-                if not result.faced[s]:
-                    yield even(reader[s])
-                    continue
                 mask = box if surfaces is None else occlusion_mask(surfaces(s), box, config.feather)
                 yield even(paste(reader[s], crop, crop_affine(result.affines[s], config.align.size, size), mask))
-            progress.update(len(chunk.span))
+            progress.update(chunk.span.stop - position)
+            position = chunk.span.stop
+        for i in range(position, len(result.sources)):
+            yield even(reader[result.sources[i]])
+        progress.update(len(result.sources) - position)
+
+
+def held_frames(config: InferConfig) -> int:
+    """Timeline frames the generation pass keeps decoded: a second, and at least two chunks and the
+    face parser's neighbours, so pasting a chunk never decodes its frames again."""
+    return max(FPS, 8 * config.model.chunk_frames + 2)
 
 
 def write_video(output: str, frames: Iterable[np.ndarray], audio: np.ndarray) -> None:
@@ -391,7 +452,10 @@ def write_video(output: str, frames: Iterable[np.ndarray], audio: np.ndarray) ->
 def lipsync(config: InferConfig, evaluator: Any = None) -> Lipsynced:
     """The job: step 5 after `synthesize`, into `config.output`."""
     result = synthesize(config, evaluator)
-    write_video(config.output, result.frames, result.audio)
+    try:
+        write_video(config.output, result.frames, result.audio)
+    finally:
+        result.close()
     edited = float(result.faced[result.sources].mean())
     log.info("wrote %s: %d frames, face edited in %.0f%% of them, student %.1f fps", config.output, len(result.sources), 100 * edited, result.student_fps)
     return result

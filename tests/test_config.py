@@ -114,6 +114,7 @@ class Listing:
 
 
 def test_one_value_for_a_list_key_is_a_list_of_one():
-    config = load_config(Listing, overrides=["names=clip.mp4", "tags=job=eval", "title=a,b"])
-    assert config.names == ["clip.mp4"] and config.tags == ["job=eval"] and config.title == "a,b"
+    url = "s3://bucket/talk, take 2.mp4?versionId=x'y"
+    config = load_config(Listing, overrides=[f"names={url}", "tags=job=eval", "title=a,b"])
+    assert config.names == [url] and config.tags == ["job=eval"] and config.title == "a,b"
     assert load_config(Listing, overrides=["names=[a,b]"]).names == ["a", "b"]

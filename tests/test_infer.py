@@ -20,7 +20,9 @@ from lipforcing.models import build_student
 from lipforcing.models.config import model_config
 from pipelines.infer import (
     InferConfig,
+    Lipsynced,
     TimelineReader,
+    edit_runs,
     lipsync,
     output_sources,
     synthesize,
@@ -44,18 +46,38 @@ def test_a_short_video_plays_forward_then_backward_and_a_long_one_is_cut():
 
 
 def test_the_reader_gives_the_timeline_frame_asked_for_forward_backward_and_far_back(tmp_path):
-    """The second pass holds a second of frames: playing backwards restarts the decode behind them."""
-    frames = [np.full((32, 48, 3), 4 * i, np.uint8) for i in range(60)]
-    (tmp_path / "ramp.mp4").write_bytes(encode_mp4(frames, FPS, crf=0))
+    """The second pass holds a second of frames: playing backwards seeks to the keyframe before the
+    frames it needs (a keyframe every 10 frames here, B-frames on) and must still land on each one."""
+    import av
+
     video = str(tmp_path / "ramp.mp4")
-    indices = timeline_indices(video)
-    reader = TimelineReader(video, indices)
+    with av.open(video, "w") as container:
+        stream = container.add_stream("libx264", rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
+        stream.options = {"crf": "0", "g": "10", "bf": "2"}
+        for i in range(60):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.full((32, 48, 3), 4 * i, np.uint8), format="rgb24")))
+        container.mux(stream.encode())
+    reader = TimelineReader(video, timeline_indices(video), held=25)
     try:
-        for position in [*range(60), *range(58, -1, -1), 40, 3]:
+        for position in [*range(60), *range(58, -1, -1), 40, 3, 37]:
             assert abs(int(reader[position].mean()) - 4 * position) <= 2, position
             assert len(reader.held) <= 25
     finally:
         reader.close()
+
+
+def test_the_student_edits_runs_of_one_shot_with_a_face_each_cut_to_4k_plus_1():
+    """Each run is streamed with its own reference and cache: a cut, a lost face or a turn into
+    another shot starts a new one; runs shorter than the first chunk pass through."""
+    timeline = 60
+    faced = np.ones(timeline, bool)
+    faced[20:24] = False  # the face lost for 4 frames
+    result = Lipsynced(iter(()), np.zeros(0, np.float32), np.arange(timeline), np.zeros((timeline, 2, 3)), faced, cuts=[40])
+    assert edit_runs(result, 9) == [range(0, 17), range(24, 37), range(40, 57)]  # 20, 16, 20 frames -> 17, 13, 17
+    result.sources = output_sources(timeline, 100)  # forward to 59, then back: 58 .. 40 | 39 .. 24 | 23 ..
+    # source 40..59 and back to 40 is one shot (output 40..78: 39 frames -> 37); then 39..24 (16 -> 13)
+    assert edit_runs(result, 9)[-2:] == [range(40, 77), range(79, 92)]
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ import torch
 
 from data_jobs.media import encode_mp4, to_uint8
 from lipforcing import storage
-from lipforcing.config import to_yaml
+from lipforcing.config import ConfigError, to_yaml
 from lipforcing.data import FPS, SAMPLE_RATE
 from pipelines.evaluate.clips import eval_clips, heldout_shards, with_other_audio
 from pipelines.evaluate.config import EvalConfig, validate
@@ -76,6 +76,8 @@ def run_eval(config: EvalConfig, scratch: str) -> int:
     from pipelines import tracking
 
     shards = heldout_shards(config.data)  # before any model loads
+    for video in config.long_form:
+        storage.require(video, "long_form")
     use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
     folder = os.path.join(scratch, "report")
@@ -138,7 +140,11 @@ def run_eval(config: EvalConfig, scratch: str) -> int:
         segments, drifts = [], []
         for index, video in enumerate(config.long_form):
             log.info("long-form %s: streaming it whole, scored every %g s", video, config.long_form_segment_s)
-            video_rows, drift = long_form_rows(config, evaluator, video)
+            try:
+                video_rows, drift = long_form_rows(config, evaluator, video)
+            except (ConfigError, OSError, ValueError) as err:  # one unreadable video costs its rows, not the report
+                skipped_metrics[f"long-form {video}"] = str(err)
+                continue
             for row in video_rows:
                 tracking.log_metrics({f"long_form/{index}/{k}": v for k, v in row.items() if isinstance(v, float)}, step=row["segment"])
             segments += video_rows

@@ -105,12 +105,12 @@ def render_long_form(long_form: dict[str, Any]) -> list[str]:
     """The per-segment table of each long-form video and its drift (last segment minus first)."""
     if not long_form.get("segments"):
         return []
-    columns = [c for c in LONG_FORM_COLUMNS if c[0] in long_form["segments"][0]]
+    columns = [c for c in LONG_FORM_COLUMNS if any(c[0] in row for row in long_form["segments"])]
     lines = ["", "## Long-form: per segment, and the drift from the first segment to the last", ""]
     lines.append("| video | segment | from s | to s | " + " | ".join(title for _, title, _ in columns) + " |")
     lines.append("|---" * (len(columns) + 4) + "|")
     for row in long_form["segments"]:
-        values = " | ".join(fmt.format(row[key]) for key, _, fmt in columns)
+        values = " | ".join(fmt.format(row[key]) if key in row else "-" for key, _, fmt in columns)
         lines.append(f"| {row['video']} | {row['segment']} | {row['start_s']:.0f} | {row['end_s']:.0f} | {values} |")
     for drift in long_form["drift"]:
         changes = ", ".join(f"{title} {drift[key + '_drift']:+.4g}" for key, title, _ in columns if key + "_drift" in drift)
