@@ -15,7 +15,8 @@ with an InsightFace model pack (its ArcFace model).
 
 Timing. The condition is encoded chunk by chunk as the stream runs (`lipforcing/inference/conditions.py`:
 memory stays flat for any length). TTFF: a separate first-chunk pass per clip, from the first VAE
-encode (the reference, the first chunk's 4n-3 frames and audio) to the end of decoding its frames,
+encode (the reference, the first chunk's 4n-3 frames; the first wav2vec2 window of audio, up to 10 s)
+to the end of decoding its frames,
 as in the paper (there the encoder and decoder are both the VAE; here the decoder is `decoder`).
 FPS: frames per second of the streaming loop (encode + denoise + cache write + decode) over the
 chunks after the first; `encode_s` is the encoding's share of the loop; `fps_end_to_end` is over the

@@ -54,8 +54,9 @@ NOTES = (
     "Long-form: each long_form video streamed whole with its own audio through make infer's passes (face "
     "tracked per shot); every long_form_segment_s of output scored like a clip (its crops against the source "
     "crops, its audio); drift = last segment minus first.",
-    "TTFF: a first-chunk pass per clip, from the start of encoding the first chunk's inputs to the end of "
-    "decoding its frames (one untimed warm-up pass before the first clip).",
+    "TTFF: a first-chunk pass per clip, from the first VAE encode (reference, the first chunk's frames) to the "
+    "end of decoding its frames; the first wav2vec2 window's audio features (up to 10 s: the whole clip) are "
+    "computed within it (one untimed warm-up pass before the first clip).",
     "FPS: generated frames per second of the streaming loop (each chunk's condition encode, two student "
     "calls, cache write, decode) over the chunks after the first; fps_end_to_end is over all chunks.",
 )

@@ -109,7 +109,8 @@ class Evaluator:
 
     def time_to_first_frames(self, clip: EvalClip) -> float:
         """TTFF in ms as the paper defines it: from the first VAE encode (the reference and the first
-        chunk's 4n-3 frames and audio) to the end of decoding the first chunk's frames."""
+        chunk's 4n-3 frames) to the end of decoding the first chunk's frames. The audio features of
+        the first wav2vec2 window (up to 10 s, the whole of a 5-10 s clip) are computed within it."""
         self._sync()
         start = time.perf_counter()
         stream = self._clip_stream(clip)
@@ -250,7 +251,7 @@ def full_frames(clip: EvalClip, generated: Tensor, mask_box: list[float]) -> Ful
         timestamps = reader.timestamps()
     finally:
         reader.close()
-    source = timeline_frames(path, cfr_indices(timestamps, FPS, placement.start_s, len(generated)))
+    source = timeline_frames(path, cfr_indices(timestamps, FPS, placement.start_s, len(generated)), timestamps=timestamps)  # seeks
     size, aligned = generated.shape[-1], placement.aligned_size
     mask = blend_mask(size, mask_box)
     pasted, original, faces = [], [], {"real": [], "fake": []}
