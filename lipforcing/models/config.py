@@ -6,6 +6,14 @@ small widths so that every stage runs on a 2-core CPU: dim 64 = 2 heads of 32 ch
 2-layer 32-wide wav2vec2 (128 features per frame) and narrow VAE/TAE. Job configs embed
 `ModelConfig` as their `model` section, so every field is a primitive or a list with a default.
 
+`bench` is for speed on a CPU only (`benchmarks/bench_speed.py`; no job YAML, jobs do not take it):
+wide enough that a student call is compute, not per-op overhead (dim 768 = 12 heads of 64, ffn 4x,
+8 layers), with the released 65 input channels. Its decoders keep 1.3B's decoder : DiT compute at
+512x512 when it runs at 128x128 (FLOP counter, per pixel of a latent frame's 3 student calls: 1.3B
+42 MFLOP, bench 1.7, 25x less; the real Wan VAE decodes at 8.6 MFLOP per pixel, base width 20 at
+0.38; taew2_1 0.40, widths 48..12 at 0.015). Text and audio are small: at 1.3B the text keys cost
+about 1% of a student call and wav2vec2 far less than a clip's denoising, so bench keeps them tiny.
+
 Parameter counts (meta device, 65 input channels as released): 1.3b 1,421,383,840 = Wan 2.1 T2V
 1,418,996,800 + 49 extra patch-embedding input channels (301,056) + Audio Pack (2,085,984 with 14
 block projections); 14b 14,294,081,696 = 14,288,491,584 + 1,003,520 + 4,586,592 (19 projections).
@@ -126,6 +134,11 @@ PROFILES: dict[str, ModelConfig] = {
     "tiny": ModelConfig(),
     "1.3b": ModelConfig(profile="1.3b", dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, **_PRETRAINED_ENCODERS),
     "14b": ModelConfig(profile="14b", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, **_PRETRAINED_ENCODERS),
+    "bench": ModelConfig(
+        profile="bench", dim=768, ffn_dim=3072, num_heads=12, num_layers=8, use_reference_sequence=True,
+        text_dim=256, text_len=32, audio_encoder_hidden=64, vae_base_dim=20, vae_num_res_blocks=2,
+        tae_channels=[48, 24, 12, 12],
+    ),
 }
 
 
