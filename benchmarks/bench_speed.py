@@ -32,7 +32,7 @@ from lipforcing.data.encode import LatentEncoder
 from lipforcing.data.windows import WindowConfig
 from lipforcing.diffusion import sample_teacher
 from lipforcing.inference import stream_generate
-from lipforcing.inference.streaming import StreamDecoder
+from lipforcing.inference.streaming import StreamDecoder, streaming_fps
 from lipforcing.models import Condition, build_student, build_tae, build_teacher, model_config
 from lipforcing.models.causal import CausalWanModel
 from lipforcing.models.config import ModelConfig
@@ -126,8 +126,8 @@ class Parts:
 
     @property
     def loop_fps(self) -> float:
-        """Steady-state frames per second of the streaming loop (every chunk after the first)."""
-        return sum(self.chunk_frames[1:]) / (self.chunk_ends[-1] - self.chunk_ends[0])
+        """Steady-state frames per second of the streaming loop (every chunk after the first), as eval counts it."""
+        return streaming_fps(self.chunk_frames, self.chunk_ends)
 
 
 def timed(fn: Callable[[], object], timeline: Timeline) -> tuple[object, float]:
