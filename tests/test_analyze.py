@@ -17,10 +17,10 @@ from safetensors.torch import save_file
 
 from lipforcing.analysis.recipe import landing_timestep, sync_band
 from lipforcing.analysis.scoring import MouthFidelity
-from lipforcing.analysis.trajectory import two_call_grid
+from lipforcing.analysis.trajectory import teacher_trajectories, two_call_grid
 from lipforcing.config import ConfigError
-from lipforcing.diffusion.samplers import sample_teacher
-from lipforcing.diffusion.schedules import sync_window
+from lipforcing.diffusion.samplers import guided_velocity, sample_teacher
+from lipforcing.diffusion.schedules import shifted_timesteps, sync_window, x0_from_velocity
 from lipforcing.models import build_teacher
 from lipforcing.models.conditioning import random_condition
 from lipforcing.models.config import model_config
@@ -49,6 +49,8 @@ def test_each_cfg_mode_applies_its_guidance_per_t(mode, inside_scale, outside_sc
     scale = teacher_guidance(PLANTED_T, mode, 4.5, sync_window(20, 40))
     expected = torch.where(INSIDE, torch.tensor(inside_scale), torch.tensor(outside_scale))
     assert torch.equal(scale, expected)
+    weak = teacher_guidance(PLANTED_T, mode, 0.5, sync_window(20, 40))  # a scale under 1 keeps the same places
+    assert torch.equal(weak == 0.5, expected == 4.5)
 
 
 def test_the_window_follows_window_steps():
@@ -65,9 +67,10 @@ def test_cfg_mode_is_a_config_key_with_named_values():
         teacher_guidance(PLANTED_T, "static", 4.5, sync_window())
 
 
-def test_two_call_grid_matches_the_teachers_own_sampler():
+def test_two_call_grid_matches_the_teachers_own_sampler_and_a_hand_computed_landing():
     """Landing at j1 = 1 with s0 = s1 = s is the teacher's Euler sampler's x0 prediction at step 1 (on
-    a 10-step schedule, to keep it quick); the grid's cells differ where their scales do."""
+    a 10-step schedule, to keep it quick); landing at j1 = 6 is one Euler step of the first call's
+    velocity from tau_0 straight to tau_6, then the second call's x0 there, computed here by hand."""
     cfg = model_config("tiny")
     teacher = build_teacher(cfg).eval()
     generator = torch.Generator().manual_seed(0)
@@ -78,9 +81,35 @@ def test_two_call_grid_matches_the_teachers_own_sampler():
     for s in (1.0, 4.5):
         reference = sample_teacher(teacher, noise, cond, null, s, num_steps=10, save_trajectory=True).x0_trajectory[1]
         torch.testing.assert_close(grid[(s, s, 1)], reference, rtol=1e-4, atol=1e-5)
+    nodes = shifted_timesteps(10, 5.0)
+    with torch.no_grad():
+        first = guided_velocity(teacher, noise, nodes[0].expand(1), cond, null, 1.0)
+        landed = noise + (nodes[6] - nodes[0]) * first
+        second = guided_velocity(teacher, landed, nodes[6].expand(1), cond, null, 4.5)
+    torch.testing.assert_close(grid[(1.0, 4.5, 6)], x0_from_velocity(landed, second, nodes[6].expand(1)), rtol=1e-4, atol=1e-5)
     assert len(grid) == 8
     assert not torch.allclose(grid[(1.0, 4.5, 6)], grid[(4.5, 4.5, 6)])
-    assert not torch.allclose(grid[(1.0, 1.0, 6)], grid[(1.0, 4.5, 6)])
+
+
+def test_the_trajectory_scores_cfg_at_each_state_of_the_plain_ode():
+    """`plain` is the no-CFG sampler's own x0 trajectory; `guided` is CFG's prediction from those same
+    states, so guided - plain at step j is what one guided call does there (what DMD's window gates)."""
+    cfg = model_config("tiny")
+    teacher = build_teacher(cfg).eval()
+    generator = torch.Generator().manual_seed(1)
+    cond = random_condition(cfg, 1, 3, 4, 4, generator)
+    null = cond.null(torch.zeros(cfg.text_len, cfg.text_dim))
+    noise = torch.randn(1, 16, 3, 4, 4, generator=generator)
+    runs = teacher_trajectories(teacher, noise, cond, null, 4.5, num_steps=8)
+    plain = sample_teacher(teacher, noise, cond, None, 1.0, num_steps=8, save_trajectory=True)
+    torch.testing.assert_close(runs.plain, plain.x0_trajectory, rtol=1e-4, atol=1e-5)
+    nodes = shifted_timesteps(8, 5.0)
+    x = noise
+    with torch.no_grad():
+        for j in range(3):  # the plain ODE's state at step 3, then one guided call there
+            x = x + (nodes[j + 1] - nodes[j]) * teacher(x, nodes[j].expand(1), cond)
+        guided = x0_from_velocity(x, guided_velocity(teacher, x, nodes[3].expand(1), cond, null, 4.5), nodes[3].expand(1))
+    torch.testing.assert_close(runs.guided[3], guided, rtol=1e-4, atol=1e-5)
 
 
 def test_mouth_fidelity_reads_only_the_mouth_region():
@@ -177,6 +206,7 @@ def test_analyze_job_writes_curves_plots_and_a_recipe_distill_accepts(tmp_path, 
         assert config.dmd.window_steps == [20, 40] and evidence["band"] is None
     else:
         assert config.dmd.window_steps == [band.first, band.last] == evidence["band"]["window_steps"]
+        assert config.model.teacher_steps == steps  # the steps count on the analysed schedule, not the profile's 50
     significance = evidence["band_significance"]
     if band is not None:  # two clips: the gain at the peak is weighed against their spread
         assert significance["step"] == band.peak and significance["standard_error"] is not None

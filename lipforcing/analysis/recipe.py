@@ -128,14 +128,16 @@ def landing_timestep(j1: int, num_steps: int = 50, shift: float = 5.0) -> float:
 def recipe_fragment(
     band: SyncBand | None, landing: Landing | None, num_steps: int = 50, shift: float = 5.0
 ) -> dict:
-    """The distill config fragment (`make distill config=recipe.yaml`): the window, the student's two
-    timesteps and the Diffusion Forcing noise levels that follow them (the steps plus clean, 0.0)."""
+    """The distill config fragment (`make distill config=recipe.yaml`): the window (with the teacher
+    schedule its steps count on), the student's two timesteps and the Diffusion Forcing noise levels
+    that follow them (the steps plus clean, 0.0)."""
     fragment: dict = {}
-    if band is not None:
+    if band is not None:  # steps of this schedule: the fragment names it, so distill maps them to the same times
         fragment["dmd"] = {"window_steps": [band.first, band.last]}
+        fragment["model"] = {"teacher_steps": num_steps, "shift": shift}
     if landing is not None:
         steps = [FIRST_STUDENT_TIMESTEP, landing_timestep(landing.chosen, num_steps, shift)]
-        fragment["model"] = {"student_timesteps": steps}
+        fragment.setdefault("model", {})["student_timesteps"] = steps
         fragment["student"] = {"noise_levels": [*steps, 0.0]}
     return fragment
 

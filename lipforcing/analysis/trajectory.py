@@ -1,4 +1,5 @@
-"""The teacher runs the analysis measures: the full ODE with and without CFG, and the two-call grid.
+"""The teacher runs the analysis measures: per-step predictions with and without CFG along the ODE,
+and the two-call grid.
 
 Latents are [B, 16, F, h, w]; t = 1 is noise. Node j of the teacher's schedule is tau_j of the
 shifted 50-step ODE (`shifted_timesteps`), the same indexing `dmd.window_steps` uses.
@@ -12,17 +13,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lipforcing.diffusion.samplers import sample_teacher
+from lipforcing.diffusion.samplers import cfg_combine
 from lipforcing.diffusion.schedules import shifted_timesteps, x0_from_velocity
 from lipforcing.models.conditioning import Condition
 
 
 @dataclass
 class Trajectories:
-    plain: Tensor  # [num_steps, B, 16, F, h, w] x0 prediction at every step, no CFG
-    guided: Tensor  # the same with CFG at `scale`, from the same noise
+    plain: Tensor  # [num_steps, B, 16, F, h, w] x0 prediction at every step of the ODE, no CFG
+    guided: Tensor  # the x0 prediction with CFG at `scale` from the same state at every step
 
 
+@torch.no_grad()
 def teacher_trajectories(
     model: nn.Module,
     noise: Tensor,
@@ -32,10 +34,19 @@ def teacher_trajectories(
     num_steps: int = 50,
     shift: float = 5.0,
 ) -> Trajectories:
-    """Both full teacher ODEs from one noise: the per-step x0 predictions the trajectory curves score."""
-    plain = sample_teacher(model, noise, cond, None, 1.0, num_steps, shift, save_trajectory=True)
-    guided = sample_teacher(model, noise, cond, null_cond, scale, num_steps, shift, save_trajectory=True)
-    return Trajectories(plain.x0_trajectory, guided.x0_trajectory)
+    """The teacher's ODE without CFG from `noise`, and at each of its states the prediction with and
+    without CFG (one batched cond + uncond call per step). The difference at step j is what CFG does
+    at that step alone, which is what the Sync-Window gates in DMD (one guided call at the re-noising
+    time); a second, guided ODE would instead carry every earlier step's CFG into its step j."""
+    nodes = shifted_timesteps(num_steps, shift).to(noise.device, torch.float32)
+    x, plain, guided = noise, [], []
+    for j in range(num_steps):
+        t = nodes[j].expand(x.shape[0])
+        conditional, unconditional = model(torch.cat([x, x]), torch.cat([t, t]), Condition.cat([cond, null_cond])).chunk(2)
+        plain.append(x0_from_velocity(x, conditional, t))
+        guided.append(x0_from_velocity(x, cfg_combine(conditional, unconditional, scale), t))
+        x = x + (nodes[j + 1] - nodes[j]) * conditional
+    return Trajectories(torch.stack(plain), torch.stack(guided))
 
 
 @torch.no_grad()

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
-
 from lipforcing.config import ClusterConfig, ConfigError
 from lipforcing.data.windows import WindowConfig
 from lipforcing.models.config import ModelConfig
@@ -40,7 +38,7 @@ class AnalyzeConfig:
     # The teacher to analyse: a merged checkpoint (Wan layout), path or URL. `auto`: the one `make
     # distill` exports to outputs/distill/teacher/; on the tiny profile, when there is none, a
     # random-init tiny teacher, labelled as such in the logs, the report and the run's tags.
-    teacher_weights: str = AUTO_TEACHER
+    teacher_weights: str = AUTO_TEACHER  # or a registered model (models:/name@alias)
     syncnet_weights: str = "models:/syncnet@champion"  # our SyncNet or syncnet_v2.model; path, URL or models:/
     # LPIPS as a TorchScript network (lipforcing/analysis/scoring.py); "" falls back to mouth-region L1
     lpips_weights: str = ""
@@ -49,7 +47,7 @@ class AnalyzeConfig:
     clips: int = 10  # the paper's analysis used 10 held-out clips
     max_frames: int = 81  # frames of each clip (4k + 1); 0: the whole clip
     decoder: Literal["tae", "vae"] = "tae"  # TAE for speed, the VAE when asked
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # where the tasks run; cuda needs GPUs in the cluster
     seed: int = 0  # shard order and the noise each clip starts from
     scales: list[float] = field(default_factory=lambda: [1.0, 4.5])  # s0 and s1 of the two-call grid
     landing_steps: list[int] = field(default_factory=lambda: [13, 40])  # first and last j1 (included)
@@ -78,8 +76,6 @@ def validate(config: AnalyzeConfig) -> None:
     if not config.syncnet_weights:
         raise ConfigError("config key 'syncnet_weights' is empty; allowed values: a SyncNet checkpoint path, URL "
                           "or models:/ URI (the analysis scores Sync-C at every step)")  # fmt: skip
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("config key 'device' is 'cuda' but no CUDA device is visible; allowed values: 'auto', 'cpu'")
 
 
 def teacher_location(config: AnalyzeConfig) -> str:
@@ -91,10 +87,12 @@ def teacher_location(config: AnalyzeConfig) -> str:
         if storage.exists(DEMO_TEACHER):
             return DEMO_TEACHER
         wanted = ""
+    if wanted.startswith("models:/"):
+        return wanted  # resolved by the job, with the registry at hand
     if wanted:
         if not storage.exists(wanted):
             raise ConfigError(f"config key 'teacher_weights' is {wanted!r}, which does not exist; allowed values: "
-                              "a merged teacher checkpoint (path or URL), or 'auto'")  # fmt: skip
+                              "a merged teacher checkpoint (path, URL or models:/), or 'auto'")  # fmt: skip
         return wanted
     if config.model.profile != "tiny":
         raise ConfigError(f"config key 'teacher_weights' is {config.teacher_weights!r} and no teacher was found at "

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import tempfile
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -61,9 +62,16 @@ def analyze(config: AnalyzeConfig) -> int:
     if not clips:
         raise ConfigError(f"config key 'data' is {config.data!r}, which holds no clip of at least 9 frames with audio")
     init_ray()
+    if config.device == "cuda" and not ray_gpus():
+        raise ConfigError("config key 'device' is 'cuda' but the Ray cluster has no GPU; allowed values: 'auto', 'cpu'")
     with tracking.start_run("analyze", config=config, tags={"job": "analyze"}) as run:
+        # every weights file as something each worker node can read (never a path on the driver's disk)
         syncnet = tracking.resolve_model_for_workers(config.syncnet_weights, config.output, "syncnet_weights")
         label = teacher or RANDOM_TEACHER
+        if teacher:
+            teacher = tracking.resolve_model_for_workers(teacher, config.output, "teacher_weights")
+        if config.lpips_weights:
+            config = replace(config, lpips_weights=tracking.resolve_model_for_workers(config.lpips_weights, config.output, "lpips_weights"))
         if not teacher:
             log.warning("%s", RANDOM_TEACHER)
         results = run_clips(config, teacher, syncnet, clips)
@@ -77,7 +85,8 @@ def analyze(config: AnalyzeConfig) -> int:
                         "zero over the clips: the band is read from noise", significance["step"],
                         significance["gain"], significance["standard_error"])  # fmt: skip
         mlflow.set_tags({"teacher": label, "random_init_teacher": str(not teacher).lower(),
-                         "fidelity_metric": curves["fidelity_metric"], "syncnet": config.syncnet_weights})  # fmt: skip
+                         "fidelity_metric": curves["fidelity_metric"], "syncnet": config.syncnet_weights,
+                         "syncnet_location": syncnet})  # fmt: skip
         log_curves(curves, band, landing)
         with tempfile.TemporaryDirectory(prefix="lipforcing-analyze-") as folder:
             write_outputs(folder, curves, fragment, evidence, band, landing, config)
@@ -85,7 +94,7 @@ def analyze(config: AnalyzeConfig) -> int:
             storage.upload_folder(folder, config.output)
     recipe = storage.join(config.output, "recipe.yaml")
     log.info("%s", summary(band, landing, curves, config))
-    log.info("recipe: %s  (make distill ARGS=\"config=%s\")", recipe, recipe)
+    log.info("recipe: %s  (make distill config=%s ARGS=\"output=<a fresh folder>\")", recipe, recipe)
     return 0
 
 
@@ -107,13 +116,21 @@ def run_clips(config: AnalyzeConfig, teacher: str, syncnet: str, clips: list[Eva
     """One Ray task per worker slot (a GPU each when the cluster has GPUs), the clips dealt round-robin."""
     import ray
 
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    slots = max(1, min(len(clips), gpus or int(resources.get("CPU", 1))))
+    gpus = ray_gpus() if config.device != "cpu" else 0
+    slots = max(1, min(len(clips), gpus or int(ray.cluster_resources().get("CPU", 1))))
     task = ray.remote(analyze_clips).options(num_gpus=1, num_cpus=1) if gpus else ray.remote(analyze_clips).options(num_cpus=1)
     log.info("%d clips on %d %s task(s)", len(clips), slots, "GPU" if gpus else "CPU")
-    shares = [clips[i::slots] for i in range(slots)]
-    return [row for rows in ray.get([task.remote(config, teacher, syncnet, share) for share in shares]) for row in rows]
+    numbered = list(enumerate(clips))  # a clip's noise seed is seed + its index, wherever it runs
+    shares = [numbered[i::slots] for i in range(slots)]
+    done = [row for rows in ray.get([task.remote(config, teacher, syncnet, share) for share in shares]) for row in rows]
+    return sorted(done, key=lambda row: row["index"])
+
+
+def ray_gpus() -> int:
+    """GPUs in the Ray cluster (its workers', not this driver's)."""
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))
 
 
 def average(results: list[dict[str, Any]], config: AnalyzeConfig) -> dict[str, Any]:
@@ -166,6 +183,8 @@ def evidence_of(curves: dict[str, Any], band: SyncBand | None, landing: Landing,
         "clips": curves["clips"],
         "fidelity_metric": curves["fidelity_metric"],
         "syncnet": config.syncnet_weights,
+        "teacher_steps": steps,
+        "shift": shift,
         "decoder": config.decoder,
         "mlflow_run_id": run_id,
         "band_rule": vars(config.band),
@@ -231,7 +250,8 @@ def write_outputs(folder: str, curves: dict[str, Any], fragment: dict, evidence:
         f"Derived by `make analyze` (MLflow run {evidence['mlflow_run_id']}) from {len(curves['clips'])} held-out clip(s) of {config.data}",
         f"teacher: {evidence['teacher']}",
         f"fidelity: {curves['fidelity_metric']}",
-        "the numbers behind it: evidence.json beside this file. Use: make distill ARGS=\"config=<this file>\"",
+        "the numbers behind it: evidence.json beside this file. Use: make distill config=<this file> "
+        "ARGS=\"output=<a fresh folder>\" (distill skips stages already done in an output)",
     ]
     with open(os.path.join(folder, "recipe.yaml"), "w") as handle:
         handle.write(recipe_yaml(fragment, notes))

@@ -13,8 +13,9 @@ from matplotlib.figure import Figure
 
 from lipforcing.analysis.recipe import Landing, SyncBand
 
-# The released recipe, read off the 14B teacher by the paper's analysis: drawn dashed for comparison.
-RELEASED_WINDOW, RELEASED_LANDING = (20, 40), 30
+# The released recipe, read off the 14B teacher by the paper's analysis on its 50-step schedule: drawn
+# dashed for comparison, only on that schedule and inside the plotted range.
+RELEASED_WINDOW, RELEASED_LANDING, RELEASED_STEPS = (20, 40), 30, 50
 
 
 def _png(figure: Figure) -> bytes:
@@ -47,12 +48,13 @@ def trajectory_figure(curves: dict[str, Any], band: SyncBand | None) -> bytes:
     else:
         axis.set_title("CFG never raised Sync-C: no band")
     axis.set_xlabel("teacher ODE step j")
+    released = len(steps) == RELEASED_STEPS
     for axis in figure.axes:
         if band is not None:
             axis.axvspan(band.first, band.last, color="tab:green", alpha=0.15)
-        for step in RELEASED_WINDOW:
+        for step in RELEASED_WINDOW if released else ():
             axis.axvline(step, color="grey", linestyle="--", linewidth=0.8)
-    figure.suptitle("shaded: the derived band; dashed: the released window (steps 20..40)", fontsize=9)
+    figure.suptitle("shaded: the derived band" + ("; dashed: the released window (steps 20..40)" if released else ""), fontsize=9)
     return _png(figure)
 
 
@@ -75,6 +77,7 @@ def factorial_figure(curves: dict[str, Any], scales: Sequence[float], landing_st
         axis.axvspan(landing.first - 0.5, landing.last + 0.5, ymin=1 - (best_row + 1) / len(schedules),
                      ymax=1 - best_row / len(schedules), fill=False, edgecolor="white", linewidth=1.5)  # fmt: skip
         axis.plot([landing.chosen], [best_row], marker="*", color="red", markersize=12)
-        axis.axvline(RELEASED_LANDING, color="white", linestyle="--", linewidth=0.8)
+        if len(curves["steps"]) == RELEASED_STEPS and landing_steps[0] <= RELEASED_LANDING <= landing_steps[-1]:
+            axis.axvline(RELEASED_LANDING, color="white", linestyle="--", linewidth=0.8)
     axis.set_xlabel("landing step j1")
     return _png(figure)

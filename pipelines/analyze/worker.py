@@ -49,7 +49,7 @@ class ClipScorer:
         """latents [N, 16, F, h, w] -> per latent: mouth fidelity, Sync-C and Sync-D of its frames."""
         rows = []
         for start in range(0, len(latents), DECODE_BATCH):
-            frames = self.decoder.decode(latents[start : start + DECODE_BATCH].float()).cpu()
+            frames = self.decoder.decode(latents[start : start + DECODE_BATCH].float()).clamp(0, 1).cpu()
             for video in frames:
                 video = video[: len(clip.video)]
                 sync = score_clip(self.syncnet, to_uint8(video), clip.audio.numpy())
@@ -57,21 +57,23 @@ class ClipScorer:
         return rows
 
     @torch.no_grad()
-    def __call__(self, clip: EvalClip) -> dict[str, Any]:
-        """The clip's curves: per ODE step with and without CFG, per two-call grid cell, and its source."""
+    def __call__(self, index: int, clip: EvalClip) -> dict[str, Any]:
+        """The clip's curves: per ODE step with and without CFG, per two-call grid cell, and its source.
+        A 65-channel teacher's reference sequence is the clip's frames half its length later (wrapped):
+        as in training, never the very frames it is scored against."""
         model = self.config.model
         video = clip.video[None]
         batch = {
             "video": video,
             "reference": video[:, :1],
-            "reference_sequence": video if model.use_reference_sequence else None,
+            "reference_sequence": video.roll(-(video.shape[1] // 2), dims=1) if model.use_reference_sequence else None,
             "audio": clip.audio[None],
         }
         cond = self.encoder.condition(batch)
         null_cond = cond.null(self.encoder.negative_text)
         frames = cond.masked_video.shape[2]
         size = self.config.window.size // 8
-        generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
+        generator = torch.Generator(device=self.device).manual_seed(self.config.seed + index)
         noise = torch.randn((1, model.latent_channels, frames, size, size), generator=generator, device=self.device)
         runs = teacher_trajectories(self.teacher, noise, cond, null_cond, model.guidance_scale, model.teacher_steps, model.shift)
         grid = two_call_grid(self.teacher, noise, cond, null_cond, self.config.scales, self.config.landing_range(),
@@ -80,6 +82,7 @@ class ClipScorer:
         scored_grid = self.score(torch.cat([grid[c] for c in cells]), clip)
         source = score_clip(self.syncnet, to_uint8(clip.video), clip.audio.numpy())
         return {
+            "index": index,
             "key": clip.key,
             "plain": self.score(runs.plain[:, 0], clip),
             "guided": self.score(runs.guided[:, 0], clip),
@@ -88,8 +91,8 @@ class ClipScorer:
         }
 
 
-def analyze_clips(config: AnalyzeConfig, teacher_path: str, syncnet_path: str, clips: list[EvalClip]) -> list[dict[str, Any]]:
-    """A Ray task's share of the clips, with its models built once."""
+def analyze_clips(config: AnalyzeConfig, teacher_path: str, syncnet_path: str, clips: list[tuple[int, EvalClip]]) -> list[dict[str, Any]]:
+    """A Ray task's share of the (index, clip) pairs, with its models built once."""
     use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
     scorer = ClipScorer(config, teacher_path, syncnet_path, torch.device("cuda" if use_cuda else "cpu"))
-    return [scorer(clip) for clip in clips]
+    return [scorer(index, clip) for index, clip in clips]

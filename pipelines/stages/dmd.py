@@ -71,11 +71,11 @@ def dmd_timesteps(batch: int, dmd, shift: float, generator: torch.Generator) -> 
 def teacher_guidance(t: torch.Tensor, mode: str, scale: float, window: tuple[float, float]) -> torch.Tensor:
     """The teacher's CFG scale per sample [B] for re-noising times t [B], by `dmd.cfg_mode`: window
     (`scale` inside the band, 1 outside), reverse (1 inside, `scale` outside), all (`scale`), none (1)."""
-    windowed = sync_window_scale(t, scale, window)
     if mode == "window":
-        return windowed
+        return sync_window_scale(t, scale, window)
     if mode == "reverse":
-        return torch.where(windowed > 1, torch.ones_like(t), torch.full_like(t, scale))
+        inside = sync_window_scale(t, 2.0, window) == 2.0  # the window's own membership test, ends included
+        return torch.where(inside, torch.ones_like(t), torch.full_like(t, scale))
     if mode == "all":
         return torch.full_like(t, scale)
     if mode == "none":
@@ -168,7 +168,10 @@ class DistributionMatching(DiffusionStage):
         return t, add_noise(x0.detach(), noise, t)
 
     def teacher_x0(self, teacher, noisy: torch.Tensor, t: torch.Tensor, encoded, scale: torch.Tensor) -> torch.Tensor:
-        """The real score's x0: conditional and null branches in one batch, combined per sample."""
+        """The real score's x0: conditional and null branches in one batch, combined per sample (the
+        conditional branch alone when no sample is guided, as with `dmd.cfg_mode=none`)."""
+        if bool((scale == 1).all()):
+            return x0_from_velocity(noisy, teacher(noisy, t, encoded.cond).to(noisy.dtype), t)
         both = Condition.cat([encoded.cond, encoded.cond.null(encoded.negative_text)])
         velocity = teacher(torch.cat([noisy, noisy]), torch.cat([t, t]), both).to(noisy.dtype)
         conditional, unconditional = velocity.chunk(2)
