@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark, each in its own process, each writing its section of RESULTS.md.
 
-    make bench                                # memory, model, speed, sync, train, loader, learn, bookkeeping, data (data last: the slowest)
+    make bench                                # memory, model, speed, infer, sync, train, loader, learn, bookkeeping, data (data last: the slowest)
     make bench ARGS="only=sync,train"         # a subset, still in the fixed order
     make bench ARGS="write=false"             # print the sections, leave RESULTS.md alone
     make bench ARGS="data=/tmp/lf_data"       # shards for the training benchmark's per-stage part
@@ -19,7 +19,7 @@ from pathlib import Path
 from benchmarks.results import RESULTS
 from lipforcing.config import ConfigError, load_config
 
-ORDER = ("memory", "model", "speed", "sync", "train", "loader", "learn", "bookkeeping", "data")
+ORDER = ("memory", "model", "speed", "infer", "sync", "train", "loader", "learn", "bookkeeping", "data")
 HEADER = [
     "# Benchmark results",
     "",

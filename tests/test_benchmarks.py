@@ -24,7 +24,7 @@ def test_sync_loop_matches_batched_metric():
 def test_runner_defaults_run_everything_in_order():
     config = parse_args([])
     assert config == BenchConfig()
-    assert selected(config) == list(ORDER) == ["memory", "model", "speed", "sync", "train", "loader", "learn", "bookkeeping", "data"]
+    assert selected(config) == list(ORDER) == ["memory", "model", "speed", "infer", "sync", "train", "loader", "learn", "bookkeeping", "data"]
     assert command("sync", config) == [sys.executable, "-m", "benchmarks.bench_sync", "--write"]
 
 
