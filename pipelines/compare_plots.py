@@ -39,7 +39,8 @@ def pareto_optimal(points: Sequence[tuple[float, float]], lower_x_is_better: boo
     return [not any(o[0] >= p[0] and o[1] >= p[1] and o != p for o in scores) for p in scores]
 
 
-def _png(figure: Figure) -> bytes:
+def figure_png(figure: Figure) -> bytes:
+    """A matplotlib figure as PNG bytes (no display needed): the plots of compare and analyze."""
     FigureCanvasAgg(figure)
     figure.tight_layout()
     buffer = io.BytesIO()
@@ -61,7 +62,7 @@ def loss_figure(stage: str, curves: Mapping[str, Mapping[str, Curve]]) -> bytes:
         axis.set_xlabel("iteration")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
-    return _png(figure)
+    return figure_png(figure)
 
 
 def frontier_figure(points: Sequence[FrontierPoint], optimal: Sequence[bool], axis: Literal["fvd", "ssim"]) -> bytes:
@@ -90,4 +91,4 @@ def frontier_figure(points: Sequence[FrontierPoint], optimal: Sequence[bool], ax
     plot.set_ylabel("Sync-C (higher is better)")
     plot.grid(alpha=0.3)
     plot.legend(fontsize=7, loc="best")
-    return _png(figure)
+    return figure_png(figure)

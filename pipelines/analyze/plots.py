@@ -3,27 +3,18 @@ band, and the two-call grid's heat maps with the landing plateau and chosen step
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lipforcing.analysis.recipe import Landing, SyncBand
+from pipelines.compare_plots import figure_png
 
 # The released recipe, read off the 14B teacher by the paper's analysis on its 50-step schedule: drawn
 # dashed for comparison, only on that schedule and inside the plotted range.
 RELEASED_WINDOW, RELEASED_LANDING, RELEASED_STEPS = (20, 40), 30, 50
-
-
-def _png(figure: Figure) -> bytes:
-    FigureCanvasAgg(figure)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90)
-    return buffer.getvalue()
 
 
 def trajectory_figure(curves: dict[str, Any], band: SyncBand | None) -> bytes:
@@ -55,7 +46,7 @@ def trajectory_figure(curves: dict[str, Any], band: SyncBand | None) -> bytes:
         for step in RELEASED_WINDOW if released else ():
             axis.axvline(step, color="grey", linestyle="--", linewidth=0.8)
     figure.suptitle("shaded: the derived band" + ("; dashed: the released window (steps 20..40)" if released else ""), fontsize=9)
-    return _png(figure)
+    return figure_png(figure)
 
 
 def factorial_figure(curves: dict[str, Any], scales: Sequence[float], landing_steps: Sequence[int], landing: Landing) -> bytes:
@@ -80,4 +71,4 @@ def factorial_figure(curves: dict[str, Any], scales: Sequence[float], landing_st
         if len(curves["steps"]) == RELEASED_STEPS and landing_steps[0] <= RELEASED_LANDING <= landing_steps[-1]:
             axis.axvline(RELEASED_LANDING, color="white", linestyle="--", linewidth=0.8)
     axis.set_xlabel("landing step j1")
-    return _png(figure)
+    return figure_png(figure)
