@@ -16,6 +16,7 @@ COMMANDS = {
     "app": "pipelines.app",
     "retrain": "pipelines.retrain",
     "compare": "pipelines.compare",
+    "analyze": "pipelines.analyze",
     "bench": "benchmarks",
     "ui": "pipelines.ui",
     "cluster-check": "pipelines.cluster_check",
