@@ -19,7 +19,7 @@
    With `parsing_weights` (a BiSeNet face parser) only face surface in the box is replaced:
    occluders stay in front, the mask feathered and averaged with the neighbouring frames' of the shot.
    Frames with no face nearby pass through unchanged, as do runs shorter than the student's first
-   chunk and the last 1-3 frames of a run (a run is 1 + 4k frames). With several faces the tracker
+   chunk (a run of another length than 1 + 4k frames is generated padded). With several faces the tracker
    follows the one it acquired in each shot (the largest at a whole-frame search).
 5. The frames are encoded (H.264) as they come, with the new audio muxed in.
 
@@ -249,16 +249,14 @@ def shot_index(cuts: list[int], positions: np.ndarray) -> np.ndarray:
 def edit_runs(result: Lipsynced, first_chunk: int) -> list[range]:
     """The output frames the student edits, as runs it streams one at a time, each with its own
     reference, audio and cache: consecutive output frames whose source shows the face, in one shot.
-    A run is cut to 1 + 4k frames; its last few frames, and runs shorter than the first chunk, pass
-    through unedited (as frames without a face do)."""
+    Runs shorter than the student's first chunk pass through unedited (as frames without a face do)."""
     sources = result.sources
     key = np.where(result.faced[sources], shot_index(result.cuts, sources), -1)
     runs, start = [], 0
     for end in range(1, len(sources) + 1):
         if end == len(sources) or key[end] != key[end - 1]:
-            length = (end - start - 1) // 4 * 4 + 1
-            if key[start] >= 0 and length >= first_chunk:
-                runs.append(range(start, start + length))
+            if key[start] >= 0 and end - start >= first_chunk:
+                runs.append(range(start, end))
             start = end
     return runs
 
@@ -383,23 +381,27 @@ def generated_chunks(config: InferConfig, prepared: Prepared, reader: TimelineRe
 
 
 def run_chunks(config: InferConfig, prepared: Prepared, reader: TimelineReader, run: range) -> Iterator[GeneratedChunk]:
-    """One run through the student: its crops chunk by chunk, its audio, its first crop as reference."""
+    """One run through the student: its crops chunk by chunk, its audio, its first crop as reference.
+    The student makes 1 + 4k frames: a run of another length is streamed padded up to that (its last
+    crop repeated, the speech after it, silence past the end) and the padding dropped."""
     result, size = prepared.result, config.window.size
-    counts = chunk_frame_counts(len(run), config.model.chunk_frames)
+    padded = -(-(len(run) - 1) // 4) * 4 + 1
+    counts = chunk_frame_counts(padded, config.model.chunk_frames)
     bounds = run.start + np.cumsum([0, *counts])
     pending: collections.deque[tuple[range, torch.Tensor]] = collections.deque()
 
     def crops(span: range) -> torch.Tensor:
-        shown = result.sources[span.start : span.stop]
+        shown = result.sources[[min(i, run.stop - 1) for i in span]]
         return resize_frames(np.stack([aligned_crop(reader[s], result.affines[s], config.align) for s in shown]), size)
 
     def chunks() -> Iterator[torch.Tensor]:
         for start, stop in zip(bounds[:-1], bounds[1:]):
-            pending.append((range(start, stop), crops(range(start, stop))))
+            pending.append((range(start, min(stop, run.stop)), crops(range(start, stop))))
             yield pending[-1][1]
 
-    audio = torch.from_numpy(result.audio[run.start * SAMPLES_PER_FRAME : run.stop * SAMPLES_PER_FRAME])
-    stream = prepared.evaluator.stream(chunks(), crops(run[:1])[0], audio, len(run), result.timing)
+    speech = result.audio[run.start * SAMPLES_PER_FRAME : (run.start + padded) * SAMPLES_PER_FRAME]
+    audio = torch.from_numpy(np.pad(speech, (0, padded * SAMPLES_PER_FRAME - len(speech))))
+    stream = prepared.evaluator.stream(chunks(), crops(run[:1])[0], audio, padded, result.timing)
     while True:
         start = time.perf_counter()
         chunk = next(stream, None)
@@ -408,7 +410,7 @@ def run_chunks(config: InferConfig, prepared: Prepared, reader: TimelineReader, 
             return
         span, source = pending.popleft()
         result.timing["frames"] += len(span)
-        yield GeneratedChunk(span, source, chunk.frames[0].cpu())
+        yield GeneratedChunk(span, source[: len(span)], chunk.frames[0, : len(span)].cpu())
 
 
 def generate_frames(config: InferConfig, prepared: Prepared) -> Iterator[np.ndarray]:

@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import save_file
 
 from data_jobs.config import AlignConfig, FacesConfig
-from data_jobs.media import encode_mp4, probe_media, read_audio, timeline_frames
+from data_jobs.media import encode_mp4, encode_wav, probe_media, read_audio, timeline_frames
 from data_jobs.sample import ClipSpec, encode_clip
 from lipforcing.data import FPS, SAMPLE_RATE
 from lipforcing.inference.paste import blend_mask, crop_affine
@@ -67,17 +67,19 @@ def test_the_reader_gives_the_timeline_frame_asked_for_forward_backward_and_far_
         reader.close()
 
 
-def test_the_student_edits_runs_of_one_shot_with_a_face_each_cut_to_4k_plus_1():
+def test_the_student_edits_runs_of_one_shot_with_a_face():
     """Each run is streamed with its own reference and cache: a cut, a lost face or a turn into
     another shot starts a new one; runs shorter than the first chunk pass through."""
     timeline = 60
     faced = np.ones(timeline, bool)
     faced[20:24] = False  # the face lost for 4 frames
+    faced[44:50] = False  # and for 6, leaving a run of 4 frames (40..43) too short for a first chunk
     result = Lipsynced(iter(()), np.zeros(0, np.float32), np.arange(timeline), np.zeros((timeline, 2, 3)), faced, cuts=[40])
-    assert edit_runs(result, 9) == [range(0, 17), range(24, 37), range(40, 57)]  # 20, 16, 20 frames -> 17, 13, 17
-    result.sources = output_sources(timeline, 100)  # forward to 59, then back: 58 .. 40 | 39 .. 24 | 23 ..
-    # source 40..59 and back to 40 is one shot (output 40..78: 39 frames -> 37); then 39..24 (16 -> 13)
-    assert edit_runs(result, 9)[-2:] == [range(40, 77), range(79, 92)]
+    assert edit_runs(result, 9) == [range(0, 20), range(24, 40), range(50, 60)]
+    result.faced[:] = True
+    result.sources = output_sources(timeline, 100)  # forward to 59, then back: 58 .. 40 | 39 .. 0 | 1
+    # source 40..59 and back to 40 is one shot (output 40..78); then 39 .. 0 and 1 (output 79..99)
+    assert edit_runs(result, 9) == [range(0, 40), range(40, 79), range(79, 100)]
 
 
 @pytest.fixture
@@ -181,7 +183,7 @@ def test_an_odd_frame_size_is_padded_to_even_and_written(student, tmp_path, monk
 
 @pytest.mark.integration
 @pytest.mark.skipif(not (REAL / "vr_face3.mp4").exists(), reason=f"the real clips are not at {REAL}")
-def test_a_cut_between_two_people_restarts_the_face_track(tmp_path):
+def test_a_cut_between_two_people_restarts_the_face_track(student, tmp_path, monkeypatch):
     """Two real clips joined at frame 40: the cut is found there and the second shot's warps are those of
     the second clip tracked on its own; one track smoothed across the cut would pull them towards the
     first face."""
@@ -199,3 +201,15 @@ def test_a_cut_between_two_people_restarts_the_face_track(tmp_path):
     smoothed_across = np.abs(across.affines[40:] - second_alone.affines).max(axis=(1, 2))
     assert own.max() < 0.5  # the same detections on (losslessly) the same frames
     assert smoothed_across[0] > 10 * max(own[0], 0.05)
+
+    # Generation: two runs (40 frames, not 1 + 4k, then the rest), each edited to its last frame.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    speech = np.sin(np.linspace(0, 3000, 80 * 640)).astype(np.float32) * 0.3
+    (tmp_path / "speech.wav").write_bytes(encode_wav(speech, SAMPLE_RATE))
+    config = resolve_config(InferConfig, ["profile=tiny", f"video={tmp_path / 'joined.mp4'}", f"audio={tmp_path / 'speech.wav'}",
+                                          f"student_weights={student}"])  # fmt: skip
+    result = synthesize(config)
+    assert edit_runs(result, 9) == [range(0, 40), range(40, 77)]
+    frames = list(result.frames)
+    source = source_frames(str(tmp_path / "joined.mp4"))
+    assert all(np.any(out != source[s]) for out, s in zip(frames, result.sources))  # every frame edited
