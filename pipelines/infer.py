@@ -277,7 +277,7 @@ class Lipsynced:
     audio: np.ndarray  # float32 at 16 kHz, exactly as long as the frames
     sources: np.ndarray  # [T] the timeline frame behind each output frame
     affines: np.ndarray  # [T_source, 2, 3] frame -> aligned crop
-    faced: np.ndarray  # [T_source] whether the face was edited there
+    faced: np.ndarray  # [T_source] whether a face was found near the frame, in its shot (edited if its run is long enough)
     cuts: list[int]  # timeline frames where a new shot starts
     timing: dict[str, float] = field(default_factory=dict)  # filled as the frames are read
     close: Callable[[], None] = lambda: None  # ends the generation and frees its inputs, read or not
