@@ -111,14 +111,15 @@ def validate(config: InferConfig) -> None:
 
 def timeline_indices(video: str) -> np.ndarray:
     """The source frame index shown at each tick of the video's 25 fps timeline."""
-    if not probe_media(video).has_video:
+    info = probe_media(video)
+    if not info.has_video:
         raise ConfigError(f"config key 'video' is {video!r}, which has no video stream")
     reader = VideoFrames(video)
     try:
         timestamps = reader.timestamps()
     finally:
         reader.close()
-    duration = float(timestamps[-1]) + 1.0 / (probe_media(video).fps or FPS)
+    duration = float(timestamps[-1]) + 1.0 / (info.fps or FPS)
     return cfr_indices(timestamps, FPS, 0.0, max(1, math.floor(duration * FPS + 0.01)))
 
 

@@ -122,7 +122,7 @@ def run_eval(config: EvalConfig, scratch: str) -> int:
                 evaluator.time_to_first_frames(clip)  # warm-up: one-time costs stay out of the first TTFF
             row, generated = evaluate_clip(evaluator, clip, device)
             if config.full_frame:
-                pasted = full_frames(clip, generated, config.window.mask_box)
+                pasted = full_frames(clip, generated, config.window.mask_box, faces=evaluator.identity is not None)
                 if isinstance(pasted, str):
                     skipped_metrics[f"full-frame metrics of {clip.key}"] = pasted
                 else:

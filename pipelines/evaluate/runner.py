@@ -228,13 +228,14 @@ class FullFrames:
 
     real: Tensor  # [T, 3, H, W] in [0, 1], scaled to FULL_FRAME_SIDE on the long side
     fake: Tensor
-    real_faces: np.ndarray  # [T, 112, 112, 3] uint8: each full frame re-aligned by the data job's warp,
-    fake_faces: np.ndarray  # the face an identity model sees in the output video
+    real_faces: np.ndarray | None  # [T, 112, 112, 3] uint8: each full frame re-aligned by the data job's
+    fake_faces: np.ndarray | None  # warp, the face an identity model sees in the output video (if asked)
 
 
-def full_frames(clip: EvalClip, generated: Tensor, mask_box: list[float]) -> FullFrames | str:
+def full_frames(clip: EvalClip, generated: Tensor, mask_box: list[float], faces: bool = True) -> FullFrames | str:
     """The source frames the clip was cut from, and those frames with the generated crops pasted
-    back (the mouth box, feathered, through the data job's inverse warp); or why they cannot be read."""
+    back (the mouth box, feathered, through the data job's inverse warp); or why they cannot be read.
+    With `faces`, also both re-aligned to the face (two warps per frame: only for CSIM)."""
     import cv2
 
     from data_jobs.media import VideoFrames, cfr_indices, timeline_frames
@@ -254,7 +255,7 @@ def full_frames(clip: EvalClip, generated: Tensor, mask_box: list[float]) -> Ful
     source = timeline_frames(path, cfr_indices(timestamps, FPS, placement.start_s, len(generated)), timestamps=timestamps)  # seeks
     size, aligned = generated.shape[-1], placement.aligned_size
     mask = blend_mask(size, mask_box)
-    pasted, original, faces = [], [], {"real": [], "fake": []}
+    pasted, original, warped = [], [], {"real": [], "fake": []}
     for frame, crop, affine in zip(source, to_uint8(generated).numpy(), placement.affines):
         edited = paste(frame, crop, crop_affine(affine, aligned, size), mask)
         height, width = frame.shape[:2]
@@ -262,11 +263,11 @@ def full_frames(clip: EvalClip, generated: Tensor, mask_box: list[float]) -> Ful
         shape = (max(1, round(width * scale)), max(1, round(height * scale)))
         pasted.append(cv2.resize(edited, shape, interpolation=cv2.INTER_AREA))
         original.append(cv2.resize(frame, shape, interpolation=cv2.INTER_AREA))
-        for side, image in (("real", frame), ("fake", edited)):
+        for side, image in (("real", frame), ("fake", edited)) if faces else ():
             face = cv2.warpAffine(image, affine, (aligned, aligned), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
-            faces[side].append(cv2.resize(face, (IDENTITY_SIDE, IDENTITY_SIDE), interpolation=cv2.INTER_AREA))
+            warped[side].append(cv2.resize(face, (IDENTITY_SIDE, IDENTITY_SIDE), interpolation=cv2.INTER_AREA))
     fake, real = (torch.from_numpy(np.stack(v)).permute(0, 3, 1, 2).float() / 255 for v in (pasted, original))
-    return FullFrames(real, fake, np.stack(faces["real"]), np.stack(faces["fake"]))
+    return FullFrames(real, fake, *(np.stack(warped[side]) if faces else None for side in ("real", "fake")))
 
 
 def full_frame_metrics(frames: FullFrames, identity: IdentityEmbedder | None = None) -> dict[str, float]:
