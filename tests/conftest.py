@@ -46,6 +46,29 @@ S3_ENV = {
 }
 
 
+MLFLOW_PROCESS_STATE = ("MLFLOW_TRACKING_URI", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+
+
+@pytest.fixture(autouse=True)
+def mlflow_process_state_restored() -> Iterator[None]:
+    """Put MLflow's process-wide settings back after each test.
+
+    `mlflow.set_tracking_uri` also writes MLFLOW_TRACKING_URI into the environment (for child
+    processes), and a `ResilientLogger` sets the HTTP retry variables for its process: without this,
+    a test pointing MLflow at a server it then stops leaves every later job in the session (and the
+    Ray workers it starts) talking to a dead port.
+    """
+    saved = {key: os.environ.get(key) for key in MLFLOW_PROCESS_STATE}
+    yield
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(None)  # the URI follows the environment again
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
     """A real S3 API (moto's server) on 127.0.0.1; sets the AWS variables for this process.
