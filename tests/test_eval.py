@@ -38,7 +38,7 @@ from pipelines.evaluate import (
     prepare_clip,
     validate,
 )
-from pipelines.evaluate.long_form import segment_bounds
+from pipelines.evaluate.long_form import infer_settings, segment_bounds
 from pipelines.jobs import resolve_config, run_job
 from pipelines.student_model import log_student
 from tests.insightface_pack import write_pack
@@ -252,6 +252,14 @@ def test_long_form_segments_partition_the_output_and_a_short_tail_joins_the_last
     assert segment_bounds(121, 50) == [(0, 50), (50, 121)]  # 21 frames left: under half a segment
     assert segment_bounds(130, 50) == [(0, 50), (50, 100), (100, 130)]
     assert segment_bounds(30, 50) == [(0, 30)]
+
+
+def test_long_form_finds_faces_with_the_evals_face_keys():
+    """A long-form video is tracked by `make infer`'s code: the eval's face keys (and the profile's) must reach it."""
+    config = resolve_config(EvalConfig, ["shot_threshold=40", "faces.stride=3", "align.size=256", "decoder=vae", "seed=7"])
+    settings = infer_settings(config, "talk.mp4")
+    assert (settings.shot_threshold, settings.faces.stride, settings.align.size) == (40.0, 3, 256)
+    assert (settings.video, settings.decoder, settings.seed, settings.model) == ("talk.mp4", "vae", 7, config.model)
 
 
 def test_long_form_scores_each_segment_as_a_whole_and_reports_the_drift(workspace):

@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 
+from data_jobs.config import AlignConfig, FacesConfig
 from lipforcing.config import ClusterConfig, ConfigError
 from lipforcing.data.windows import WindowConfig
 from lipforcing.models.config import ModelConfig
@@ -43,6 +44,10 @@ class EvalConfig:
     # through `make infer`'s passes and scored per `long_form_segment_s` for drift (the paper's 6-minute test)
     long_form: list[str] = field(default_factory=list)
     long_form_segment_s: float = 60.0
+    # How the long-form videos' faces are found, as `make infer` finds them (its keys, its defaults)
+    shot_threshold: float = 27.0
+    faces: FacesConfig = field(default_factory=FacesConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
     window: WindowConfig = field(default_factory=WindowConfig)  # size and mask_box are used
     model: ModelConfig = field(default_factory=ModelConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)

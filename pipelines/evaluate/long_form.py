@@ -35,12 +35,17 @@ def segment_bounds(frames: int, segment: int) -> list[tuple[int, int]]:
     return list(zip(starts, [*starts[1:], frames]))
 
 
+def infer_settings(config: EvalConfig, video: str) -> InferConfig:
+    """`make infer`'s settings for one long-form video: the eval's model, decoder, seed and face keys."""
+    return InferConfig(profile=config.profile, video=video, decoder=config.decoder, seed=config.seed, window=config.window,
+                       model=config.model, shot_threshold=config.shot_threshold, faces=config.faces, align=config.align)  # fmt: skip
+
+
 def long_form_rows(config: EvalConfig, evaluator: Evaluator, video: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The per-segment rows of one video and its drift row. Only frames the student edited count (a
     faceless stretch passes through unscored: `edited_frames`); fidelity is added up chunk by chunk,
     and only the segment's generated crops (uint8) and audio are held, for SyncNet."""
-    settings = InferConfig(profile=config.profile, video=video, decoder=config.decoder, seed=config.seed,
-                           window=config.window, model=config.model)  # fmt: skip
+    settings = infer_settings(config, video)
     prepared = prepare(settings, evaluator)
     key, audio = storage.absolute(video), prepared.result.audio
     bounds = segment_bounds(len(prepared.result.sources), round(config.long_form_segment_s * FPS))
