@@ -5,13 +5,14 @@
 
 One 81-frame clip at 128x128 (21 latent frames of 16x16) and one set of encoders and decoders serve both
 samplers, in one process, taking turns, so every ratio is between numbers measured side by side:
-- condition encode: `LatentEncoder.condition` (wav2vec2 features; Wan VAE encodes of the reference
-  frame, the mouth-masked clip and the reference sequence of the 65-channel models);
+- condition encode (wav2vec2 features; Wan VAE encodes of the reference frame, the mouth-masked clip
+  and the reference sequence of the 65-channel models): the teacher's at once (`LatentEncoder.condition`),
+  the student's chunk by chunk as `make infer` and `make eval` run it (`ConditionStream`);
 - teacher: 50-step Euler ODE with CFG 4.5 (cond + uncond in one batched call), then a whole-clip decode;
-- student: per 3-latent chunk 2 denoising calls + 1 cache write, each chunk decoded as it arrives.
-TTFF as the paper defines it: from the first VAE encode of the first chunk's inputs (9 frames) to the
-end of that chunk's last decode. FPS: the streaming loop's steady state (frames after the first chunk
-over their time, condition encoded beforehand). Random weights: speed only, never quality.
+- student: per 3-latent chunk its condition encode, 2 denoising calls + 1 cache write, and its decode.
+TTFF as the paper defines it: from the first VAE encode (the reference frame, then the first chunk's
+9 frames) to the end of that chunk's last decode. FPS: the streaming loop's steady state (frames after
+the first chunk over their time, each chunk's encode included). Random weights: speed only, never quality.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -32,6 +33,7 @@ from lipforcing.data.encode import LatentEncoder
 from lipforcing.data.windows import WindowConfig
 from lipforcing.diffusion import sample_teacher
 from lipforcing.inference import stream_generate
+from lipforcing.inference.conditions import ConditionStream, chunk_frame_counts
 from lipforcing.inference.streaming import StreamDecoder, streaming_fps
 from lipforcing.models import Condition, build_student, build_tae, build_teacher, model_config
 from lipforcing.models.causal import CausalWanModel
@@ -83,27 +85,35 @@ def mark_vae_encodes(encoder: LatentEncoder, timeline: Timeline) -> torch.utils.
     return encoder.vae.vae.encoder.register_forward_pre_hook(lambda module, args: timeline.mark("vae_encode"))
 
 
-def ttff(encoder: LatentEncoder, student: CausalWanModel, decoder: StreamDecoder, batch: dict, timeline: Timeline) -> dict[str, float]:
-    """One first-chunk pass: encode the first chunk's inputs, generate the chunk, decode it.
+def streamed_conditions(encoder: LatentEncoder, batch: dict, timeline: Timeline, seconds: list[float]) -> Iterator[Condition]:
+    """The clip's conditions chunk by chunk, encoded as `make infer` and `make eval` encode them, each
+    when the loop asks for it; appends every encode's seconds (the stream's setup first) to `seconds`."""
+    video = batch["video"]
+    conditions, setup_s = timed(lambda: ConditionStream(encoder, batch["reference"], batch["audio"], video.shape[1]), timeline)
+    seconds.append(setup_s)
+    for frames in video.split(chunk_frame_counts(video.shape[1], encoder.model.chunk_frames), dim=1):
+        cond, encode_s = timed(partial(conditions.next, frames), timeline)
+        seconds.append(encode_s)
+        yield cond
 
-    Returns TTFF as the paper defines it (first VAE encode -> end of the chunk's last decode) and from
-    the start of the condition encode (wav2vec2 features included), both in seconds.
+
+def ttff(encoder: LatentEncoder, student: CausalWanModel, decoder: StreamDecoder, batch: dict, timeline: Timeline) -> float:
+    """One first-chunk pass: encode the reference and the first chunk's inputs, generate the chunk, decode it.
+
+    Returns TTFF in seconds as the paper defines it: the first VAE encode (the reference frame) to the
+    end of the chunk's last decode. The first wav2vec2 window is computed inside it, when the first
+    chunk asks for its audio, as in `make eval` and `make infer`.
     """
-    frames = 4 * student.cfg.chunk_frames - 3
-    first = {k: None if v is None else v[:, :frames] for k, v in batch.items()}
-    first["audio"] = batch["audio"][:, : frames * SAMPLE_RATE // FPS]
     timeline.events.clear()
     handle = mark_vae_encodes(encoder, timeline)
     try:
-        timeline.mark("condition_start")
-        cond = encoder.condition(first)
-        stream = stream_generate(student, cond, TimedDecoder(decoder, timeline), generator=torch.Generator(cond.masked_video.device).manual_seed(0))
+        conditions = streamed_conditions(encoder, batch, timeline, [])
+        stream = stream_generate(student, conditions, TimedDecoder(decoder, timeline), generator=torch.Generator(encoder.device).manual_seed(0))
         next(stream)
         stream.close()
     finally:
         handle.remove()
-    end = timeline.first("decode_end")
-    return {"ttff": end - timeline.first("vae_encode"), "ttff_with_audio": end - timeline.first("condition_start")}
+    return timeline.first("decode_end") - timeline.first("vae_encode")
 
 
 @dataclass
@@ -146,22 +156,19 @@ def teacher_latents(teacher: nn.Module, cond: Condition, negative_text: Tensor, 
 
 
 def run_student(encoder: LatentEncoder, student: CausalWanModel, decoder: StreamDecoder, batch: dict, timeline: Timeline) -> Parts:
-    """Condition encode, then the streaming loop."""
-    cond, encode_s = timed(lambda: encoder.condition(batch), timeline)
-    return stream_parts(student, decoder, cond, encode_s, timeline)
-
-
-def stream_parts(student: CausalWanModel, decoder: StreamDecoder, cond: Condition, encode_s: float, timeline: Timeline) -> Parts:
-    """The streaming loop on an encoded clip: each chunk denoised, cached and decoded as it arrives."""
-    decoding = TimedDecoder(decoder, timeline)
+    """The streaming loop from the source clip: each chunk's condition encoded, the chunk denoised,
+    cached and decoded as it arrives."""
+    decoding, encodes = TimedDecoder(decoder, timeline), []
     ends, counts = [], []
     timeline.mark("loop_start")
     start = timeline.all("loop_start")[-1]
-    for chunk in stream_generate(student, cond, decoding, generator=torch.Generator(cond.masked_video.device).manual_seed(0)):
+    conditions = streamed_conditions(encoder, batch, timeline, encodes)
+    for chunk in stream_generate(student, conditions, decoding, generator=torch.Generator(encoder.device).manual_seed(0)):
         timeline.mark("chunk_end")
         ends.append(timeline.all("chunk_end")[-1] - start)
         counts.append(chunk.frames.shape[1])
-    return Parts(encode_s, ends[-1] - decoding.seconds, decoding.seconds, sum(counts), ends, counts)
+    encode = sum(encodes)
+    return Parts(encode, ends[-1] - encode - decoding.seconds, decoding.seconds, sum(counts), ends, counts)
 
 
 def call_seconds(student: CausalWanModel, cond: Condition, clock: Callable[[], float] = time.perf_counter, repeats: int = 5) -> float:
@@ -202,7 +209,7 @@ class SpeedResult:
     size: int
     teacher: dict[str, Parts]  # by decoder name
     student: dict[str, Parts]
-    ttff: dict[str, dict[str, float]]
+    ttff: dict[str, float]  # seconds, by decoder name
     shape: str  # the profile's DiT in words
     call_s: float  # one steady-state student call at the profile
     minimal_call_s: float  # the same call at minimal width
@@ -233,8 +240,7 @@ def bench(profile: str = "bench", frames: int = 81, size: int = 128, repeats: in
     for _, stream in decoders.values():
         ttff(encoder, student, stream(), batch, timeline)
 
-    # the condition encode is the same call on the same clip for both samplers: measured once, shared
-    encodes = [timed(lambda: encoder.condition(batch), timeline) for _ in range(repeats)]
+    encodes = [timed(lambda: encoder.condition(batch), timeline) for _ in range(repeats)]  # the teacher's, at once
     cond, encode_s = encodes[0][0], statistics.median(seconds for _, seconds in encodes)
     latents, denoise = timed(lambda: teacher_latents(teacher, cond, encoder.negative_text), timeline)
     teacher_parts, student_parts, first_frames = {}, {}, {}
@@ -242,9 +248,8 @@ def bench(profile: str = "bench", frames: int = 81, size: int = 128, repeats: in
         with torch.no_grad():
             decodes = [timed(partial(decode, latents), timeline)[1] for _ in range(repeats)]
         teacher_parts[name] = Parts(encode_s, denoise, statistics.median(decodes), frames)
-        student_parts[name] = median_parts([stream_parts(student, stream(), cond, encode_s, timeline) for _ in range(repeats)])
-        runs = [ttff(encoder, student, stream(), batch, timeline) for _ in range(repeats)]
-        first_frames[name] = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+        student_parts[name] = median_parts([run_student(encoder, student, stream(), batch, timeline) for _ in range(repeats)])
+        first_frames[name] = statistics.median(ttff(encoder, student, stream(), batch, timeline) for _ in range(repeats))
     call = call_seconds(student, cond, clock)
     minimal = call_seconds(build_student(minimal_width(cfg)).eval(), cond, clock)
     shape = f"dim {cfg.dim} = {cfg.num_heads} heads of {cfg.head_dim}, ffn {cfg.ffn_dim}, {cfg.num_layers} layers, {cfg.in_channels} input channels"
@@ -279,8 +284,9 @@ def markdown(result: SpeedResult, command: str = COMMAND) -> str:
         f"### End to end: one {r.frames}-frame clip at {r.size}x{r.size} ({(r.frames - 1) // 4 + 1} latent frames of {latent}x{latent})",
         "",
         "Seconds per part (share of that row's total). Condition encode = wav2vec2 features + Wan VAE encodes "
-        "(reference frame, mouth-masked clip, reference sequence): the same call on the same clip for both samplers, "
-        "so one median serves both rows.",
+        "(reference frame, mouth-masked clip, reference sequence): the teacher's of the whole clip at once, the "
+        "student's chunk by chunk inside its loop as `make infer` runs it (`ConditionStream`; the same conditions, "
+        "tests/test_conditions.py).",
         "",
         "| sampler | decoder | condition encode | denoise | decode | total s | frames / s | speed-up |",
         "|---|---|---|---|---|---|---|---|",
@@ -299,7 +305,7 @@ def markdown(result: SpeedResult, command: str = COMMAND) -> str:
     lines += [
         "",
         f"Denoising alone: teacher / student {min(denoise):.1f}x-{max(denoise):.1f}x (the student's denoise is its "
-        "streaming loop less its decodes, measured once per decoder). The student's encode and decode bound the "
+        "streaming loop less its encodes and decodes, measured once per decoder). The student's encode and decode bound the "
         "end-to-end ratio: with a free denoiser it would be at most "
         + ", ".join(f"{r.teacher[n].total / (r.student[n].encode + r.student[n].decode):.0f}x ({n})" for n in r.teacher)
         + " (teacher total / student encode + decode). Without the condition encode (denoise + decode only, the "
@@ -309,15 +315,15 @@ def markdown(result: SpeedResult, command: str = COMMAND) -> str:
         "",
         "### Streaming: first frames and loop rate",
         "",
-        "TTFF as the paper defines it: the first VAE encode of the first chunk's 9 input frames to the end "
-        "of that chunk's last decode; the second column also counts the wav2vec2 features computed before it. "
-        "FPS: frames after the first chunk over their time, condition encoded beforehand.",
+        "TTFF as the paper defines it: the first VAE encode (the reference frame) to the end of the first chunk's "
+        "last decode; the first wav2vec2 window, the chunk's encodes and its two calls lie inside it. "
+        "FPS: frames after the first chunk over their time, each chunk's condition encode included.",
         "",
-        "| decoder | TTFF ms | TTFF ms incl. audio features | streaming loop FPS |",
-        "|---|---|---|---|",
+        "| decoder | TTFF ms | streaming loop FPS |",
+        "|---|---|---|",
     ]
     for name, first in r.ttff.items():
-        lines.append(f"| {name} | {1000 * first['ttff']:.0f} | {1000 * first['ttff_with_audio']:.0f} | {r.student[name].loop_fps:.1f} |")
+        lines.append(f"| {name} | {1000 * first:.0f} | {r.student[name].loop_fps:.1f} |")
     overhead = r.minimal_call_s / r.call_s
     lines += [
         "",

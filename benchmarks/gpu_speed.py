@@ -129,8 +129,7 @@ def measure(args: argparse.Namespace, variant: str) -> dict[str, float | str | N
     run = runs[len(runs) // 2]
     return {
         "variant": variant,
-        "ttff_ms": 1000 * statistics.median(f["ttff"] for f in firsts),
-        "ttff_audio_ms": 1000 * statistics.median(f["ttff_with_audio"] for f in firsts),
+        "ttff_ms": 1000 * statistics.median(firsts),
         "fps": run.loop_fps,
         "clip_s": run.total,
         "peak_gib": peak_gib(device),
@@ -168,19 +167,19 @@ def markdown(args: argparse.Namespace, rows: list[dict[str, float | str | None]]
         "in a fresh process. Clip s: condition encode + denoise + decode of the whole clip. Speed only, never quality. "
         "The paper: 31.58 FPS, TTFF 0.32 s at 1.3B; 15.11 FPS, 0.54 s at 14B; 17.6x / 39.8x over the teacher (one H100).",
         "",
-        "| variant | TTFF ms | TTFF ms incl. audio features | loop FPS | clip s | peak GiB | speed-up over the teacher |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | TTFF ms | loop FPS | clip s | peak GiB | speed-up over the teacher |",
+        "|---|---|---|---|---|---|",
     ]
     for row in rows:
         if row is teacher:
             continue
         speedup = None if teacher is None else f"{teacher['clip_s'] / row['clip_s']:.1f}x"
         lines.append(
-            f"| {row['variant']} | {row['ttff_ms']:.0f} | {row['ttff_audio_ms']:.0f} | {row['fps']:.2f} | {row['clip_s']:.2f} | "
+            f"| {row['variant']} | {row['ttff_ms']:.0f} | {row['fps']:.2f} | {row['clip_s']:.2f} | "
             f"{cell(row['peak_gib'], '.1f')} | {cell(speedup, 's')} |"
         )
     if teacher is not None:
-        lines.append(f"| teacher, 50 steps, CFG, eager | - | - | - | {teacher['clip_s']:.2f} | {cell(teacher['peak_gib'], '.1f')} | 1x |")
+        lines.append(f"| teacher, 50 steps, CFG, eager | - | - | {teacher['clip_s']:.2f} | {cell(teacher['peak_gib'], '.1f')} | 1x |")
     return "\n".join([*lines, ""])
 
 
