@@ -39,12 +39,12 @@ def make_inputs(folder: Path, minutes: float) -> tuple[str, str]:
     as they are made (frames one at a time)."""
     from data_jobs.media import encode_wav, read_audio, timeline_frames, write_mp4
     from lipforcing.data import FPS, SAMPLE_RATE
-    from pipelines.infer import output_sources, timeline_indices
+    from pipelines.infer import output_sources, read_timeline
 
     clip, speech = REAL / "vr_face3.mp4", REAL / "vr_audio1.wav"
     if not clip.exists():
         raise SystemExit(f"the real clips are not at {REAL}: this benchmark measures on them")
-    frames = list(timeline_frames(str(clip), timeline_indices(str(clip))))  # 125 frames: 130 MB
+    frames = list(timeline_frames(str(clip), read_timeline(str(clip)).indices))  # 125 frames: 130 MB
     total = round(minutes * 60 * FPS)
     video = folder / f"talk-{minutes:g}min.mp4"
     with open(video, "wb") as handle:

@@ -41,7 +41,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import cv2
 import numpy as np
@@ -109,8 +109,15 @@ def validate(config: InferConfig) -> None:
         raise ConfigError(f"config key 'feather' is {config.feather}; allowed values: a share of the crop in (0, {widest:.3f})")
 
 
-def timeline_indices(video: str) -> np.ndarray:
-    """The source frame index shown at each tick of the video's 25 fps timeline."""
+class SourceTimeline(NamedTuple):
+    """The video on the 25 fps timeline, read once for both the tracking and the generation pass."""
+
+    indices: np.ndarray  # the source frame index shown at each tick
+    timestamps: np.ndarray  # each source frame's time (s): where a seek lands
+
+
+def read_timeline(video: str) -> SourceTimeline:
+    """The source frame shown at each tick of the video's 25 fps timeline, and the frames' timestamps."""
     info = probe_media(video)
     if not info.has_video:
         raise ConfigError(f"config key 'video' is {video!r}, which has no video stream")
@@ -120,7 +127,7 @@ def timeline_indices(video: str) -> np.ndarray:
     finally:
         reader.close()
     duration = float(timestamps[-1]) + 1.0 / (info.fps or FPS)
-    return cfr_indices(timestamps, FPS, 0.0, max(1, math.floor(duration * FPS + 0.01)))
+    return SourceTimeline(cfr_indices(timestamps, FPS, 0.0, max(1, math.floor(duration * FPS + 0.01))), timestamps)
 
 
 def output_sources(source_frames: int, output_frames: int) -> np.ndarray:
@@ -187,15 +194,10 @@ class TimelineReader:
     holds the last `held` frames. A position behind them restarts the decode at the keyframe before
     it (a seek, not a decode from the start), so that it and the frames just before it are held."""
 
-    def __init__(self, video: str, indices: np.ndarray, held: int = 25):
-        self.video, self.indices, self.keep = video, indices, held
-        reader = VideoFrames(video)
-        try:
-            self.timestamps = reader.timestamps()
-        finally:
-            reader.close()
+    def __init__(self, video: str, timeline: SourceTimeline, held: int = 25):
+        self.video, self.indices, self.timestamps, self.keep = video, timeline.indices, timeline.timestamps, held
         self.held: dict[int, np.ndarray] = {}
-        self.next, self.frames = 0, timeline_frames(video, indices)
+        self.next, self.frames = 0, timeline_frames(video, self.indices)
 
     def __getitem__(self, position: int) -> np.ndarray:
         if position in self.held:
@@ -295,7 +297,7 @@ class Prepared:
     """After the tracking pass: what the generation pass reads."""
 
     video: str  # a local file (object-storage inputs fetched)
-    indices: np.ndarray  # the source frame of each timeline frame
+    timeline: SourceTimeline
     result: Lipsynced
     evaluator: Any  # a `pipelines.evaluate.Evaluator`
     stack: contextlib.ExitStack  # fetched inputs and scratch space, closed after the generation pass
@@ -327,7 +329,8 @@ def prepare(config: InferConfig, evaluator: Any = None) -> Prepared:
         if not probe_media(speech).has_audio:
             key = "audio" if config.audio else "video"
             raise ConfigError(f"config key '{key}' is {getattr(config, key)!r}, which has no audio track: give the speech as audio=")
-        indices = timeline_indices(video)
+        timeline = read_timeline(video)
+        indices = timeline.indices
         audio = read_audio(speech, SAMPLE_RATE)
         output_frames = (len(audio) // SAMPLES_PER_FRAME - 1) // 4 * 4 + 1  # the student's 4k+1 frames
         first_chunk = 4 * config.model.chunk_frames - 3
@@ -347,7 +350,7 @@ def prepare(config: InferConfig, evaluator: Any = None) -> Prepared:
         stack.close()
         raise
     result = Lipsynced(iter(()), audio, sources, found.affines, found.faced, found.cuts)
-    return Prepared(video, indices, result, evaluator, stack)
+    return Prepared(video, timeline, result, evaluator, stack)
 
 
 def load_evaluator(config: InferConfig, stack: contextlib.ExitStack) -> Any:
@@ -418,7 +421,7 @@ def generate_frames(config: InferConfig, prepared: Prepared) -> Iterator[np.ndar
     """Step 4 over step 3: the output frames in order, edited runs pasted, the rest passed through."""
     with prepared.stack as stack:
         result, size = prepared.result, config.window.size
-        reader = TimelineReader(prepared.video, prepared.indices, held=held_frames(config))
+        reader = TimelineReader(prepared.video, prepared.timeline, held=held_frames(config))
         stack.callback(reader.close)
         parser = load_face_parser(config.parsing_weights).to(prepared.evaluator.device) if config.parsing_weights else None
         surfaces = SurfaceMasks(parser, reader, result, config.align, size) if parser is not None else None

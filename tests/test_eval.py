@@ -285,7 +285,7 @@ def test_long_form_scores_each_segment_as_a_whole_and_reports_the_drift(workspac
     settings = InferConfig(video=str(root / "long.mp4"), window=config.window, model=config.model)
     prepared = prepare(settings, evaluator)
     with prepared.stack:
-        chunks = list(generated_chunks(settings, prepared, TimelineReader(prepared.video, prepared.indices)))
+        chunks = list(generated_chunks(settings, prepared, TimelineReader(prepared.video, prepared.timeline)))
     source, generated = torch.cat([c.source for c in chunks]), torch.cat([c.generated for c in chunks])
     for row, (start, stop) in zip(segments, [(0, 50), (50, 100), (100, 125)], strict=True):
         expected = evaluator.fidelity(EvalClip("x", source[start:stop], torch.empty(0)), generated[start:stop])

@@ -25,8 +25,8 @@ from pipelines.infer import (
     edit_runs,
     lipsync,
     output_sources,
+    read_timeline,
     synthesize,
-    timeline_indices,
     track,
     write_video,
 )
@@ -36,7 +36,7 @@ REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 
 
 def source_frames(video: str) -> list[np.ndarray]:
-    return list(timeline_frames(video, timeline_indices(video)))
+    return list(timeline_frames(video, read_timeline(video).indices))
 
 
 def test_a_short_video_plays_forward_then_backward_and_a_long_one_is_cut():
@@ -58,7 +58,7 @@ def test_the_reader_gives_the_timeline_frame_asked_for_forward_backward_and_far_
         for i in range(60):
             container.mux(stream.encode(av.VideoFrame.from_ndarray(np.full((32, 48, 3), 4 * i, np.uint8), format="rgb24")))
         container.mux(stream.encode())
-    reader = TimelineReader(video, timeline_indices(video), held=25)
+    reader = TimelineReader(video, read_timeline(video), held=25)
     try:
         for position in [*range(60), *range(58, -1, -1), 40, 3, 37]:
             assert abs(int(reader[position].mean()) - 4 * position) <= 2, position
@@ -192,7 +192,7 @@ def test_a_cut_between_two_people_restarts_the_face_track(student, tmp_path, mon
     (tmp_path / "joined.mp4").write_bytes(encode_mp4(first + second, FPS, crf=0))
     (tmp_path / "second.mp4").write_bytes(encode_mp4(second, FPS, crf=0))
     joined, second_alone, across = (
-        track(str(tmp_path / name), timeline_indices(str(tmp_path / name)), FacesConfig(), AlignConfig(), threshold)
+        track(str(tmp_path / name), read_timeline(str(tmp_path / name)).indices, FacesConfig(), AlignConfig(), threshold)
         for name, threshold in (("joined.mp4", 27.0), ("second.mp4", 27.0), ("joined.mp4", 255.0))
     )
     assert joined.cuts == [40] and second_alone.cuts == [] and across.cuts == []

@@ -68,7 +68,7 @@ def long_form_rows(config: EvalConfig, evaluator: Evaluator, video: str) -> tupl
         speech.clear()
 
     with prepared.stack as stack:
-        reader = TimelineReader(prepared.video, prepared.indices)
+        reader = TimelineReader(prepared.video, prepared.timeline)
         stack.callback(reader.close)
         for chunk in generated_chunks(settings, prepared, reader):
             position = chunk.span.start
