@@ -58,11 +58,9 @@ def box(tmp_path_factory, sample_list):
 
 @pytest.fixture(autouse=True)
 def query_the_box_tracking_server(box):
-    """Read runs from the box's server (another module may have pointed MLflow elsewhere)."""
-    previous = mlflow.get_tracking_uri()
+    """Read runs from the box's server (another module may have pointed MLflow elsewhere; conftest
+    points it back after the test)."""
     mlflow.set_tracking_uri(box.env()["MLFLOW_TRACKING_URI"])
-    yield
-    mlflow.set_tracking_uri(previous)
 
 
 def user_env(box) -> dict[str, str]:

@@ -127,10 +127,7 @@ def planted(tmp_path_factory) -> Planted:
         dmd = client.get_run(stages["a"]["dmd"])
         version = client.create_model_version("lipforcing-student", f"{dmd.info.artifact_uri}/model", run_id=dmd.info.run_id)
         client.set_registered_model_alias("lipforcing-student", "champion", version.version)
-        yield Planted(ids, stages, uri)
-        # MLflow keeps the URI `setup_tracking` set process-wide: back to following the environment,
-        # which the patch then restores, so later modules never read this store
-        mlflow.set_tracking_uri(None)
+        yield Planted(ids, stages, uri)  # conftest points MLflow back at the environment after each test
 
 
 def selected(planted: Planted, *overrides: str) -> list[str]:
